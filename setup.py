@@ -1,0 +1,43 @@
+"""jaxrl_async: asynchronous RL for language-model agents with correct off-policy correction."""
+
+from setuptools import find_packages, setup
+
+# The stack is pinned to versions seen to install and run together on Python 3.11
+# (CPU). Newer jax releases break flax 0.12.x, so move these together or not at all.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorstore==0.1.86",
+    "chex==0.1.92",
+    "numpy==2.4.6",
+    "ml_dtypes==0.6.0",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "tensorboardX==2.6.5",
+    "protobuf==7.36.2",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest==9.2.0",
+        "hypothesis==6.170.15",
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
+    ],
+}
+
+setup(
+    name="jaxrl_async",
+    version="0.1.0",
+    description="Asynchronous RL for language-model agents in JAX/Flax, with decomposed off-policy correction.",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["jaxrl_async", "jaxrl_async.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

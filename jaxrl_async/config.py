@@ -1,0 +1,166 @@
+"""The config schema: every field, its default and what it means.
+
+Config files under `configs/` start from `base_config()` and change what they need; a
+key that is not here is an error (`validate` names it), and so is a value outside the
+allowed set. Validation runs at startup, before any compilation or process start.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ml_collections import config_dict
+
+def base_config() -> config_dict.ConfigDict:
+    """Every config field with its default and meaning; run configs start from this."""
+    c = config_dict.ConfigDict()
+    c.seed = 0  # one seed for model init, task seeds and sampling: same seed, same run
+
+    c.task = config_dict.ConfigDict()
+    c.task.name = "tooluse"  # agent task, see jaxrl_async/envs: "search" | "tooluse"
+    c.task.kwargs = config_dict.ConfigDict()  # task difficulty knobs passed to make_env (see the task's constructor)
+
+    c.model = config_dict.ConfigDict()
+    c.model.d_model = 64  # transformer width
+    c.model.n_layers = 2  # decoder blocks
+    c.model.n_heads = 4  # attention heads (d_model must divide by it)
+    c.model.d_ff = 256  # MLP hidden width
+    c.model.max_len = 64  # context length: a whole multi-turn episode must fit (checked at startup)
+
+    c.numerics = config_dict.ConfigDict()
+    c.numerics.dtype = "fp32"  # sampler (inference) numerics: "fp32" | "bf16" | "fp16" | "int8"
+    c.numerics.logit_noise_std = 0.0  # Gaussian noise on sampler logits: a tunable training-inference mismatch
+
+    c.sampler = config_dict.ConfigDict()
+    c.sampler.temperature = 1.0  # sampling temperature of the behaviour policy
+    c.sampler.chunk = 16  # decode steps between checks for new weights (partial rollouts)
+
+    c.rl = config_dict.ConfigDict()
+    c.rl.groups_per_step = 16  # task instances per RL step
+    c.rl.group_size = 8  # samples per task instance (the group of group-relative advantages)
+    c.rl.advantage = "grpo"  # "grpo" (group-normalised) | "rloo" (leave-one-out baseline)
+    c.rl.normalize_std = True  # grpo only: divide by the group's reward std
+
+    c.loss = config_dict.ConfigDict()  # jaxrl_async.losses.LossConfig, see DESIGN.md section 2
+    c.loss.clip_low = 0.2  # PPO clip below 1 (staleness term)
+    c.loss.clip_high = 0.2  # PPO clip above 1 (asymmetric clipping when != clip_low)
+    c.loss.dual_clip = config_dict.placeholder(float)  # dual-clip constant c > 1 for negative advantages; None = off
+    c.loss.is_mode = "token"  # discrepancy weight: "none" | "token" | "sequence" | "geometric"
+    c.loss.is_floor = 0.0  # lower truncation of the discrepancy weight
+    c.loss.is_cap = 2.0  # upper truncation of the discrepancy weight
+    c.loss.token_mask = config_dict.placeholder(tuple)  # (lo, hi) token rejection band on pi_old/mu; None = off
+    c.loss.seq_mask_mode = "none"  # sequence rejection statistic: "none" | "sum" | "geometric"
+    c.loss.seq_mask = (0.0, float("inf"))  # (lo, hi) band for the sequence statistic
+    c.loss.catastrophic_thr = config_dict.placeholder(float)  # drop a sequence if any token ratio is below this; None = off
+    c.loss.aggregation = "token_mean"  # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum_norm"
+    c.loss.norm_length = config_dict.placeholder(int)  # normaliser for seq_mean_token_sum_norm
+
+    c.proximal = config_dict.ConfigDict()
+    c.proximal.source = "recompute"  # where prox_logp comes from; only "recompute" (learner weights at step start) for now
+
+    c.optim = config_dict.ConfigDict()
+    c.optim.learning_rate = 3e-4  # AdamW learning rate of the RL phase
+    c.optim.grad_clip = 1.0  # global-norm gradient clipping
+    c.optim.weight_decay = 0.0  # AdamW weight decay
+    c.optim.num_minibatches = 2  # gradient steps per epoch over one RL batch
+    c.optim.num_epochs = 1  # passes over each RL batch
+
+    c.warmstart = config_dict.ConfigDict()
+    c.warmstart.enabled = True  # supervised warm start on noisy scripted demonstrations before RL
+    c.warmstart.episodes = 2048  # demonstration episodes
+    c.warmstart.noise = 0.5  # probability that the scripted agent takes a plausible wrong action per turn
+    c.warmstart.steps = 300  # supervised steps
+    c.warmstart.batch_size = 64  # demonstrations per supervised step
+    c.warmstart.learning_rate = 1e-3  # AdamW learning rate of the warm start
+
+    c.runtime = config_dict.ConfigDict()
+    c.runtime.mode = "inline"  # "inline": sampler and learner in one process on a deterministic schedule
+    c.runtime.lag = 0  # inline: the sampler uses the weights of `lag` versions ago (0 = on-policy)
+    c.runtime.partial_rollout = False  # inline: start each batch one version older and switch weights mid-episode
+    c.runtime.switch_after = 32  # inline partial rollouts: decode steps before the mid-episode switch
+
+    c.train = config_dict.ConfigDict()
+    c.train.steps = 150  # RL steps (one batch, one parameter version each)
+    c.train.log_every = 1  # steps between metrics.jsonl lines
+    c.train.eval_every = 25  # steps between evaluations on held-out seeds
+    c.train.checkpoint_every = 25  # steps between Orbax checkpoints of the full train state
+    c.train.keep_checkpoints = 2  # checkpoints kept on disk
+
+    c.eval = config_dict.ConfigDict()
+    c.eval.episodes = 256  # held-out episodes per evaluation
+    c.eval.temperature = 1.0  # evaluation samples the policy as trained (0 = greedy)
+    c.eval.seed_offset = 1_000_000  # held-out task seeds start here; training seeds stay below it
+    return c
+
+
+# Allowed values of the string-valued fields (the loss's own modes are checked by LossConfig).
+CHOICES = {
+    "numerics.dtype": ("fp32", "bf16", "fp16", "int8"),
+    "rl.advantage": ("grpo", "rloo"),
+    "proximal.source": ("recompute",),
+    "runtime.mode": ("inline",),
+}
+
+
+def _flat(cfg, prefix=""):
+    """{'a.b': value} for every leaf of a (possibly nested) ConfigDict or dict."""
+    out = {}
+    for k, v in cfg.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, (config_dict.ConfigDict, dict)) and not (prefix == "task." and k == "kwargs"):
+            out.update(_flat(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def validate(config) -> None:
+    """Raises ValueError naming the first bad field: unknown keys, wrong choices, bad ranges.
+
+    `task.kwargs` is free-form (the task's constructor checks it when the env is built).
+    """
+    known, given = _flat(base_config()), _flat(config)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+    missing = sorted(set(known) - set(given))
+    if missing:
+        raise ValueError(f"config is missing field(s) {missing}; start config files from jaxrl_async.config.base_config()")
+    for field, allowed in CHOICES.items():
+        if given[field] not in allowed:
+            raise ValueError(f"config.{field} must be one of {allowed}; got {given[field]!r}")
+
+    def positive(field, integer=True):
+        v = given[field]
+        if (integer and not isinstance(v, int)) or v is None or v <= 0:
+            raise ValueError(f"config.{field} must be a positive {'integer' if integer else 'number'}; got {v!r}")
+
+    for f in ("model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.max_len",
+              "rl.groups_per_step", "rl.group_size", "optim.num_minibatches", "optim.num_epochs",
+              "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+              "train.keep_checkpoints", "eval.episodes", "sampler.chunk", "warmstart.episodes",
+              "warmstart.steps", "warmstart.batch_size", "runtime.switch_after"):
+        positive(f)
+    for f in ("optim.learning_rate", "optim.grad_clip", "warmstart.learning_rate"):
+        positive(f, integer=False)
+    if given["rl.advantage"] == "rloo" and given["rl.group_size"] < 2:
+        raise ValueError("config.rl.group_size must be >= 2 with rl.advantage='rloo' (leave-one-out needs a peer)")
+    batch = given["rl.groups_per_step"] * given["rl.group_size"]
+    if batch % given["optim.num_minibatches"]:
+        raise ValueError(f"config.optim.num_minibatches ({given['optim.num_minibatches']}) must divide the RL batch "
+                         f"rl.groups_per_step * rl.group_size = {batch}")
+    if not (isinstance(given["runtime.lag"], int) and given["runtime.lag"] >= 0):
+        raise ValueError(f"config.runtime.lag must be an integer >= 0; got {given['runtime.lag']!r}")
+    if given["sampler.temperature"] <= 0:
+        raise ValueError(f"config.sampler.temperature must be > 0 (the behaviour policy must be stochastic); "
+                         f"got {given['sampler.temperature']!r}")
+    if given["eval.temperature"] < 0:
+        raise ValueError(f"config.eval.temperature must be >= 0 (0 = greedy); got {given['eval.temperature']!r}")
+    if not 0.0 <= given["warmstart.noise"] <= 1.0:
+        raise ValueError(f"config.warmstart.noise must be in [0, 1]; got {given['warmstart.noise']!r}")
+    if not (given["numerics.logit_noise_std"] >= 0 and math.isfinite(given["numerics.logit_noise_std"])):
+        raise ValueError(f"config.numerics.logit_noise_std must be a finite number >= 0; "
+                         f"got {given['numerics.logit_noise_std']!r}")
+    if given["model.d_model"] % given["model.n_heads"]:
+        raise ValueError(f"config.model.d_model ({given['model.d_model']}) must be divisible by "
+                         f"config.model.n_heads ({given['model.n_heads']})")

@@ -1,0 +1,120 @@
+"""Train state and the jitted train steps (RL and supervised warm start).
+
+The whole update for one batch (epochs x minibatches of gradient steps) is one compiled
+function, as in purejaxrl; batches have a fixed padded shape so it compiles once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrl_async import model as model_lib
+from jaxrl_async.losses import LossConfig, policy_loss
+
+# Keys of the `[B, T]` arrays the RL update reads from a batch.
+BATCH_KEYS = ("tokens", "loss_mask", "behav_logp", "prox_logp", "advantages")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything the learner needs to continue: checkpointed as one pytree.
+
+    params: model params (learner numerics, float32).
+    opt_state: optax state.
+    step: optimizer steps taken (int32 scalar).
+    version: parameter version = number of RL updates applied (int32 scalar); the
+      sampler tags tokens with it.
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    version: jax.Array
+
+
+def make_optimizer(learning_rate: float, grad_clip: float, weight_decay: float = 0.0,
+                   b2: float = 0.99) -> optax.GradientTransformation:
+    """AdamW behind global-norm clipping (clipping guards against rare large-ratio batches)."""
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(learning_rate, b1=0.9, b2=b2, weight_decay=weight_decay),
+    )
+
+
+def create_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(params=params, opt_state=optimizer.init(params),
+                      step=jnp.zeros((), jnp.int32), version=jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def token_logprobs(graphdef, params, tokens):
+    """Learner-numerics log-probs `[B, T]` of `tokens` `[B, T]` (no gradient needed)."""
+    return model_lib.token_logprobs(graphdef, params, tokens)
+
+
+def _minibatches(batch: dict, key, num_minibatches: int) -> dict:
+    """Shuffles rows and splits `[B, ...]` arrays into `[M, B/M, ...]`."""
+    b = next(iter(batch.values())).shape[0]
+    if b % num_minibatches:
+        raise ValueError(f"batch of {b} rows does not split into {num_minibatches} minibatches")
+    perm = jax.random.permutation(key, b)
+    return jax.tree.map(lambda x: x[perm].reshape(num_minibatches, b // num_minibatches, *x.shape[1:]), batch)
+
+
+def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
+                   num_minibatches: int = 1, num_epochs: int = 1):
+    """Builds `update(state, batch, key) -> (state, metrics)`, jitted with the state donated.
+
+    batch: dict of `[B, T]` arrays with BATCH_KEYS (prox_logp already chosen by the
+    proximal route). Metrics are averaged over all gradient steps of the update.
+    """
+
+    def loss_fn(params, mb):
+        logp = model_lib.token_logprobs(graphdef, params, mb["tokens"])
+        return policy_loss(logp, mb["prox_logp"], mb["behav_logp"], mb["advantages"], mb["loss_mask"], loss_config)
+
+    def grad_step(state: TrainState, mb):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, **{"perf/grad_norm": optax.global_norm(grads)})
+        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    def update(state: TrainState, batch: dict, key):
+        batch = {k: batch[k] for k in BATCH_KEYS}
+
+        def epoch(state, key):
+            return jax.lax.scan(grad_step, state, _minibatches(batch, key, num_minibatches))
+
+        state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, num_epochs))
+        return state.replace(version=state.version + 1), jax.tree.map(jnp.mean, metrics)
+
+    return jax.jit(update, donate_argnums=0)
+
+
+def make_sft_update(graphdef, optimizer: optax.GradientTransformation):
+    """Builds `update(state, batch) -> (state, metrics)`: one supervised step.
+
+    batch: `tokens` and `loss_mask` `[B, T]`; the loss is the mean negative log-likelihood
+    of the masked (agent) tokens. Used for the warm start on scripted demonstrations; it
+    does not change the parameter version.
+    """
+
+    def loss_fn(params, batch):
+        logp = model_lib.token_logprobs(graphdef, params, batch["tokens"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+    def update(state: TrainState, batch: dict):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(params=params, opt_state=opt_state), {"sft/nll": loss}
+
+    return jax.jit(update, donate_argnums=0)

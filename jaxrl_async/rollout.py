@@ -1,0 +1,270 @@
+"""Batched multi-turn generation with per-token versions and partial rollouts.
+
+The sampler keeps one KV-cache slot per episode and advances every slot by one token per
+decode step (a single compiled function for the whole rollout). A slot is either
+*prefilling* (feeding prompt or observation tokens it already knows) or *generating*
+(sampling the next agent token from the inference distribution). Agent turns end at the
+end-of-turn token or at the env's per-turn budget; the env's observation is then appended
+as non-trainable context.
+
+Weights may change between decode chunks (partial rollouts). After a switch every slot
+re-reads its context under the new weights, as inference engines do after a weight
+update, so each generated token's `behav_logp` is exactly the inference distribution of
+the version recorded for it in `versions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_async import model as model_lib
+from jaxrl_async.envs.base import Env
+from jaxrl_async.envs.tokenizer import TOKENIZER
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """One finished episode, host side (numpy). Per-token arrays are `[L]`.
+
+    `tokens[t]` is the t-th context token; for generated tokens (`loss_mask[t]`),
+    `behav_logp[t] = log mu(tokens[t] | tokens[:t])` under the version `versions[t]`.
+    Prompt and environment tokens have `loss_mask=False`, `behav_logp=0`, `versions=-1`.
+    """
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    behav_logp: np.ndarray
+    versions: np.ndarray
+    reward: float
+    success: bool
+    num_turns: int
+    group_id: int
+    task_seed: int
+    old_logp: Optional[np.ndarray] = None
+    tool_latency_s: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def is_partial(self) -> bool:
+        """True when the generated tokens come from more than one parameter version."""
+        v = self.versions[self.loss_mask]
+        return bool(v.size and v.min() != v.max())
+
+
+@dataclasses.dataclass
+class RolloutStats:
+    episodes: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    weight_switches: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / max(self.wall_s, 1e-9)
+
+
+def collate(trajs: Sequence[Trajectory], length: int) -> dict[str, np.ndarray]:
+    """Pads trajectories into `[B, length]` arrays (`tokens`, `loss_mask`, `behav_logp`, `versions`, and `old_logp` when every trajectory has it)."""
+    b = len(trajs)
+    out = {
+        "tokens": np.full((b, length), TOKENIZER.PAD, np.int32),
+        "loss_mask": np.zeros((b, length), bool),
+        "behav_logp": np.zeros((b, length), np.float32),
+        "versions": np.full((b, length), -1, np.int32),
+    }
+    with_old = all(t.old_logp is not None for t in trajs) and b > 0
+    if with_old:
+        out["old_logp"] = np.zeros((b, length), np.float32)
+    for i, t in enumerate(trajs):
+        if t.length > length:
+            raise ValueError(f"trajectory of {t.length} tokens exceeds the padded length {length}")
+        n = t.length
+        out["tokens"][i, :n] = t.tokens
+        out["loss_mask"][i, :n] = t.loss_mask
+        out["behav_logp"][i, :n] = t.behav_logp
+        out["versions"][i, :n] = t.versions
+        if with_old:
+            out["old_logp"][i, :n] = t.old_logp
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "numerics", "temperature"), donate_argnames=("cache",))
+def _decode_and_sample(graphdef, inf_params, cache, tokens, positions, key, numerics, temperature):
+    """One decode step for every slot, then a sample from the inference distribution.
+
+    tokens, positions: `[B]`. Returns (cache, sampled `[B]`, logp of sampled `[B]`).
+    """
+    noise_key, sample_key = jax.random.split(key)
+    logp, cache = model_lib.decode_step(graphdef, inf_params, cache, tokens, positions, numerics, noise_key)
+    if temperature == 0.0:
+        sampled = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+        return cache, sampled, jnp.take_along_axis(logp, sampled[:, None], axis=-1)[:, 0]
+    sampled, sampled_logp = model_lib.sample_token(logp, sample_key, temperature)
+    return cache, sampled.astype(jnp.int32), sampled_logp
+
+
+class _Slot:
+    """Host-side state of one episode in a KV-cache slot."""
+
+    def __init__(self, env: Env, task_seed: int, group_id: int):
+        self.env = env
+        self.task_seed = task_seed
+        self.group_id = group_id
+        prompt = env.reset(task_seed)
+        self.tokens: list[int] = list(prompt)
+        self.loss_mask: list[bool] = [False] * len(prompt)
+        self.behav: list[float] = [0.0] * len(prompt)
+        self.versions: list[int] = [-1] * len(prompt)
+        self.cursor = 0  # number of context tokens already in the KV cache
+        self.turn_tokens: list[int] = []
+        self.num_turns = 0
+        self.reward = 0.0
+        self.success = False
+        self.done = False
+        self.latency = 0.0
+
+    def append(self, token: int, generated: bool, logp: float = 0.0, version: int = -1):
+        self.tokens.append(int(token))
+        self.loss_mask.append(generated)
+        self.behav.append(float(logp) if generated else 0.0)
+        self.versions.append(int(version) if generated else -1)
+
+    def to_trajectory(self) -> Trajectory:
+        return Trajectory(
+            tokens=np.asarray(self.tokens, np.int32),
+            loss_mask=np.asarray(self.loss_mask, bool),
+            behav_logp=np.asarray(self.behav, np.float32),
+            versions=np.asarray(self.versions, np.int32),
+            reward=float(self.reward),
+            success=bool(self.success),
+            num_turns=self.num_turns,
+            group_id=self.group_id,
+            task_seed=self.task_seed,
+            tool_latency_s=self.latency,
+        )
+
+
+# Called every `chunk` decode steps with the number of steps so far; returns new
+# (params, version) to switch to, or None to keep the current weights.
+WeightSource = Callable[[int], Optional[tuple]]
+
+
+class Sampler:
+    """The inference engine: inference numerics, a KV cache, envs, partial rollouts.
+
+    A small interface in the spirit of Tunix's sampler: `update_params` to load a
+    version, `generate` to run episodes to completion.
+    """
+
+    def __init__(self, graphdef, model_config: model_lib.ModelConfig, numerics: model_lib.Numerics,
+                 temperature: float = 1.0):
+        self.graphdef = graphdef
+        self.model_config = model_config
+        self.numerics = numerics
+        self.temperature = float(temperature)
+        self.inf_params = None
+        self.version = -1
+
+    def update_params(self, params, version: int) -> None:
+        """Loads learner params (converted to inference numerics) as `version`."""
+        self.inf_params = model_lib.inference_params(params, self.numerics)
+        self.version = int(version)
+
+    def generate(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], key,
+                 weight_source: Optional[WeightSource] = None, chunk: int = 16) -> tuple[list[Trajectory], RolloutStats]:
+        """Runs one episode per env to completion, all slots batched together.
+
+        envs, task_seeds, group_ids: one entry per episode (B of them).
+        weight_source: polled every `chunk` decode steps to switch weights mid-episode.
+        Returns the trajectories in input order and rollout statistics.
+        """
+        if self.inf_params is None:
+            raise RuntimeError("Sampler.update_params must be called before generate")
+        t0 = time.perf_counter()
+        max_len = self.model_config.max_len
+        slots = [_Slot(e, s, g) for e, s, g in zip(envs, task_seeds, group_ids)]
+        b = len(slots)
+        cache = model_lib.init_cache(self.model_config, b, self.numerics)
+        stats = RolloutStats(episodes=b)
+        feed = np.zeros(b, np.int32)
+        pos = np.zeros(b, np.int32)
+        step = 0
+        while not all(s.done for s in slots):
+            if weight_source is not None and step > 0 and step % chunk == 0:
+                update = weight_source(step)
+                if update is not None and update[1] != self.version:
+                    self.update_params(*update)
+                    stats.weight_switches += 1
+                    for s in slots:  # re-read the context under the new weights
+                        s.cursor = 0
+            for i, s in enumerate(slots):
+                if s.done:  # finished slots idle at position 0; their output is ignored
+                    feed[i], pos[i] = TOKENIZER.PAD, 0
+                else:
+                    feed[i], pos[i] = s.tokens[s.cursor], s.cursor
+            key, sub = jax.random.split(key)
+            cache, sampled, sampled_logp = _decode_and_sample(
+                self.graphdef, self.inf_params, cache, jnp.asarray(feed), jnp.asarray(pos), sub,
+                self.numerics, self.temperature)
+            sampled, sampled_logp = np.asarray(sampled), np.asarray(sampled_logp)
+            step += 1
+            for i, s in enumerate(slots):
+                if s.done:
+                    continue
+                s.cursor += 1
+                if s.cursor < len(s.tokens):
+                    continue  # still prefilling known context
+                self._advance(s, int(sampled[i]), float(sampled_logp[i]), max_len, stats)
+        stats.decode_steps = step
+        stats.wall_s = time.perf_counter() - t0
+        return [s.to_trajectory() for s in slots], stats
+
+    def _advance(self, s: _Slot, token: int, logp: float, max_len: int, stats: RolloutStats) -> None:
+        """Appends a sampled token to slot `s`; ends the turn and steps the env when due."""
+        s.append(token, True, logp, self.version)
+        stats.generated_tokens += 1
+        end_turn = token == TOKENIZER.EOT
+        if not end_turn:
+            s.turn_tokens.append(token)
+            if len(s.turn_tokens) >= s.env.max_turn_tokens:
+                # Turn budget spent: the rollout closes the turn. The forced EOT is not a
+                # policy sample, so it is context only.
+                s.append(TOKENIZER.EOT, False)
+                end_turn = True
+        if not end_turn:
+            if len(s.tokens) >= max_len:
+                self._finish(s, max_len)
+            return
+        result = s.env.step(s.turn_tokens)
+        s.turn_tokens = []
+        s.num_turns += 1
+        s.latency += float(result.info.get("latency_s", 0.0))
+        if result.done:
+            s.reward = float(result.reward)
+            s.success = bool(result.info.get("success", False))
+            s.done = True
+            return
+        for t in result.observation:
+            s.append(t, False)
+        if len(s.tokens) >= max_len:
+            self._finish(s, max_len)
+
+    @staticmethod
+    def _finish(s: _Slot, max_len: int) -> None:
+        """Ends an episode that ran out of context: a failure with reward 0."""
+        for seq in (s.tokens, s.loss_mask, s.behav, s.versions):
+            del seq[max_len:]
+        s.done = True
+        s.reward = 0.0
+        s.success = False

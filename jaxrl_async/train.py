@@ -1,0 +1,319 @@
+"""Entry point: config in, warm start, RL loop, evaluation, checkpoints, logs.
+
+    python -m jaxrl_async.train --config=configs/default.py --workdir=runs/default \
+        [--config.train.steps=20 ...]
+
+The inline runtime runs sampling and learning in one process on a deterministic schedule:
+at RL step `v` (the learner holds version `v`) the sampler generates the batch with the
+weights of version `max(v - lag, 0)`; with partial rollouts it starts one version older
+and switches mid-episode. Everything random is derived from (seed, step), so a run
+restored from its checkpoint continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxrl_async import advantages as adv_lib
+from jaxrl_async import config as config_lib
+from jaxrl_async import learner as learner_lib
+from jaxrl_async import model as model_lib
+from jaxrl_async import metrics_log
+from jaxrl_async import warmstart
+from jaxrl_async.envs import make_env
+from jaxrl_async.losses import LossConfig
+from jaxrl_async.rollout import Sampler, Trajectory, collate
+
+
+def loss_config_from(config) -> LossConfig:
+    """The LossConfig of `config.loss` (which validates the loss fields)."""
+    fields = config.loss.to_dict()
+    for band in ("token_mask", "seq_mask"):
+        if fields[band] is not None:
+            fields[band] = tuple(float(x) for x in fields[band])
+    return LossConfig(**fields)
+
+
+def model_config_from(config) -> model_lib.ModelConfig:
+    from jaxrl_async.envs.tokenizer import TOKENIZER
+
+    return model_lib.ModelConfig(vocab_size=TOKENIZER.vocab_size, **config.model.to_dict())
+
+
+def numerics_from(config) -> model_lib.Numerics:
+    return model_lib.Numerics(**config.numerics.to_dict())
+
+
+def _env_factory(config):
+    kwargs = config.task.kwargs.to_dict()
+    return lambda: make_env(config.task.name, **kwargs)
+
+
+def _check_startup(config, workdir: str):
+    """Validates everything that can be checked before compiling or sampling; returns the typed configs."""
+    config_lib.validate(config)
+    loss_config = loss_config_from(config)
+    model_config = model_config_from(config)
+    numerics = numerics_from(config)
+    env = _env_factory(config)()  # builds the task once: bad task names or kwargs fail here
+    if env.max_episode_tokens > model_config.max_len:
+        raise ValueError(f"config.model.max_len ({model_config.max_len}) is shorter than the longest possible "
+                         f"episode of task {config.task.name!r} ({env.max_episode_tokens} tokens)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
+    return loss_config, model_config, numerics
+
+
+def episode_advantages(trajs: list[Trajectory], config) -> np.ndarray:
+    """Episode advantages `[B]` from rewards, computed per group of `rl.group_size` samples."""
+    g, n = config.rl.groups_per_step, config.rl.group_size
+    rewards = np.asarray([t.reward for t in trajs], np.float32).reshape(g, n)
+    if config.rl.advantage == "grpo":
+        adv = adv_lib.group_relative(rewards, normalize_std=config.rl.normalize_std)
+    else:
+        adv = adv_lib.rloo(rewards)
+    return np.asarray(adv, np.float32).reshape(-1)
+
+
+def rollout_metrics(trajs: list[Trajectory], version: int, stats) -> dict[str, float]:
+    """`rollout/...` and `staleness/...` metrics of one batch of trajectories."""
+    gen_versions = np.concatenate([t.versions[t.loss_mask] for t in trajs])
+    staleness = version - gen_versions if gen_versions.size else np.zeros(1)
+    return {
+        "rollout/success_rate": float(np.mean([t.success for t in trajs])),
+        "rollout/return_mean": float(np.mean([t.reward for t in trajs])),
+        "rollout/episode_tokens_mean": float(np.mean([t.length for t in trajs])),
+        "rollout/generated_tokens_mean": float(np.mean([t.loss_mask.sum() for t in trajs])),
+        "rollout/turns_mean": float(np.mean([t.num_turns for t in trajs])),
+        "rollout/partial_frac": float(np.mean([t.is_partial for t in trajs])),
+        "rollout/tokens_per_s": stats.tokens_per_s,
+        "rollout/weight_switches": float(stats.weight_switches),
+        "staleness/mean": float(staleness.mean()),
+        "staleness/max": float(staleness.max()),
+    }
+
+
+def evaluate(sampler: Sampler, params, version: int, config, key) -> dict[str, float]:
+    """Success rate and return of the current policy on the fixed held-out task seeds."""
+    make = _env_factory(config)
+    n = config.eval.episodes
+    seeds = [config.eval.seed_offset + i for i in range(n)]
+    eval_sampler = Sampler(sampler.graphdef, sampler.model_config, sampler.numerics, config.eval.temperature)
+    eval_sampler.update_params(params, version)
+    trajs, _ = eval_sampler.generate([make() for _ in range(n)], seeds, list(range(n)), key)
+    return {
+        "eval/success_rate": float(np.mean([t.success for t in trajs])),
+        "eval/return": float(np.mean([t.reward for t in trajs])),
+        "eval/turns_mean": float(np.mean([t.num_turns for t in trajs])),
+    }
+
+
+class _Checkpoints:
+    """Orbax checkpoints of the full train state plus the inline runtime's recent versions."""
+
+    def __init__(self, workdir: str, keep: int):
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, history: list, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            history=ocp.args.StandardSave(history),
+            meta=ocp.args.JsonSave(meta),
+        ))
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, state_target, history_target):
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state_target),
+            history=ocp.args.StandardRestore(history_target),
+            meta=ocp.args.JsonRestore(),
+        ))
+        return out["state"], out["history"], out["meta"]
+
+    def close(self):
+        self.manager.close()
+
+
+def _copy(tree):
+    # The update donates the train state's buffers; versions kept for the sampler need their own.
+    return jax.tree.map(jnp.copy, tree)
+
+
+def run_warmstart(config, graphdef, params, model_config, workdir: str, log) -> tuple:
+    """Supervised warm start on cached noisy demonstrations; returns (params, metrics)."""
+    ws = config.warmstart
+    rng = np.random.default_rng([config.seed, 7])
+    seeds = rng.integers(0, config.eval.seed_offset, ws.episodes)
+    demos = warmstart.cached_demonstrations(
+        os.path.join(workdir, "demonstrations.npz"), make_env=_env_factory(config), task_seeds=seeds,
+        noise=ws.noise, seed=config.seed, max_len=model_config.max_len)
+    optimizer = learner_lib.make_optimizer(ws.learning_rate, config.optim.grad_clip)
+    state = learner_lib.create_train_state(params, optimizer)
+    update = learner_lib.make_sft_update(graphdef, optimizer)
+    t0 = time.perf_counter()
+    nll = []
+    for i in range(ws.steps):
+        idx = rng.integers(0, ws.episodes, ws.batch_size)
+        state, m = update(state, {k: jnp.asarray(v[idx]) for k, v in demos.items()})
+        nll.append(float(m["sft/nll"]))
+        if (i + 1) % 50 == 0 or i + 1 == ws.steps:
+            log(f"warm start {i + 1}/{ws.steps}: nll {np.mean(nll[-50:]):.3f}")
+    return state.params, {"warmstart/nll_final": float(np.mean(nll[-20:])), "warmstart/wall_s": time.perf_counter() - t0}
+
+
+def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool = True) -> dict:
+    """Trains `config` in `workdir` (restoring its latest checkpoint when `resume`); returns the summary."""
+    loss_config, model_config, numerics = _check_startup(config, workdir)
+    t_start = time.perf_counter()
+    log = print if progress else (lambda *a: None)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+
+    graphdef, init_params = model_lib.init_model(model_config, config.seed)
+    optimizer = learner_lib.make_optimizer(config.optim.learning_rate, config.optim.grad_clip,
+                                           config.optim.weight_decay)
+    lag, partial = config.runtime.lag, config.runtime.partial_rollout
+    n_hist = lag + 2  # versions the inline sampler may need: v - lag - 1 .. v
+    ckpt = _Checkpoints(workdir, config.train.keep_checkpoints)
+    start = ckpt.latest_step() if resume else None
+
+    state = learner_lib.create_train_state(init_params, optimizer)
+    if start is not None:
+        state, history, meta = ckpt.restore(start, state, [init_params] * n_hist)
+        history = list(history)
+        summary_prev = meta
+        log(f"resumed from checkpoint at step {start}")
+    else:
+        start, summary_prev = 0, {}
+        if config.warmstart.enabled:
+            params, ws_metrics = run_warmstart(config, graphdef, init_params, model_config, workdir, log)
+            summary_prev = dict(ws_metrics)
+            state = learner_lib.create_train_state(params, optimizer)
+        history = [_copy(state.params)] * n_hist  # versions below 0 clamp to version 0
+
+    update = learner_lib.make_rl_update(graphdef, optimizer, loss_config, config.optim.num_minibatches,
+                                        config.optim.num_epochs)
+    sampler = Sampler(graphdef, model_config, numerics, config.sampler.temperature)
+    make = _env_factory(config)
+    g, n = config.rl.groups_per_step, config.rl.group_size
+    key = jax.random.key(config.seed)
+    k_sample, k_update, k_eval = jax.random.split(key, 3)
+    writer = metrics_log.MetricsWriter(workdir, keep_lines=int(summary_prev.get("metrics_lines", 0)))
+    evals = dict(summary_prev.get("evals", {}))
+
+    def do_eval(step):
+        m = evaluate(sampler, state.params, step, config, jax.random.fold_in(k_eval, step))
+        evals[str(step)] = m["eval/success_rate"]
+        writer.write(step, m)
+        return m
+
+    if start == 0:
+        do_eval(0)
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, config.train.steps), initial=start, total=config.train.steps,
+               disable=not progress, desc="RL", dynamic_ncols=True)
+    wall_prev = float(summary_prev.get("wall_seconds", 0.0))
+    for step in bar:
+        t0 = time.perf_counter()
+        v = int(state.version)
+        # history[-1] is version v, history[-1 - j] is version v - j (clamped at 0).
+        v_behav = max(v - lag, 0)
+        v_first = max(v_behav - 1, 0) if partial else v_behav
+        sampler.update_params(history[-1 - (v - v_first)], v_first)
+        weight_source = None
+        if partial and v_first != v_behav:
+            target = (history[-1 - (v - v_behav)], v_behav)
+            weight_source = lambda s, target=target: target if s >= config.runtime.switch_after else None  # noqa: E731
+        task_seeds = np.random.default_rng([config.seed, step]).integers(0, config.eval.seed_offset, g)
+        trajs, rstats = sampler.generate(
+            [make() for _ in range(g * n)], np.repeat(task_seeds, n).tolist(), np.repeat(np.arange(g), n).tolist(),
+            jax.random.fold_in(k_sample, step), weight_source, config.sampler.chunk)
+        t_sample = time.perf_counter() - t0
+
+        batch = collate(trajs, model_config.max_len)
+        batch["advantages"] = adv_lib.broadcast_to_tokens(episode_advantages(trajs, config), batch["loss_mask"])
+        batch = {k: jnp.asarray(x) for k, x in batch.items()}
+        # proximal.source == "recompute": the learner's weights at the start of the step.
+        batch["prox_logp"] = learner_lib.token_logprobs(graphdef, state.params, batch["tokens"])
+        state, metrics = update(state, batch, jax.random.fold_in(k_update, step))
+        history = history[1:] + [_copy(state.params)]
+        metrics = {k: float(x) for k, x in metrics.items()}
+        metrics.update(rollout_metrics(trajs, v, rstats))
+        metrics["perf/sample_s"] = t_sample
+        metrics["perf/step_s"] = time.perf_counter() - t0
+        metrics["perf/train_s"] = metrics["perf/step_s"] - t_sample
+        done = step + 1
+        if step % config.train.log_every == 0 or done == config.train.steps:
+            writer.write(step, metrics)
+        if done % config.train.eval_every == 0 or done == config.train.steps:
+            do_eval(done)
+        bar.set_postfix(sr=f"{metrics['rollout/success_rate']:.2f}", eval=f"{evals[max(evals, key=int)]:.2f}",
+                        tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
+        if done % config.train.checkpoint_every == 0 or done == config.train.steps:
+            meta = dict(summary_prev, evals=evals, metrics_lines=writer.lines,
+                        wall_seconds=wall_prev + time.perf_counter() - t_start)
+            ckpt.save(done, state, history, meta)
+    bar.close()
+    writer.close()
+    ckpt.close()
+
+    steps_sorted = sorted(evals, key=int)
+    summary = {
+        "initial_success_rate": evals[steps_sorted[0]],
+        "final_success_rate": evals[steps_sorted[-1]],
+        "best_success_rate": max(evals.values()),
+        "steps": int(state.version),
+        "wall_seconds": wall_prev + time.perf_counter() - t_start,
+        "warmstart": {k: v for k, v in summary_prev.items() if k.startswith("warmstart/")},
+        "evals": evals,
+        "config": json.loads(config.to_json()),
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    metrics_log.plot_learning_curve(workdir)
+    log(f"success rate {summary['initial_success_rate']:.3f} -> {summary['final_success_rate']:.3f} "
+        f"in {summary['steps']} steps, {summary['wall_seconds']:.0f} s; outputs in {workdir}")
+    return summary
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    try:
+        _check_startup(config, workdir)
+    except ValueError as e:  # configuration errors: one clear line naming the field, no traceback
+        raise SystemExit(f"error: {e}") from None
+    train_and_evaluate(config, workdir, resume=flags.FLAGS.resume)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.", lock_config=True)
+    flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics and summaries.")
+    flags.DEFINE_bool("resume", True, "Restore the latest checkpoint in --workdir if there is one.")
+    app.run(main)

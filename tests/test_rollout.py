@@ -1,0 +1,122 @@
+"""Rollout bookkeeping: per-token masks, behaviour log-probs and versions, partial rollouts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_async import advantages as adv_lib
+from jaxrl_async import learner as learner_lib
+from jaxrl_async import model as model_lib
+from jaxrl_async.envs import make_env
+from jaxrl_async.envs.tokenizer import TOKENIZER
+from jaxrl_async.rollout import Sampler, collate
+
+MAX_LEN = 64
+B = 8
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = model_lib.ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                                max_len=MAX_LEN)
+    graphdef, p0 = model_lib.init_model(cfg, seed=0)
+    # A second version far enough from the first that their log-probs clearly differ.
+    p1 = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), p0)
+    return cfg, graphdef, p0, p1
+
+
+def _envs():
+    return [make_env("search", n=8, max_turns=4) for _ in range(B)]
+
+
+def _generate(setup, numerics, weight_source=None, chunk=8):
+    cfg, graphdef, p0, _ = setup
+    sampler = Sampler(graphdef, cfg, numerics)
+    sampler.update_params(p0, 0)
+    return sampler.generate(_envs(), list(range(B)), [i // 2 for i in range(B)], jax.random.key(3),
+                            weight_source=weight_source, chunk=chunk)
+
+
+def test_layout_and_behaviour_logp_match_learner_at_fp32(setup):
+    cfg, graphdef, p0, _ = setup
+    trajs, stats = _generate(setup, model_lib.Numerics("fp32"))
+    assert stats.generated_tokens == sum(int(t.loss_mask.sum()) for t in trajs) > 0
+    batch = collate(trajs, MAX_LEN)
+    gen = batch["loss_mask"]
+    # Prompt and environment tokens: no version, no behaviour log-prob; every episode starts with BOS.
+    assert (batch["versions"][~gen] == -1).all() and (batch["behav_logp"][~gen] == 0).all()
+    assert (batch["versions"][gen] == 0).all() and (batch["behav_logp"][gen] < 0).all()
+    assert (batch["tokens"][:, 0] == TOKENIZER.BOS).all()
+    assert not gen[:, 0].any()
+    # With fp32 inference numerics the sampler's log-probs are the learner's, token by token.
+    learner = np.asarray(learner_lib.token_logprobs(graphdef, p0, jnp.asarray(batch["tokens"])))
+    np.testing.assert_allclose(batch["behav_logp"][gen], learner[gen], atol=1e-5)
+    for t in trajs:
+        assert t.num_turns >= 1 and t.reward in (0.0, 1.0)
+
+
+def test_bf16_behaviour_differs_slightly_from_learner(setup):
+    cfg, graphdef, p0, _ = setup
+    trajs, _ = _generate(setup, model_lib.Numerics("bf16"))
+    batch = collate(trajs, MAX_LEN)
+    gen = batch["loss_mask"]
+    learner = np.asarray(learner_lib.token_logprobs(graphdef, p0, jnp.asarray(batch["tokens"])))
+    diff = np.abs(batch["behav_logp"][gen] - learner[gen])
+    assert 1e-5 < diff.mean() < 0.05
+
+
+def test_mid_episode_switch_tags_versions_and_logs_each_versions_logp(setup):
+    cfg, graphdef, p0, p1 = setup
+    switch_at = 8
+    trajs, stats = _generate(setup, model_lib.Numerics("fp32"),
+                             weight_source=lambda step: (p1, 1) if step >= switch_at else None, chunk=switch_at)
+    assert stats.weight_switches == 1
+    batch = collate(trajs, MAX_LEN)
+    gen, versions = batch["loss_mask"], batch["versions"]
+    assert set(np.unique(versions[gen])) == {0, 1}
+    assert any(t.is_partial for t in trajs)
+    # Within an episode versions never go back.
+    for t in trajs:
+        v = t.versions[t.loss_mask]
+        assert (np.diff(v) >= 0).all()
+    # Each token's behaviour log-prob is that of the version it is tagged with.
+    tokens = jnp.asarray(batch["tokens"])
+    lp = {0: np.asarray(learner_lib.token_logprobs(graphdef, p0, tokens)),
+          1: np.asarray(learner_lib.token_logprobs(graphdef, p1, tokens))}
+    for v in (0, 1):
+        sel = gen & (versions == v)
+        np.testing.assert_allclose(batch["behav_logp"][sel], lp[v][sel], atol=1e-5)
+        assert np.abs(batch["behav_logp"][sel] - lp[1 - v][sel]).max() > 1e-3
+
+
+def test_forced_end_of_turn_is_context_not_action(setup):
+    cfg, graphdef, p0, _ = setup
+    # A one-token turn budget: most turns are closed by the rollout, not by the policy.
+    envs = [make_env("search", n=8, max_turns=3, max_turn_tokens=1) for _ in range(B)]
+    sampler = Sampler(graphdef, cfg, model_lib.Numerics("fp32"))
+    sampler.update_params(p0, 0)
+    trajs, _ = sampler.generate(envs, list(range(B)), list(range(B)), jax.random.key(0))
+    forced = 0
+    for t in trajs:
+        for i in range(1, t.length):
+            if t.tokens[i] == TOKENIZER.EOT and t.loss_mask[i - 1]:
+                forced += not t.loss_mask[i]
+                assert t.versions[i] == (0 if t.loss_mask[i] else -1)
+    assert forced > 0
+
+
+def test_advantages_land_on_generated_tokens_only(setup):
+    trajs, _ = _generate(setup, model_lib.Numerics("fp32"))
+    batch = collate(trajs, MAX_LEN)
+    ep_adv = np.arange(1, B + 1, dtype=np.float32)
+    tok_adv = np.asarray(adv_lib.broadcast_to_tokens(ep_adv, batch["loss_mask"]))
+    assert (tok_adv[~batch["loss_mask"]] == 0).all()
+    for i in range(B):
+        assert (tok_adv[i][batch["loss_mask"][i]] == ep_adv[i]).all()
+
+
+def test_collate_rejects_overlong_trajectories(setup):
+    trajs, _ = _generate(setup, model_lib.Numerics("fp32"))
+    with pytest.raises(ValueError, match="exceeds"):
+        collate(trajs, 4)

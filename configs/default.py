@@ -11,5 +11,5 @@ from jaxrl_async.config import base_config
 
 def get_config():
     c = base_config()
-    c.task.name = "tooluse"  # look a customer's order up, then refund it with the copied values
+    c.task.name = "tooluse_easy"  # look a customer's order up, ask its amount, refund it with the copied values
     return c

@@ -17,7 +17,7 @@ def base_config() -> config_dict.ConfigDict:
     c.seed = 0  # one seed for model init, task seeds and sampling: same seed, same run
 
     c.task = config_dict.ConfigDict()
-    c.task.name = "tooluse"  # agent task, see jaxrl_async/envs: "search" | "tooluse"
+    c.task.name = "tooluse_easy"  # agent task, see jaxrl_async/envs: "search" | "search_easy" | "tooluse" | "tooluse_easy"
     c.task.kwargs = config_dict.ConfigDict()  # task difficulty knobs passed to make_env (see the task's constructor)
 
     c.model = config_dict.ConfigDict()
@@ -67,11 +67,11 @@ def base_config() -> config_dict.ConfigDict:
 
     c.warmstart = config_dict.ConfigDict()
     c.warmstart.enabled = True  # supervised warm start on noisy scripted demonstrations before RL
-    c.warmstart.episodes = 2048  # demonstration episodes
+    c.warmstart.episodes = 4096  # demonstration episodes
     c.warmstart.noise = 0.5  # probability that the scripted agent takes a plausible wrong action per turn
-    c.warmstart.steps = 300  # supervised steps
+    c.warmstart.steps = 600  # supervised steps
     c.warmstart.batch_size = 64  # demonstrations per supervised step
-    c.warmstart.learning_rate = 1e-3  # AdamW learning rate of the warm start
+    c.warmstart.learning_rate = 3e-3  # AdamW learning rate of the warm start
 
     c.runtime = config_dict.ConfigDict()
     c.runtime.mode = "inline"  # "inline": sampler and learner in one process on a deterministic schedule
@@ -80,7 +80,7 @@ def base_config() -> config_dict.ConfigDict:
     c.runtime.switch_after = 32  # inline partial rollouts: decode steps before the mid-episode switch
 
     c.train = config_dict.ConfigDict()
-    c.train.steps = 150  # RL steps (one batch, one parameter version each)
+    c.train.steps = 200  # RL steps (one batch, one parameter version each)
     c.train.log_every = 1  # steps between metrics.jsonl lines
     c.train.eval_every = 25  # steps between evaluations on held-out seeds
     c.train.checkpoint_every = 25  # steps between Orbax checkpoints of the full train state

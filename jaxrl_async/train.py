@@ -299,7 +299,9 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
 
 def main(argv):
     del argv
-    from absl import flags
+    from absl import flags, logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
 
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:

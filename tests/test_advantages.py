@@ -1,0 +1,74 @@
+"""Tests of group-relative and leave-one-out advantages and their per-token broadcast."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from jaxrl_async.advantages import broadcast_to_tokens, group_relative, rloo
+
+# Rewards [G, n] with n >= 2: binary successes are common, so they are drawn half the time.
+rewards_strategy = st.tuples(st.integers(1, 4), st.integers(2, 6)).flatmap(
+    lambda shape: st.one_of(
+        hnp.arrays(np.float32, shape, elements=st.floats(-10, 10, width=32)),
+        hnp.arrays(np.float32, shape, elements=st.sampled_from([0.0, 1.0])),
+    )
+)
+
+
+@given(rewards_strategy)
+def test_group_relative_is_zero_mean_unit_std(rewards):
+    adv = np.asarray(group_relative(rewards), np.float64)
+    chex.assert_shape(adv, rewards.shape)
+    np.testing.assert_allclose(adv.mean(axis=1), 0.0, atol=1e-5)
+    std = np.asarray(rewards, np.float64).std(axis=1)
+    spread = std > 0.1  # eps only matters for (near-)constant groups
+    np.testing.assert_allclose(adv.std(axis=1)[spread], 1.0, rtol=1e-3)
+
+
+@given(rewards_strategy)
+def test_group_relative_without_std_is_centered_rewards(rewards):
+    adv = group_relative(rewards, normalize_std=False)
+    expected = rewards.astype(np.float64) - rewards.astype(np.float64).mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(adv, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [group_relative, rloo])
+def test_constant_groups_give_zero(fn):
+    rewards = np.array([[0.1, 0.1, 0.1], [1.0, 1.0, 1.0], [0.3, 0.7, 0.9]], np.float32)
+    adv = np.asarray(fn(rewards))
+    np.testing.assert_array_equal(adv[:2], 0.0)
+    assert np.all(np.isfinite(adv)) and np.all(adv[2] != 0.0)
+
+
+@given(rewards_strategy)
+def test_rloo_matches_loop_reference(rewards):
+    G, n = rewards.shape
+    expected = np.zeros((G, n))
+    for g in range(G):
+        for i in range(n):
+            others = [float(rewards[g, j]) for j in range(n) if j != i]
+            expected[g, i] = float(rewards[g, i]) - sum(others) / len(others)
+    np.testing.assert_allclose(rloo(rewards), expected, atol=1e-4)
+
+
+def test_rloo_needs_two_samples():
+    with pytest.raises(ValueError, match="at least 2 samples per group"):
+        rloo(np.ones((3, 1)))
+
+
+def test_integer_rewards_and_jit():
+    rewards = np.array([[0, 1, 1, 0]])
+    np.testing.assert_allclose(jax.jit(group_relative)(rewards), [[-1, 1, 1, -1]], rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(rloo)(rewards), [[-2 / 3, 2 / 3, 2 / 3, -2 / 3]], rtol=1e-6)
+
+
+def test_broadcast_puts_advantages_on_generated_tokens_only():
+    adv = np.array([0.5, -1.5, 2.0], np.float32)
+    mask = np.array([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 1]], bool)
+    out = np.asarray(jax.jit(broadcast_to_tokens)(adv, mask))
+    np.testing.assert_array_equal(out, np.where(mask, adv[:, None], 0.0))
+    np.testing.assert_array_equal(broadcast_to_tokens(adv, mask.astype(np.int32)), out)

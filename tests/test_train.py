@@ -87,3 +87,30 @@ def test_outputs_and_resume_reproduces_uninterrupted_run(tmp_path):
     assert resumed["steps"] == 4
     assert _comparable(read_metrics(part)) == _comparable(rows)
     assert resumed["final_success_rate"] == summary["final_success_rate"]
+
+
+def test_inline_lag_and_partial_rollouts_set_staleness(tmp_path):
+    c = tiny_config(4)
+    c.runtime.lag, c.runtime.partial_rollout, c.runtime.switch_after = 2, True, 8
+    c.sampler.chunk = 4
+    c.warmstart.enabled = False
+    train_and_evaluate(c, str(tmp_path), progress=False)
+    rows = {r["step"]: r for r in read_metrics(str(tmp_path)) if "staleness/max" in r}
+    # Step v samples with version max(v-3, 0) first, then switches to max(v-2, 0) mid-episode.
+    assert [rows[v]["staleness/max"] for v in range(4)] == [0, 1, 2, 3]
+    assert rows[0]["rollout/partial_frac"] == 0 and rows[1]["rollout/partial_frac"] == 0
+    assert rows[3]["rollout/partial_frac"] > 0 and rows[3]["rollout/weight_switches"] == 1
+    assert 2 <= rows[3]["staleness/mean"] <= 3
+
+
+@pytest.mark.slow
+def test_short_run_improves_success_on_easy_task(tmp_path):
+    c = config_lib.base_config()
+    c.task.name = "tooluse_easy"
+    c.rl.groups_per_step, c.rl.group_size = 8, 8
+    c.warmstart.episodes, c.warmstart.steps = 2048, 400
+    c.train.steps, c.train.eval_every, c.train.checkpoint_every = 30, 30, 30
+    c.eval.episodes = 128
+    s = train_and_evaluate(c, str(tmp_path), progress=False)
+    assert s["initial_success_rate"] <= 0.5
+    assert s["final_success_rate"] >= s["initial_success_rate"] + 0.2

@@ -29,6 +29,7 @@ EXTRAS_REQUIRE = {
         "nbclient==0.11.0",
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
+        "psutil==7.2.2",
     ],
 }
 

@@ -74,10 +74,15 @@ def base_config() -> config_dict.ConfigDict:
     c.warmstart.learning_rate = 3e-3  # AdamW learning rate of the warm start
 
     c.runtime = config_dict.ConfigDict()
-    c.runtime.mode = "inline"  # "inline": sampler and learner in one process on a deterministic schedule
+    c.runtime.mode = "inline"  # "inline": sampler and learner in one process on a deterministic schedule; "process": sampler processes, async queue
     c.runtime.lag = 0  # inline: the sampler uses the weights of `lag` versions ago (0 = on-policy)
     c.runtime.partial_rollout = False  # inline: start each batch one version older and switch weights mid-episode
     c.runtime.switch_after = 32  # inline partial rollouts: decode steps before the mid-episode switch
+    c.runtime.max_staleness = 2  # process: no token older than this many versions reaches the loss
+    c.runtime.num_samplers = 1  # process: sampler processes
+    c.runtime.sampler_groups = 4  # process: groups (task instances x group_size) per sampler generate call
+    c.runtime.queue_capacity = config_dict.placeholder(int)  # process: groups the queue holds; None = (max_staleness + 1) * groups_per_step
+    c.runtime.ring_capacity = config_dict.placeholder(int)  # versions K kept in the ring buffer; None = the fewest the runtime needs
 
     c.train = config_dict.ConfigDict()
     c.train.steps = 200  # RL steps (one batch, one parameter version each)
@@ -98,7 +103,7 @@ CHOICES = {
     "numerics.dtype": ("fp32", "bf16", "fp16", "int8"),
     "rl.advantage": ("grpo", "rloo"),
     "proximal.source": ("recompute",),
-    "runtime.mode": ("inline",),
+    "runtime.mode": ("inline", "process"),
 }
 
 
@@ -139,7 +144,8 @@ def validate(config) -> None:
               "rl.groups_per_step", "rl.group_size", "optim.num_minibatches", "optim.num_epochs",
               "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
               "train.keep_checkpoints", "eval.episodes", "sampler.chunk", "warmstart.episodes",
-              "warmstart.steps", "warmstart.batch_size", "runtime.switch_after"):
+              "warmstart.steps", "warmstart.batch_size", "runtime.switch_after", "runtime.num_samplers",
+              "runtime.sampler_groups"):
         positive(f)
     for f in ("optim.learning_rate", "optim.grad_clip", "warmstart.learning_rate"):
         positive(f, integer=False)
@@ -151,6 +157,25 @@ def validate(config) -> None:
                          f"rl.groups_per_step * rl.group_size = {batch}")
     if not (isinstance(given["runtime.lag"], int) and given["runtime.lag"] >= 0):
         raise ValueError(f"config.runtime.lag must be an integer >= 0; got {given['runtime.lag']!r}")
+    if not (isinstance(given["runtime.max_staleness"], int) and given["runtime.max_staleness"] >= 0):
+        raise ValueError(f"config.runtime.max_staleness must be an integer >= 0; got {given['runtime.max_staleness']!r}")
+    if given["runtime.mode"] == "process":
+        if given["runtime.sampler_groups"] > given["rl.groups_per_step"]:
+            raise ValueError(f"config.runtime.sampler_groups ({given['runtime.sampler_groups']}) must be <= "
+                             f"config.rl.groups_per_step ({given['rl.groups_per_step']}), or the staleness gate never opens")
+        cap = given["runtime.queue_capacity"]
+        if cap is not None and cap < given["rl.groups_per_step"]:
+            raise ValueError(f"config.runtime.queue_capacity ({cap}) must hold at least one batch "
+                             f"(config.rl.groups_per_step = {given['rl.groups_per_step']})")
+    ring = given["runtime.ring_capacity"]
+    if ring is not None:
+        if given["runtime.mode"] == "inline":
+            need, why = given["runtime.lag"] + (2 if given["runtime.partial_rollout"] else 1), "runtime.lag + 1 (+1 with partial_rollout)"
+        else:
+            need, why = given["runtime.max_staleness"] + 1, "runtime.max_staleness + 1"
+        if ring < need:
+            raise ValueError(f"config.runtime.ring_capacity ({ring}) must be at least {why} = {need}: "
+                             f"older versions would be evicted while tokens of them are still in use")
     if given["sampler.temperature"] <= 0:
         raise ValueError(f"config.sampler.temperature must be > 0 (the behaviour policy must be stochastic); "
                          f"got {given['sampler.temperature']!r}")

@@ -26,11 +26,14 @@ from jaxrl_async import advantages as adv_lib
 from jaxrl_async import config as config_lib
 from jaxrl_async import learner as learner_lib
 from jaxrl_async import model as model_lib
+from jaxrl_async import runtime as runtime_lib
+from jaxrl_async import sampler_process
 from jaxrl_async import metrics_log
 from jaxrl_async import warmstart
 from jaxrl_async.envs import make_env
 from jaxrl_async.losses import LossConfig
 from jaxrl_async.rollout import Sampler, Trajectory, collate
+from jaxrl_async.versions import VersionStore
 
 
 def loss_config_from(config) -> LossConfig:
@@ -52,7 +55,7 @@ def numerics_from(config) -> model_lib.Numerics:
     return model_lib.Numerics(**config.numerics.to_dict())
 
 
-def _env_factory(config):
+def env_factory(config):
     kwargs = config.task.kwargs.to_dict()
     return lambda: make_env(config.task.name, **kwargs)
 
@@ -63,7 +66,7 @@ def _check_startup(config, workdir: str):
     loss_config = loss_config_from(config)
     model_config = model_config_from(config)
     numerics = numerics_from(config)
-    env = _env_factory(config)()  # builds the task once: bad task names or kwargs fail here
+    env = env_factory(config)()  # builds the task once: bad task names or kwargs fail here
     if env.max_episode_tokens > model_config.max_len:
         raise ValueError(f"config.model.max_len ({model_config.max_len}) is shorter than the longest possible "
                          f"episode of task {config.task.name!r} ({env.max_episode_tokens} tokens)")
@@ -89,10 +92,11 @@ def episode_advantages(trajs: list[Trajectory], config) -> np.ndarray:
     return np.asarray(adv, np.float32).reshape(-1)
 
 
-def rollout_metrics(trajs: list[Trajectory], version: int, stats) -> dict[str, float]:
-    """`rollout/...` and `staleness/...` metrics of one batch of trajectories."""
+def rollout_metrics(trajs: list[Trajectory], version: int, runtime_config) -> dict:
+    """`rollout/...` and `staleness/...` metrics of one batch of trajectories at learner `version`."""
     gen_versions = np.concatenate([t.versions[t.loss_mask] for t in trajs])
-    staleness = version - gen_versions if gen_versions.size else np.zeros(1)
+    staleness = version - gen_versions if gen_versions.size else np.zeros(1, np.int64)
+    bound = runtime_config.max_staleness if runtime_config.mode == "process" else runtime_config.lag + 1
     return {
         "rollout/success_rate": float(np.mean([t.success for t in trajs])),
         "rollout/return_mean": float(np.mean([t.reward for t in trajs])),
@@ -100,16 +104,16 @@ def rollout_metrics(trajs: list[Trajectory], version: int, stats) -> dict[str, f
         "rollout/generated_tokens_mean": float(np.mean([t.loss_mask.sum() for t in trajs])),
         "rollout/turns_mean": float(np.mean([t.num_turns for t in trajs])),
         "rollout/partial_frac": float(np.mean([t.is_partial for t in trajs])),
-        "rollout/tokens_per_s": stats.tokens_per_s,
-        "rollout/weight_switches": float(stats.weight_switches),
         "staleness/mean": float(staleness.mean()),
         "staleness/max": float(staleness.max()),
+        # token counts at staleness 0, 1, ..., bound
+        "staleness/hist": np.bincount(np.clip(staleness, 0, bound), minlength=bound + 1).tolist(),
     }
 
 
 def evaluate(sampler: Sampler, params, version: int, config, key) -> dict[str, float]:
     """Success rate and return of the current policy on the fixed held-out task seeds."""
-    make = _env_factory(config)
+    make = env_factory(config)
     n = config.eval.episodes
     seeds = [config.eval.seed_offset + i for i in range(n)]
     eval_sampler = Sampler(sampler.graphdef, sampler.model_config, sampler.numerics, config.eval.temperature)
@@ -123,7 +127,7 @@ def evaluate(sampler: Sampler, params, version: int, config, key) -> dict[str, f
 
 
 class _Checkpoints:
-    """Orbax checkpoints of the full train state plus the inline runtime's recent versions."""
+    """Orbax checkpoints of the full train state plus JSON metadata (evaluations, counters)."""
 
     def __init__(self, workdir: str, keep: int):
         self.manager = ocp.CheckpointManager(
@@ -134,29 +138,18 @@ class _Checkpoints:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, history: list, meta: dict) -> None:
+    def save(self, step: int, state, meta: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            history=ocp.args.StandardSave(history),
-            meta=ocp.args.JsonSave(meta),
-        ))
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, state_target, history_target):
+    def restore(self, step: int, state_target):
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state_target),
-            history=ocp.args.StandardRestore(history_target),
-            meta=ocp.args.JsonRestore(),
-        ))
-        return out["state"], out["history"], out["meta"]
+            state=ocp.args.StandardRestore(state_target), meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
 
     def close(self):
         self.manager.close()
-
-
-def _copy(tree):
-    # The update donates the train state's buffers; versions kept for the sampler need their own.
-    return jax.tree.map(jnp.copy, tree)
 
 
 def run_warmstart(config, graphdef, params, model_config, workdir: str, log) -> tuple:
@@ -165,7 +158,7 @@ def run_warmstart(config, graphdef, params, model_config, workdir: str, log) -> 
     rng = np.random.default_rng([config.seed, 7])
     seeds = rng.integers(0, config.eval.seed_offset, ws.episodes)
     demos = warmstart.cached_demonstrations(
-        os.path.join(workdir, "demonstrations.npz"), make_env=_env_factory(config), task_seeds=seeds,
+        os.path.join(workdir, "demonstrations.npz"), make_env=env_factory(config), task_seeds=seeds,
         noise=ws.noise, seed=config.seed, max_len=model_config.max_len)
     optimizer = learner_lib.make_optimizer(ws.learning_rate, config.optim.grad_clip)
     state = learner_lib.create_train_state(params, optimizer)
@@ -192,91 +185,91 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
     graphdef, init_params = model_lib.init_model(model_config, config.seed)
     optimizer = learner_lib.make_optimizer(config.optim.learning_rate, config.optim.grad_clip,
                                            config.optim.weight_decay)
-    lag, partial = config.runtime.lag, config.runtime.partial_rollout
-    n_hist = lag + 2  # versions the inline sampler may need: v - lag - 1 .. v
     ckpt = _Checkpoints(workdir, config.train.keep_checkpoints)
     start = ckpt.latest_step() if resume else None
-
     state = learner_lib.create_train_state(init_params, optimizer)
+    if start is None:
+        runtime_lib.reset_dirs(workdir)
+    store = VersionStore(sampler_process.versions_dir(workdir), runtime_lib.ring_capacity(config), init_params,
+                         writer=True)
     if start is not None:
-        state, history, meta = ckpt.restore(start, state, [init_params] * n_hist)
-        history = list(history)
-        summary_prev = meta
+        state, meta = ckpt.restore(start, state)
+        # Versions published after the checkpoint belong to the lost future; the ring buffer
+        # keeps versions up to the checkpoint, which the sampler reads as before.
+        store.truncate_after(start)
         log(f"resumed from checkpoint at step {start}")
     else:
-        start, summary_prev = 0, {}
+        start, meta = 0, {"epoch": -1}
         if config.warmstart.enabled:
             params, ws_metrics = run_warmstart(config, graphdef, init_params, model_config, workdir, log)
-            summary_prev = dict(ws_metrics)
+            meta.update(ws_metrics)
             state = learner_lib.create_train_state(params, optimizer)
-        history = [_copy(state.params)] * n_hist  # versions below 0 clamp to version 0
+        store.publish(0, state.params)
+    meta["epoch"] += 1  # one more (re)start of this run
 
     update = learner_lib.make_rl_update(graphdef, optimizer, loss_config, config.optim.num_minibatches,
                                         config.optim.num_epochs)
     sampler = Sampler(graphdef, model_config, numerics, config.sampler.temperature)
-    make = _env_factory(config)
-    g, n = config.rl.groups_per_step, config.rl.group_size
     key = jax.random.key(config.seed)
     k_sample, k_update, k_eval = jax.random.split(key, 3)
-    writer = metrics_log.MetricsWriter(workdir, keep_lines=int(summary_prev.get("metrics_lines", 0)))
-    evals = dict(summary_prev.get("evals", {}))
+    if config.runtime.mode == "inline":
+        runtime = runtime_lib.InlineRuntime(config, sampler, store, env_factory(config), k_sample)
+    else:
+        runtime = runtime_lib.ProcessRuntime(config, workdir, meta["epoch"], start if start else None)
+    writer = metrics_log.MetricsWriter(workdir, keep_lines=int(meta.get("metrics_lines", 0)))
+    evals = dict(meta.get("evals", {}))
 
     def do_eval(step):
         m = evaluate(sampler, state.params, step, config, jax.random.fold_in(k_eval, step))
         evals[str(step)] = m["eval/success_rate"]
         writer.write(step, m)
-        return m
 
-    if start == 0:
-        do_eval(0)
     from tqdm import tqdm
 
-    bar = tqdm(range(start, config.train.steps), initial=start, total=config.train.steps,
-               disable=not progress, desc="RL", dynamic_ncols=True)
-    wall_prev = float(summary_prev.get("wall_seconds", 0.0))
-    for step in bar:
-        t0 = time.perf_counter()
-        v = int(state.version)
-        # history[-1] is version v, history[-1 - j] is version v - j (clamped at 0).
-        v_behav = max(v - lag, 0)
-        v_first = max(v_behav - 1, 0) if partial else v_behav
-        sampler.update_params(history[-1 - (v - v_first)], v_first)
-        weight_source = None
-        if partial and v_first != v_behav:
-            target = (history[-1 - (v - v_behav)], v_behav)
-            weight_source = lambda s, target=target: target if s >= config.runtime.switch_after else None  # noqa: E731
-        task_seeds = np.random.default_rng([config.seed, step]).integers(0, config.eval.seed_offset, g)
-        trajs, rstats = sampler.generate(
-            [make() for _ in range(g * n)], np.repeat(task_seeds, n).tolist(), np.repeat(np.arange(g), n).tolist(),
-            jax.random.fold_in(k_sample, step), weight_source, config.sampler.chunk)
-        t_sample = time.perf_counter() - t0
-
-        batch = collate(trajs, model_config.max_len)
-        batch["advantages"] = adv_lib.broadcast_to_tokens(episode_advantages(trajs, config), batch["loss_mask"])
-        batch = {k: jnp.asarray(x) for k, x in batch.items()}
-        # proximal.source == "recompute": the learner's weights at the start of the step.
-        batch["prox_logp"] = learner_lib.token_logprobs(graphdef, state.params, batch["tokens"])
-        state, metrics = update(state, batch, jax.random.fold_in(k_update, step))
-        history = history[1:] + [_copy(state.params)]
-        metrics = {k: float(x) for k, x in metrics.items()}
-        metrics.update(rollout_metrics(trajs, v, rstats))
-        metrics["perf/sample_s"] = t_sample
-        metrics["perf/step_s"] = time.perf_counter() - t0
-        metrics["perf/train_s"] = metrics["perf/step_s"] - t_sample
-        done = step + 1
-        if step % config.train.log_every == 0 or done == config.train.steps:
-            writer.write(step, metrics)
-        if done % config.train.eval_every == 0 or done == config.train.steps:
-            do_eval(done)
-        bar.set_postfix(sr=f"{metrics['rollout/success_rate']:.2f}", eval=f"{evals[max(evals, key=int)]:.2f}",
-                        tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
-        if done % config.train.checkpoint_every == 0 or done == config.train.steps:
-            meta = dict(summary_prev, evals=evals, metrics_lines=writer.lines,
-                        wall_seconds=wall_prev + time.perf_counter() - t_start)
-            ckpt.save(done, state, history, meta)
-    bar.close()
-    writer.close()
-    ckpt.close()
+    wall_prev = float(meta.get("wall_seconds", 0.0))
+    try:
+        if start == 0:
+            do_eval(0)
+        runtime.start(int(state.version))
+        bar = tqdm(range(start, config.train.steps), initial=start, total=config.train.steps,
+                   disable=not progress, desc="RL", dynamic_ncols=True)
+        for step in bar:
+            t0 = time.perf_counter()
+            v = int(state.version)
+            trajs, info = runtime.next_groups(step, v)
+            t_data = time.perf_counter()
+            batch = collate(trajs, model_config.max_len)
+            batch["advantages"] = adv_lib.broadcast_to_tokens(episode_advantages(trajs, config), batch["loss_mask"])
+            batch = {k: jnp.asarray(x) for k, x in batch.items()}
+            # proximal.source == "recompute": the learner's weights at the start of the step.
+            batch["prox_logp"] = learner_lib.token_logprobs(graphdef, state.params, batch["tokens"])
+            state, metrics = update(state, batch, jax.random.fold_in(k_update, step))
+            store.publish(v + 1, state.params)  # publish copies: the next update donates these buffers
+            runtime.published(v + 1)
+            metrics = {k: float(x) for k, x in metrics.items()}
+            metrics.update(rollout_metrics(trajs, v, config.runtime))
+            metrics.update(info)
+            metrics["perf/train_s"] = time.perf_counter() - t_data
+            metrics["perf/step_s"] = time.perf_counter() - t0
+            metrics["perf/learner_steps_per_s"] = 1.0 / metrics["perf/step_s"]
+            done = step + 1
+            if step % config.train.log_every == 0 or done == config.train.steps:
+                writer.write(step, metrics)
+            if done % config.train.eval_every == 0 or done == config.train.steps:
+                do_eval(done)
+            bar.set_postfix(sr=f"{metrics['rollout/success_rate']:.2f}", eval=f"{evals[max(evals, key=int)]:.2f}",
+                            tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
+            if done % config.train.checkpoint_every == 0 or done == config.train.steps:
+                meta.update(evals=evals, metrics_lines=writer.lines,
+                            wall_seconds=wall_prev + time.perf_counter() - t_start)
+                ckpt.save(done, state, meta)
+                runtime.checkpointed(done)
+        bar.close()
+    finally:
+        # Samplers stop before anything else closes, on success, error or Ctrl-C alike.
+        runtime.close()
+        writer.close()
+        ckpt.close()
 
     steps_sorted = sorted(evals, key=int)
     summary = {
@@ -285,7 +278,7 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
         "best_success_rate": max(evals.values()),
         "steps": int(state.version),
         "wall_seconds": wall_prev + time.perf_counter() - t_start,
-        "warmstart": {k: v for k, v in summary_prev.items() if k.startswith("warmstart/")},
+        "warmstart": {k: v for k, v in meta.items() if k.startswith("warmstart/")},
         "evals": evals,
         "config": json.loads(config.to_json()),
     }

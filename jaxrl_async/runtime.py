@@ -1,0 +1,149 @@
+"""Where a training batch comes from: the inline and the process runtimes.
+
+Both hand the learner loop `G` complete groups of `n` trajectories per RL step and read
+weights from the parameter-version ring buffer (`versions.VersionStore`), which the
+learner fills after every update.
+
+- `InlineRuntime`: sampling in the learner's process on a deterministic schedule. At
+  learner version `v` the batch is generated with version `max(v - lag, 0)`; with
+  partial rollouts it starts at one version older and switches after `switch_after`
+  decode steps. Everything random derives from (seed, step), so runs are reproducible
+  and resumable exactly.
+- `ProcessRuntime`: sampler processes generate continuously (see `sampler_process`);
+  the learner takes the oldest groups from the spool queue, dropping (and counting)
+  any older than `max_staleness`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from jaxrl_async import sampler_process
+from jaxrl_async.queue import TrajectoryQueue
+from jaxrl_async.rollout import Sampler
+
+
+def ring_capacity(config) -> int:
+    """Versions the ring buffer keeps: the configured K, or the fewest the runtime needs."""
+    if config.runtime.ring_capacity is not None:
+        return config.runtime.ring_capacity
+    return min_ring_capacity(config)
+
+
+def min_ring_capacity(config) -> int:
+    """The oldest version a batch may hold is `v - bound`; K must keep `bound + 1` versions."""
+    rt = config.runtime
+    if rt.mode == "inline":
+        return rt.lag + (2 if rt.partial_rollout else 1)
+    return rt.max_staleness + 1
+
+
+def reset_dirs(workdir: str) -> None:
+    """A fresh run in an old workdir: the previous run's versions and queued groups are void."""
+    for d in (sampler_process.versions_dir(workdir), sampler_process.queue_dir(workdir)):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class InlineRuntime:
+    def __init__(self, config, sampler: Sampler, store, make_env, key):
+        self.config = config
+        self.sampler = sampler
+        self.store = store
+        self.make_env = make_env
+        self.key = key
+
+    def start(self, version: int) -> None:
+        del version
+
+    def next_groups(self, step: int, version: int):
+        """Generates the batch for learner `version`; returns (trajectories, info)."""
+        rt, g, n = self.config.runtime, self.config.rl.groups_per_step, self.config.rl.group_size
+        v_behav = max(version - rt.lag, 0)
+        v_first = max(v_behav - 1, 0) if rt.partial_rollout else v_behav
+        self.sampler.update_params(self.store.get(v_first), v_first)
+        weight_source = None
+        if v_first != v_behav:
+            target = (self.store.get(v_behav), v_behav)
+            weight_source = lambda s: target if s >= rt.switch_after else None  # noqa: E731
+        seeds = np.random.default_rng([self.config.seed, step]).integers(0, self.config.eval.seed_offset, g)
+        t0 = time.perf_counter()
+        trajs, stats = self.sampler.generate(
+            [self.make_env() for _ in range(g * n)], np.repeat(seeds, n).tolist(), np.repeat(np.arange(g), n).tolist(),
+            jax.random.fold_in(self.key, step), weight_source, self.config.sampler.chunk)
+        return trajs, {
+            "rollout/tokens_per_s": stats.tokens_per_s,
+            "rollout/weight_switches": float(stats.weight_switches),
+            "perf/sample_s": time.perf_counter() - t0,
+        }
+
+    def published(self, version: int) -> None:
+        del version
+
+    def checkpointed(self, step: int) -> None:
+        del step
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessRuntime:
+    def __init__(self, config, workdir: str, epoch: int, resume_step: int | None):
+        self.config = config
+        self.bound = config.runtime.max_staleness
+        g = config.rl.groups_per_step
+        capacity = config.runtime.queue_capacity or (self.bound + 1) * g
+        self.queue = TrajectoryQueue(sampler_process.queue_dir(workdir), capacity)
+        self.recovered = self.queue.recover(resume_step) if resume_step is not None else 0
+        self.pool = sampler_process.SamplerPool(config, workdir, epoch, ring_capacity(config), capacity)
+        self.dropped_stale = 0
+
+    def start(self, version: int) -> None:
+        self.pool.set_next_version(version)
+        self.pool.start()
+
+    def next_groups(self, step: int, version: int):
+        """Takes the oldest `G` groups within the staleness bound; returns (trajectories, info)."""
+        g = self.config.rl.groups_per_step
+        self.queue.set_step(step)
+        t0 = time.perf_counter()
+        items, dropped, restarts = [], 0, 0
+        while len(items) < g:
+            restarts += self.pool.check()
+            for item in self.queue.take(g - len(items), timeout=0.25):
+                if version - item.start_version > self.bound:
+                    dropped += 1  # cannot happen under the gate unless a sampler lagged; never trained on
+                else:
+                    items.append(item)
+        # The next batch is for version + 1: samplers gate new work on it from now on.
+        self.pool.set_next_version(version + 1)
+        self.dropped_stale += dropped
+        wait = time.perf_counter() - t0
+        trajs = [t for item in items for t in item.trajectories]
+        metas = [item.meta for item in items]
+        return trajs, {
+            "rollout/tokens_per_s": float(np.mean([m["tokens_per_s"] for m in metas])),
+            "rollout/weight_switches": float(np.mean([m["weight_switches"] for m in metas])),
+            "perf/learner_wait_s": wait,
+            "perf/sampler_gate_wait_s": float(np.mean([m["gate_wait_s"] for m in metas])),
+            "perf/sample_s": wait,
+            "queue/depth": float(self.queue.depth()),
+            "queue/dropped_stale": float(dropped),
+            "queue/dropped_stale_total": float(self.dropped_stale),
+            "queue/taken_total": float(self.queue.stats["taken"]),
+            "queue/recovered": float(self.recovered),
+            "samplers/restarts_total": float(self.pool.restarts),
+        }
+
+    def published(self, version: int) -> None:
+        del version  # samplers poll the ring buffer themselves
+
+    def checkpointed(self, step: int) -> None:
+        self.queue.release(step)
+
+    def close(self) -> None:
+        self.pool.close()

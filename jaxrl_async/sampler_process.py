@@ -1,0 +1,205 @@
+"""The asynchronous runtime's sampler processes and their supervisor.
+
+Each sampler process runs the batched multi-turn rollout in inference numerics, reads
+weights from the parameter-version ring buffer, and hands finished groups to the
+learner through the spool-directory queue. Between decode chunks it checks the ring
+buffer; a newer version is loaded and generation continues mid-episode (a partial
+rollout), so one trajectory can hold tokens of several versions.
+
+Staleness control (AReaL's off-policyness bound): a group started at version `v_s`
+behind `D` outstanding groups (waiting in the queue or being generated) is trained at
+version about `v_next + D // G`, where `v_next` is the version of the learner's next
+batch and `G` groups make a batch. A sampler starts a batch of `k` groups only when
+`D + k <= (max_staleness + 1 - (v_next - v_s)) * G`; the learner also drops, and counts,
+any group that arrives older than the bound, so none reaches the loss.
+
+Processes are started with the `spawn` method (never fork with JAX). A sampler exits
+when the learner process that started it is gone, so a killed learner leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import signal
+import time
+from typing import Optional
+
+import numpy as np
+
+_CTX = mp.get_context("spawn")
+
+
+@dataclasses.dataclass
+class SamplerSpec:
+    """Everything a sampler process needs, picklable for spawn."""
+
+    config_json: str  # the run config (ConfigDict.to_json())
+    workdir: str
+    sampler_id: int
+    epoch: int  # how many times the learner has (re)started in this workdir: keeps item keys unique across resumes
+    start_batch: int  # first batch index to generate (a restarted sampler regenerates its unfinished batch)
+    ring_capacity: int
+    queue_capacity: int
+    parent_pid: int
+
+
+class Shared:
+    """Values shared between the learner and its samplers (created before spawning)."""
+
+    def __init__(self, num_samplers: int):
+        self.next_version = _CTX.Value("i", 0)  # version of the learner's next batch
+        self.inflight = _CTX.Array("i", num_samplers)  # groups each sampler is generating now
+        self.batches_done = _CTX.Array("i", num_samplers)  # batches each sampler has fully queued
+        self.stop = _CTX.Event()
+
+
+def queue_dir(workdir: str) -> str:
+    return os.path.join(workdir, "queue")
+
+
+def versions_dir(workdir: str) -> str:
+    return os.path.join(workdir, "versions")
+
+
+def _group_key(spec: SamplerSpec, batch: int, group: int) -> str:
+    return f"e{spec.epoch}-s{spec.sampler_id}-b{batch}-g{group}"
+
+
+def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
+    """Entry point of one sampler process: generate, queue, repeat until told to stop."""
+    # Ctrl-C reaches the whole process group; the learner decides when samplers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Imports happen here so the spawned process pays for JAX only once, after start.
+    import jax
+    from ml_collections import config_dict
+
+    from jaxrl_async import model as model_lib
+    from jaxrl_async.queue import Item, TrajectoryQueue
+    from jaxrl_async.rollout import Sampler
+    from jaxrl_async.train import env_factory, model_config_from, numerics_from
+    from jaxrl_async.versions import VersionEvicted, VersionStore
+
+    config = config_dict.ConfigDict(__import__("json").loads(spec.config_json))
+    model_config = model_config_from(config)
+    graphdef, target = model_lib.init_model(model_config, config.seed)
+    store = VersionStore(versions_dir(spec.workdir), spec.ring_capacity, target)
+    queue = TrajectoryQueue(queue_dir(spec.workdir), spec.queue_capacity)
+    sampler = Sampler(graphdef, model_config, numerics_from(config), config.sampler.temperature)
+    make = env_factory(config)
+    g_total, n = config.rl.groups_per_step, config.rl.group_size
+    k = config.runtime.sampler_groups
+    bound = config.runtime.max_staleness
+    i = spec.sampler_id
+
+    def learner_alive() -> bool:
+        return os.getppid() == spec.parent_pid and not shared.stop.is_set()
+
+    def newer_weights(_step):
+        latest = store.latest_version()
+        if latest is None or latest <= sampler.version:
+            return None
+        try:
+            return store.get(latest), latest
+        except VersionEvicted:  # overtaken while reading; the next chunk sees a newer one
+            return None
+
+    batch = spec.start_batch
+    while learner_alive():
+        # Staleness gate: wait until a batch started now cannot be trained beyond the bound.
+        t_gate = time.perf_counter()
+        while learner_alive():
+            v_s = store.latest_version()
+            if v_s is not None:
+                outstanding = queue.depth() + sum(shared.inflight)
+                if outstanding + k <= (bound + 1 - (shared.next_version.value - v_s)) * g_total:
+                    break
+            time.sleep(0.01)
+        else:
+            break
+        gate_wait = time.perf_counter() - t_gate
+        shared.inflight[i] = k
+        try:
+            params = store.get(v_s)
+        except VersionEvicted:
+            shared.inflight[i] = 0
+            continue
+        sampler.update_params(params, v_s)
+        rng = np.random.default_rng([config.seed, spec.epoch, i, batch])
+        seeds = rng.integers(0, config.eval.seed_offset, k)
+        key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
+        trajs, stats = sampler.generate(
+            [make() for _ in range(k * n)], np.repeat(seeds, n).tolist(), np.repeat(np.arange(k), n).tolist(),
+            key, weight_source=newer_weights, chunk=config.sampler.chunk)
+        meta = {"sampler_id": i, "batch": batch, "tokens_per_s": stats.tokens_per_s,
+                "gate_wait_s": gate_wait, "sample_s": stats.wall_s, "weight_switches": stats.weight_switches}
+        for g in range(k):
+            group = trajs[g * n:(g + 1) * n]
+            start = min(int(t.versions[t.loss_mask].min()) if t.loss_mask.any() else v_s for t in group)
+            while not queue.put(Item(_group_key(spec, batch, g), group, start, meta), timeout=0.5):
+                if not learner_alive():
+                    return
+        shared.inflight[i] = 0
+        batch += 1
+        shared.batches_done[i] = batch
+
+
+class SamplerPool:
+    """Starts, watches and restarts the sampler processes; shuts them down cleanly."""
+
+    def __init__(self, config, workdir: str, epoch: int, ring_capacity: int, queue_capacity: int):
+        self.config_json = config.to_json()
+        self.workdir = os.path.abspath(workdir)
+        self.epoch = epoch
+        self.ring_capacity = ring_capacity
+        self.queue_capacity = queue_capacity
+        self.num = config.runtime.num_samplers
+        self.shared = Shared(self.num)
+        self.procs: list[Optional[mp.Process]] = [None] * self.num
+        self.restarts = 0
+
+    def _start(self, i: int) -> None:
+        spec = SamplerSpec(self.config_json, self.workdir, i, self.epoch, self.shared.batches_done[i],
+                           self.ring_capacity, self.queue_capacity, os.getpid())
+        p = _CTX.Process(target=sampler_main, args=(spec, self.shared), name=f"sampler-{i}", daemon=True)
+        p.start()
+        self.procs[i] = p
+
+    def start(self) -> None:
+        for i in range(self.num):
+            self._start(i)
+
+    def set_next_version(self, version: int) -> None:
+        self.shared.next_version.value = int(version)
+
+    def check(self) -> int:
+        """Restarts samplers that died (their unfinished batch is regenerated with the same keys, so
+        the queue drops the groups it already has); returns how many were restarted."""
+        restarted = 0
+        for i, p in enumerate(self.procs):
+            if p is not None and p.exitcode is not None:
+                self.shared.inflight[i] = 0
+                self._start(i)
+                restarted += 1
+        self.restarts += restarted
+        return restarted
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p is not None]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Asks samplers to stop, then terminates and finally kills any that linger."""
+        self.shared.stop.set()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            if p is not None:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p is not None and p.is_alive():
+                p.terminate()
+                p.join(2.0)
+            if p is not None and p.is_alive():
+                p.kill()
+                p.join()
+        self.procs = [None] * self.num

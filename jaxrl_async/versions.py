@@ -1,0 +1,244 @@
+"""The parameter-version ring buffer on Orbax (DESIGN section 3).
+
+One writer (the learner) publishes every new parameter version; readers in other
+processes (samplers) poll for the newest one between decode chunks (weight sync), and the
+learner reads older retained versions back to recompute the exact `pi_old` (the
+"snapshot" route of DESIGN section 1).
+
+On-disk layout under `directory`:
+
+    v_00000012/              a finished version (an Orbax StandardCheckpointHandler dir)
+    .tmp-v_00000013-<id>/    being written; ignored by readers
+    .evicting-v_00000009-<id>/  being deleted; ignored by readers
+
+Consistency rests on two atomic renames on one local filesystem: a version appears
+under its final name only after Orbax has written all of it (tmp -> final), and it
+disappears by being renamed away before its files are deleted (final -> evicting).
+A finished directory is never modified in place, so a reader that sees the same
+directory (same inode and ctime) at `v_XXXXXXXX` before and after its read has read one
+whole version; otherwise the read raises `VersionEvicted`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import uuid
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+_FINAL = re.compile(r"^v_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+_EVICT_PREFIX = ".evicting-"
+
+
+class VersionEvicted(KeyError):
+    """Asked for a version that is not retained (evicted, or never published)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _abstract(target) -> Any:
+    """The restore target as ShapeDtypeStructs with a sharding, so restores always
+    give jax.Arrays of the target's dtypes (Orbax would otherwise return numpy for
+    leaves published as numpy) and no copy of the target's values is kept alive."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def leaf(x):
+        sharding = getattr(x, "sharding", None) or default
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, target)
+
+
+def _nbytes(tree) -> int:
+    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree)))
+
+
+class VersionStore:
+    """Keeps the newest `capacity` parameter versions on disk, plus an in-memory LRU.
+
+    directory: where versions live (created if missing); a local filesystem (the
+      atomicity relies on os.rename).
+    capacity: K >= 1 versions kept on disk; publishing v evicts versions <= v - K.
+    target: a params pytree (arrays or jax.ShapeDtypeStruct leaves) fixing the tree
+      structure, shapes and dtypes of restores (and of what may be published).
+    cache_size: versions kept in memory after a publish or a restore (default: capacity;
+      0 disables the cache).
+    writer: only the writer may publish or truncate, and only it removes temp/evicting
+      dirs left by a crashed writer (a reader must not delete a live writer's temp dir).
+      Run one writer per directory.
+
+    Returned params are jax.Arrays shared with the cache: do not donate them to a jitted
+    function (copy first). Not thread-safe: use one instance per thread.
+    """
+
+    def __init__(self, directory: str, capacity: int, target, cache_size: Optional[int] = None,
+                 writer: bool = False):
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        cache_size = capacity if cache_size is None else cache_size
+        if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
+            raise ValueError(f"cache_size must be an int >= 0, got {cache_size!r}")
+        self.directory = os.path.abspath(directory)
+        self.capacity = capacity
+        self.cache_size = cache_size
+        self.writer = writer
+        self._target = _abstract(target)
+        self._treedef = jax.tree.structure(self._target)
+        # version -> (directory identity, params); see _identity for why the identity.
+        self._cache: collections.OrderedDict[int, tuple[tuple[int, int], Any]] = collections.OrderedDict()
+        self._checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())  # synchronous
+        self.stats = {"disk_reads": 0, "cache_hits": 0, "bytes_read": 0, "bytes_written": 0, "evictions": 0}
+        os.makedirs(self.directory, exist_ok=True)
+        if writer:
+            for name in os.listdir(self.directory):
+                if name.startswith((_TMP_PREFIX, _EVICT_PREFIX)):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    # -- listing -------------------------------------------------------------------
+
+    def _path(self, version: int) -> str:
+        return os.path.join(self.directory, f"v_{version:08d}")
+
+    def versions(self) -> list[int]:
+        """Retained, fully written versions on disk, ascending (re-lists the directory)."""
+        found = (_FINAL.match(name) for name in os.listdir(self.directory))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def latest_version(self) -> Optional[int]:
+        vs = self.versions()
+        return vs[-1] if vs else None
+
+    def _evicted(self, version: int) -> VersionEvicted:
+        vs = self.versions()
+        held = f"{vs[0]}..{vs[-1]}" if vs else "none"
+        return VersionEvicted(f"parameter version {version} is not retained in {self.directory} "
+                              f"(retained versions: {held}; capacity {self.capacity})")
+
+    def _identity(self, version: int) -> tuple[int, int]:
+        """(inode, ctime) of the version's directory; VersionEvicted if it is gone.
+
+        A finished directory is never changed in place, so an unchanged identity means
+        the same publication: it guards reads against a concurrent eviction, and cache
+        entries against a version number re-published after `truncate_after`."""
+        try:
+            st = os.stat(self._path(version))
+        except FileNotFoundError:
+            raise self._evicted(version) from None
+        return st.st_ino, st.st_ctime_ns
+
+    # -- reading -------------------------------------------------------------------
+
+    def get(self, version: int):
+        """Params of `version`, from the cache or else from disk.
+
+        Raises VersionEvicted if the version is not retained, including when the writer
+        evicts it while it is being read."""
+        ident = self._identity(version)
+        hit = self._cache.get(version)
+        if hit is not None:
+            if hit[0] == ident:
+                self._cache.move_to_end(version)
+                self.stats["cache_hits"] += 1
+                return hit[1]
+            del self._cache[version]  # a different publication under the same number
+        try:
+            params = self._checkpointer.restore(self._path(version), args=ocp.args.StandardRestore(self._target))
+        except Exception as e:
+            # Orbax/TensorStore errors on vanished files vary; translate only if the
+            # directory really went away (or was replaced) under us.
+            if self._identity_or_none(version) != ident:
+                raise self._evicted(version) from e
+            raise
+        if self._identity_or_none(version) != ident:
+            raise self._evicted(version)  # renamed away mid-read: the tree may mix files
+        self.stats["disk_reads"] += 1
+        self.stats["bytes_read"] += _nbytes(params)
+        self._remember(version, ident, params)
+        return params
+
+    def _identity_or_none(self, version: int):
+        try:
+            return self._identity(version)
+        except VersionEvicted:
+            return None
+
+    def get_latest(self) -> tuple[int, Any]:
+        """(version, params) of the newest retained version; LookupError if there is none."""
+        while True:
+            version = self.latest_version()
+            if version is None:
+                raise LookupError(f"no parameter version published in {self.directory}")
+            try:
+                return version, self.get(version)
+            except VersionEvicted:
+                continue  # evicted between listing and reading: a newer one exists now
+
+    def _remember(self, version: int, ident, params) -> None:
+        if self.cache_size == 0:
+            return
+        self._cache[version] = (ident, params)
+        self._cache.move_to_end(version)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    # -- writing -------------------------------------------------------------------
+
+    def _check_writer(self, what: str) -> None:
+        if not self.writer:
+            raise PermissionError(f"{what} needs a VersionStore opened with writer=True ({self.directory})")
+
+    def publish(self, version: int, params) -> None:
+        """Writes `version` atomically, caches it, then evicts versions <= version - capacity.
+
+        Versions must be ints that strictly increase (ValueError otherwise)."""
+        self._check_writer("publish")
+        if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 0:
+            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        version = int(version)
+        latest = self.latest_version()
+        if latest is not None and version <= latest:
+            raise ValueError(f"versions must strictly increase: got {version} after {latest}")
+        if jax.tree.structure(params) != self._treedef:
+            raise ValueError(f"params structure {jax.tree.structure(params)} does not match "
+                             f"the target's {self._treedef}")
+        for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(self._target)):
+            if np.shape(p) != t.shape or p.dtype != t.dtype:
+                raise ValueError(f"params leaf {np.shape(p)} {p.dtype} does not match the target's {t.shape} {t.dtype}")
+        # The learner donates its buffers to the next update: cache our own copy.
+        if self.cache_size:
+            params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+
+        tmp = os.path.join(self.directory, f"{_TMP_PREFIX}v_{version:08d}-{uuid.uuid4().hex[:8]}")
+        self._checkpointer.save(tmp, args=ocp.args.StandardSave(params))
+        os.rename(tmp, self._path(version))  # the one step that makes the version visible
+        self.stats["bytes_written"] += _nbytes(params)
+        self._remember(version, self._identity(version), params)
+
+        for old in self.versions():
+            if old <= version - self.capacity:
+                self._remove(old)
+                self.stats["evictions"] += 1
+
+    def truncate_after(self, version: int) -> None:
+        """Removes retained versions > `version` (a learner resuming from an older
+        checkpoint discards the future it is about to recompute)."""
+        self._check_writer("truncate_after")
+        for v in self.versions():
+            if v > version:
+                self._remove(v)
+
+    def _remove(self, version: int) -> None:
+        self._cache.pop(version, None)
+        gone = os.path.join(self.directory, f"{_EVICT_PREFIX}v_{version:08d}-{uuid.uuid4().hex[:8]}")
+        os.rename(self._path(version), gone)  # atomic: readers see all of it or none
+        # A failed delete (e.g. NFS busy files) leaves a hidden dir the next writer cleans.
+        shutil.rmtree(gone, ignore_errors=True)

@@ -55,8 +55,18 @@ def base_config() -> config_dict.ConfigDict:
     c.loss.aggregation = "token_mean"  # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum_norm"
     c.loss.norm_length = config_dict.placeholder(int)  # normaliser for seq_mean_token_sum_norm
 
-    c.proximal = config_dict.ConfigDict()
-    c.proximal.source = "recompute"  # where prox_logp comes from; only "recompute" (learner weights at step start) for now
+    c.proximal = config_dict.ConfigDict()  # where prox_logp (pi_old or its stand-in) comes from, DESIGN section 1
+    # exact: "snapshot" (ring-buffer versions, recomputed by the learner) | "dedicated" (old-logit process beside
+    # the sampler) | "interrupt" (sampler scores in-flight segments at each weight switch);
+    # approximate: "recompute" (learner weights at step start) | "bypass" (behaviour log-probs) |
+    # "loglinear" (interpolated from token versions) | "ewma" | "revised_ewma" (EWMA of learner weights)
+    c.proximal.source = "recompute"
+    c.proximal.on_evicted = "drop"  # snapshot: a token's version left the ring buffer: "drop" its episode or "fail"
+    c.proximal.ewma_beta = 0.9  # ewma: decay per optimizer step, in [0, 1)
+    c.proximal.beta_min = 0.0  # revised_ewma: lower bound of the staleness-matched decay
+    c.proximal.beta_max = 0.95  # revised_ewma: upper bound of the staleness-matched decay (< 1)
+    c.proximal.staleness_window = 8  # revised_ewma: recent batches whose mean token staleness sets the decay
+    c.proximal.audit = True  # exact routes: also log the mask/truncation fractions `recompute` would have given
 
     c.optim = config_dict.ConfigDict()
     c.optim.learning_rate = 3e-4  # AdamW learning rate of the RL phase
@@ -102,7 +112,9 @@ def base_config() -> config_dict.ConfigDict:
 CHOICES = {
     "numerics.dtype": ("fp32", "bf16", "fp16", "int8"),
     "rl.advantage": ("grpo", "rloo"),
-    "proximal.source": ("recompute",),
+    "proximal.source": ("snapshot", "dedicated", "interrupt", "recompute", "bypass", "loglinear", "ewma",
+                        "revised_ewma"),
+    "proximal.on_evicted": ("drop", "fail"),
     "runtime.mode": ("inline", "process"),
 }
 
@@ -176,6 +188,14 @@ def validate(config) -> None:
         if ring < need:
             raise ValueError(f"config.runtime.ring_capacity ({ring}) must be at least {why} = {need}: "
                              f"older versions would be evicted while tokens of them are still in use")
+    if not 0.0 <= given["proximal.ewma_beta"] < 1.0:
+        raise ValueError(f"config.proximal.ewma_beta must be in [0, 1); got {given['proximal.ewma_beta']!r}")
+    if not 0.0 <= given["proximal.beta_min"] <= given["proximal.beta_max"] < 1.0:
+        raise ValueError(f"config.proximal.beta_min and beta_max must satisfy 0 <= beta_min <= beta_max < 1; "
+                         f"got {given['proximal.beta_min']!r}, {given['proximal.beta_max']!r}")
+    if not (isinstance(given["proximal.staleness_window"], int) and given["proximal.staleness_window"] >= 1):
+        raise ValueError(f"config.proximal.staleness_window must be an integer >= 1; "
+                         f"got {given['proximal.staleness_window']!r}")
     if given["sampler.temperature"] <= 0:
         raise ValueError(f"config.sampler.temperature must be > 0 (the behaviour policy must be stochastic); "
                          f"got {given['sampler.temperature']!r}")

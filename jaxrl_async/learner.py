@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_async import model as model_lib
+from jaxrl_async import proximal
 from jaxrl_async.losses import LossConfig, policy_loss
 
 # Keys of the `[B, T]` arrays the RL update reads from a batch.
-BATCH_KEYS = ("tokens", "loss_mask", "behav_logp", "prox_logp", "advantages")
+BATCH_KEYS = ("tokens", "loss_mask", "behav_logp", "prox_logp", "advantages", "versions")
 
 
 @flax.struct.dataclass
@@ -30,12 +31,16 @@ class TrainState:
     step: optimizer steps taken (int32 scalar).
     version: parameter version = number of RL updates applied (int32 scalar); the
       sampler tags tokens with it.
+    ewma, ewma_count: the bias-corrected EWMA of `params` and its normaliser (the EWMA
+      proximal routes); None otherwise.
     """
 
     params: Any
     opt_state: Any
     step: jax.Array
     version: jax.Array
+    ewma: Any = None
+    ewma_count: Any = None
 
 
 def make_optimizer(learning_rate: float, grad_clip: float, weight_decay: float = 0.0,
@@ -47,9 +52,12 @@ def make_optimizer(learning_rate: float, grad_clip: float, weight_decay: float =
     )
 
 
-def create_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+def create_train_state(params, optimizer: optax.GradientTransformation, ewma: bool = False) -> TrainState:
+    """A fresh train state; with `ewma`, an EWMA of the weights that starts as a copy (count 0)."""
     return TrainState(params=params, opt_state=optimizer.init(params),
-                      step=jnp.zeros((), jnp.int32), version=jnp.zeros((), jnp.int32))
+                      step=jnp.zeros((), jnp.int32), version=jnp.zeros((), jnp.int32),
+                      ewma=jax.tree.map(jnp.copy, params) if ewma else None,
+                      ewma_count=jnp.zeros((), jnp.float32) if ewma else None)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -68,29 +76,40 @@ def _minibatches(batch: dict, key, num_minibatches: int) -> dict:
 
 
 def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
-                   num_minibatches: int = 1, num_epochs: int = 1):
-    """Builds `update(state, batch, key) -> (state, metrics)`, jitted with the state donated.
+                   num_minibatches: int = 1, num_epochs: int = 1, loglinear: bool = False):
+    """Builds `update(state, batch, key, ewma_beta=0.0) -> (state, metrics)`, jitted with the state donated.
 
-    batch: dict of `[B, T]` arrays with BATCH_KEYS (prox_logp already chosen by the
-    proximal route). Metrics are averaged over all gradient steps of the update.
+    batch: dict of `[B, T]` arrays with BATCH_KEYS, `prox_logp` already chosen by the
+    proximal route, except with `loglinear`, where the proximal log-probs are interpolated
+    inside the loss from the current log-probs at every gradient step (they depend on
+    `pi_theta`, DESIGN section 1). When the state carries an EWMA it is updated after
+    every optimizer step with decay `ewma_beta`. Metrics are averaged over all gradient
+    steps of the update.
     """
 
-    def loss_fn(params, mb):
+    def loss_fn(params, mb, version):
         logp = model_lib.token_logprobs(graphdef, params, mb["tokens"])
-        return policy_loss(logp, mb["prox_logp"], mb["behav_logp"], mb["advantages"], mb["loss_mask"], loss_config)
+        prox = (proximal.loglinear_logp(logp, mb["behav_logp"], mb["versions"], version)
+                if loglinear else mb["prox_logp"])
+        return policy_loss(logp, prox, mb["behav_logp"], mb["advantages"], mb["loss_mask"], loss_config)
 
-    def grad_step(state: TrainState, mb):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
+    def grad_step(state: TrainState, mb, ewma_beta):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, state.version)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, **{"perf/grad_norm": optax.global_norm(grads)})
-        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+        state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        if state.ewma is not None:
+            ewma, count = proximal.ewma_update(state.ewma, params, state.ewma_count, ewma_beta)
+            state = state.replace(ewma=ewma, ewma_count=count)
+        return state, metrics
 
-    def update(state: TrainState, batch: dict, key):
+    def update(state: TrainState, batch: dict, key, ewma_beta=0.0):
         batch = {k: batch[k] for k in BATCH_KEYS}
 
         def epoch(state, key):
-            return jax.lax.scan(grad_step, state, _minibatches(batch, key, num_minibatches))
+            return jax.lax.scan(lambda s, mb: grad_step(s, mb, ewma_beta), state,
+                                _minibatches(batch, key, num_minibatches))
 
         state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, num_epochs))
         return state.replace(version=state.version + 1), jax.tree.map(jnp.mean, metrics)

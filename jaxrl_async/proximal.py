@@ -1,15 +1,71 @@
 """Where ``prox = log pi_prox`` comes from (DESIGN section 1).
 
-This module holds the pure pieces of the approximate repairs: the loglinear interpolation
-of the proximal log-probability, the bias-corrected EWMA of the learner's weights, and the
-staleness-matched EWMA decay of the revised EWMA.
+This module holds the list of routes, the exact snapshot recomputation of the old
+log-probs from the parameter-version ring buffer, and the pure pieces of the approximate
+repairs: the loglinear interpolation of the proximal log-probability, the bias-corrected
+EWMA of the learner's weights, and the staleness-matched EWMA decay of the revised EWMA.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+# `proximal.source` values. The exact routes produce the true pi_old of each token's
+# version; they differ only in system cost.
+EXACT_SOURCES = ("snapshot", "dedicated", "interrupt")
+APPROX_SOURCES = ("recompute", "bypass", "loglinear", "ewma", "revised_ewma")
+SOURCES = EXACT_SOURCES + APPROX_SOURCES
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Next power of two >= n (at most cap): a few row counts, so a few compilations."""
+    return min(cap, 1 << max(0, (n - 1).bit_length()))
+
+
+def snapshot_logp(logprob_fn: Callable, get_params: Callable, tokens: np.ndarray, versions: np.ndarray,
+                  loss_mask: np.ndarray, missing: tuple = (KeyError,)):
+    """Exact old log-probs from retained parameter versions (the `snapshot` route).
+
+    For each version present among the generated tokens, one learner-numerics forward pass
+    over only the rows that hold it (padded to a power-of-two row count), and a gather of
+    the tokens of that version.
+
+    Args:
+      logprob_fn: `(params, tokens [b, T]) -> [b, T]` learner log-probs.
+      get_params: `version -> params`; raises one of `missing` for a version no longer retained.
+      tokens, versions: `[B, T]` int; loss_mask: `[B, T]` bool.
+
+    Returns:
+      (old_logp `[B, T]` float32 (0 off the mask and on rows with a missing version),
+       missing_rows `[B]` bool: rows holding a token of a version no longer retained,
+       forward_passes: int, rows_scored: int).
+    """
+    b = tokens.shape[0]
+    old = np.zeros(tokens.shape, np.float32)
+    missing_rows = np.zeros(b, bool)
+    passes = rows_scored = 0
+    for v in np.unique(versions[loss_mask]):
+        rows = np.flatnonzero(((versions == v) & loss_mask).any(axis=1))
+        try:
+            params = get_params(int(v))
+        except missing:
+            missing_rows[rows] = True
+            continue
+        padded = np.concatenate([rows, np.repeat(rows[:1], _bucket(len(rows), b) - len(rows))])
+        lp = np.asarray(logprob_fn(params, jnp.asarray(tokens[padded])))[: len(rows)]
+        sel = (versions[rows] == v) & loss_mask[rows]
+        block = old[rows]
+        block[sel] = lp[sel]
+        old[rows] = block
+        passes += 1
+        rows_scored += len(padded)
+    old[missing_rows] = 0.0
+    return old, missing_rows, passes, rows_scored
 
 
 def loglinear_logp(logp, behav_logp, token_versions, current_version) -> jax.Array:

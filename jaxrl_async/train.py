@@ -12,6 +12,7 @@ restored from its checkpoint continues exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -26,14 +27,15 @@ from jaxrl_async import advantages as adv_lib
 from jaxrl_async import config as config_lib
 from jaxrl_async import learner as learner_lib
 from jaxrl_async import model as model_lib
+from jaxrl_async import proximal
 from jaxrl_async import runtime as runtime_lib
 from jaxrl_async import sampler_process
 from jaxrl_async import metrics_log
 from jaxrl_async import warmstart
 from jaxrl_async.envs import make_env
-from jaxrl_async.losses import LossConfig
+from jaxrl_async.losses import LossConfig, policy_loss
 from jaxrl_async.rollout import Sampler, Trajectory, collate
-from jaxrl_async.versions import VersionStore
+from jaxrl_async.versions import VersionEvicted, VersionStore
 
 
 def loss_config_from(config) -> LossConfig:
@@ -152,6 +154,95 @@ class _Checkpoints:
         self.manager.close()
 
 
+class ProximalRoute:
+    """Fills `prox_logp` for a batch from the configured `proximal.source`, with its cost metrics.
+
+    Exact routes: `snapshot` recomputes pi_old with each token's version from the ring
+    buffer; `dedicated` and `interrupt` arrive with `old_logp` filled by the sampler side.
+    Approximate routes: `recompute` (learner weights at the start of the step), `bypass`
+    (behaviour log-probs), `loglinear` (interpolated inside the loss), `ewma` and
+    `revised_ewma` (a forward pass with the EWMA weights of the train state). With
+    `proximal.audit`, exact routes also log what `recompute` would have given, so the
+    entanglement of staleness and mismatch is visible in every exact run.
+    """
+
+    AUDIT_KEYS = ("mask/token_frac", "mask/seq_frac", "mask/catastrophic_frac", "is/truncated_frac",
+                  "is/weight_mean", "mismatch/kl_k1")
+
+    def __init__(self, config, graphdef, store, loss_config, window: list):
+        self.config = config
+        self.source = config.proximal.source
+        self.graphdef = graphdef
+        self.store = store
+        self.loss_config = loss_config
+        self.window = list(window)  # mean token staleness of recent batches (revised_ewma)
+        self.ewma_beta = float(config.proximal.ewma_beta)
+        self.steps_per_version = config.optim.num_minibatches * config.optim.num_epochs
+
+    def _logp(self, params, tokens):
+        return learner_lib.token_logprobs(self.graphdef, params, tokens)
+
+    def __call__(self, state, batch: dict, version: int):
+        """batch: collated numpy arrays plus `advantages`; returns (jnp batch with `prox_logp`, metrics)."""
+        src, m = self.source, {}
+        tokens = jnp.asarray(batch["tokens"])
+        passes, copies = 0, 0
+        if src == "recompute":
+            prox, passes = self._logp(state.params, tokens), 1
+        elif src in ("bypass", "loglinear"):
+            prox = batch["behav_logp"]  # loglinear: replaced inside the loss at every gradient step
+        elif src in ("ewma", "revised_ewma"):
+            prox, passes, copies = self._logp(state.ewma, tokens), 1, 1
+            if src == "revised_ewma":
+                self._match_beta(batch, version)
+                m["proximal/ewma_beta"] = self.ewma_beta
+        elif src == "snapshot":
+            bytes_before = self.store.stats["bytes_read"]
+            prox, missing, passes, rows = proximal.snapshot_logp(
+                lambda p, t: self._logp(p, t), self.store.get, batch["tokens"], batch["versions"],
+                batch["loss_mask"], missing=(VersionEvicted,))
+            if missing.any() and self.config.proximal.on_evicted == "fail":
+                raise RuntimeError(f"proximal.source='snapshot': {int(missing.sum())} episodes hold versions no "
+                                   f"longer in the ring buffer (retained: {self.store.versions()}); raise "
+                                   f"runtime.ring_capacity or set proximal.on_evicted='drop'")
+            batch["loss_mask"] = batch["loss_mask"] & ~missing[:, None]  # dropped episodes train nothing
+            copies = len(np.unique(batch["versions"][batch["loss_mask"]]))
+            m["proximal/dropped_episodes"] = float(missing.sum())
+            m["proximal/rows_scored"] = float(rows)
+            m["proximal/bytes_read"] = float(self.store.stats["bytes_read"] - bytes_before)
+        else:  # dedicated, interrupt: filled by the sampler side
+            if "old_logp" not in batch:
+                raise RuntimeError(f"proximal.source={src!r} but the trajectories arrived without old_logp")
+            prox, copies = batch["old_logp"], 1
+        m["proximal/forward_passes"] = float(passes)
+        m["proximal/param_copies"] = float(copies)
+        out = {k: jnp.asarray(batch[k]) for k in learner_lib.BATCH_KEYS if k != "prox_logp"}
+        out["prox_logp"] = jnp.asarray(prox, jnp.float32)
+        if src in proximal.EXACT_SOURCES and self.config.proximal.audit:
+            recompute = self._logp(state.params, tokens)
+            for name, p in (("exact", out["prox_logp"]), ("recompute", recompute)):
+                audit = _discrepancy_metrics(p, out["behav_logp"], out["advantages"], out["loss_mask"],
+                                             self.loss_config)
+                m.update({f"audit/{name}/{k}": float(audit[k]) for k in self.AUDIT_KEYS})
+        return out, m
+
+    def _match_beta(self, batch, version: int) -> None:
+        """Revised EWMA: the decay whose average age matches the recent mean token staleness."""
+        gen = batch["loss_mask"]
+        if gen.any():
+            self.window = (self.window + [float((version - batch["versions"][gen]).mean())])[
+                -self.config.proximal.staleness_window:]
+        s = (np.mean(self.window) if self.window else 0.0) * self.steps_per_version  # in optimizer steps
+        self.ewma_beta = float(proximal.matched_beta(s, self.config.proximal.beta_min,
+                                                     self.config.proximal.beta_max))
+
+
+@functools.partial(jax.jit, static_argnames=("loss_config",))
+def _discrepancy_metrics(prox, behav, advantages, mask, loss_config):
+    # The discrepancy statistics depend only on prox and behav; logp = prox makes r = 1.
+    return policy_loss(prox, prox, behav, advantages, mask, loss_config)[1]
+
+
 def run_warmstart(config, graphdef, params, model_config, workdir: str, log) -> tuple:
     """Supervised warm start on cached noisy demonstrations; returns (params, metrics)."""
     ws = config.warmstart
@@ -187,7 +278,9 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
                                            config.optim.weight_decay)
     ckpt = _Checkpoints(workdir, config.train.keep_checkpoints)
     start = ckpt.latest_step() if resume else None
-    state = learner_lib.create_train_state(init_params, optimizer)
+    source = config.proximal.source
+    uses_ewma = source in ("ewma", "revised_ewma")
+    state = learner_lib.create_train_state(init_params, optimizer, ewma=uses_ewma)
     if start is None:
         runtime_lib.reset_dirs(workdir)
     store = VersionStore(sampler_process.versions_dir(workdir), runtime_lib.ring_capacity(config), init_params,
@@ -203,12 +296,13 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
         if config.warmstart.enabled:
             params, ws_metrics = run_warmstart(config, graphdef, init_params, model_config, workdir, log)
             meta.update(ws_metrics)
-            state = learner_lib.create_train_state(params, optimizer)
+            state = learner_lib.create_train_state(params, optimizer, ewma=uses_ewma)
         store.publish(0, state.params)
     meta["epoch"] += 1  # one more (re)start of this run
 
     update = learner_lib.make_rl_update(graphdef, optimizer, loss_config, config.optim.num_minibatches,
-                                        config.optim.num_epochs)
+                                        config.optim.num_epochs, loglinear=source == "loglinear")
+    prox_route = ProximalRoute(config, graphdef, store, loss_config, meta.get("staleness_window", []))
     sampler = Sampler(graphdef, model_config, numerics, config.sampler.temperature)
     key = jax.random.key(config.seed)
     k_sample, k_update, k_eval = jax.random.split(key, 3)
@@ -240,15 +334,14 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
             t_data = time.perf_counter()
             batch = collate(trajs, model_config.max_len)
             batch["advantages"] = adv_lib.broadcast_to_tokens(episode_advantages(trajs, config), batch["loss_mask"])
-            batch = {k: jnp.asarray(x) for k, x in batch.items()}
-            # proximal.source == "recompute": the learner's weights at the start of the step.
-            batch["prox_logp"] = learner_lib.token_logprobs(graphdef, state.params, batch["tokens"])
-            state, metrics = update(state, batch, jax.random.fold_in(k_update, step))
+            batch, prox_metrics = prox_route(state, batch, v)
+            state, metrics = update(state, batch, jax.random.fold_in(k_update, step), prox_route.ewma_beta)
             store.publish(v + 1, state.params)  # publish copies: the next update donates these buffers
             runtime.published(v + 1)
             metrics = {k: float(x) for k, x in metrics.items()}
             metrics.update(rollout_metrics(trajs, v, config.runtime))
             metrics.update(info)
+            metrics.update(prox_metrics)
             metrics["perf/train_s"] = time.perf_counter() - t_data
             metrics["perf/step_s"] = time.perf_counter() - t0
             metrics["perf/learner_steps_per_s"] = 1.0 / metrics["perf/step_s"]
@@ -260,7 +353,7 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
             bar.set_postfix(sr=f"{metrics['rollout/success_rate']:.2f}", eval=f"{evals[max(evals, key=int)]:.2f}",
                             tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
             if done % config.train.checkpoint_every == 0 or done == config.train.steps:
-                meta.update(evals=evals, metrics_lines=writer.lines,
+                meta.update(evals=evals, metrics_lines=writer.lines, staleness_window=prox_route.window,
                             wall_seconds=wall_prev + time.perf_counter() - t_start)
                 ckpt.save(done, state, meta)
                 runtime.checkpointed(done)

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jaxrl_async import sampler_process
+from jaxrl_async.old_logit import OldLogitScorer
 from jaxrl_async.queue import TrajectoryQueue
 from jaxrl_async.rollout import Sampler
 
@@ -43,6 +44,29 @@ def min_ring_capacity(config) -> int:
     return rt.max_staleness + 1
 
 
+def make_sampler(config, graphdef, model_config, numerics, workdir: str, warmup_rows: int):
+    """The sampler of the configured proximal route: (Sampler, OldLogitScorer or None).
+
+    `interrupt` makes the sampler score in-flight segments under the outgoing version at
+    every weight switch; `dedicated` starts an old-logit process beside it (reading the same
+    ring buffer) that scores each segment as it is generated.
+    """
+    source = config.proximal.source
+    mode = source if source in ("interrupt", "dedicated") else None
+    scorer = None
+    if mode == "dedicated":
+        scorer = OldLogitScorer().start(sampler_process.versions_dir(workdir), ring_capacity(config), model_config,
+                                        config.seed, warmup_rows=warmup_rows)
+    sampler = Sampler(graphdef, model_config, numerics, config.sampler.temperature, old_logp=mode, scorer=scorer)
+    return sampler, scorer
+
+
+def old_logp_metrics(stats) -> dict:
+    """Sampler-side cost of the interrupt and dedicated routes for one generate call."""
+    return {"proximal/sampler_stall_s": stats.old_logp_stall_s,
+            "proximal/sampler_forward_passes": float(stats.old_logp_forward_passes)}
+
+
 def reset_dirs(workdir: str) -> None:
     """A fresh run in an old workdir: the previous run's versions and queued groups are void."""
     for d in (sampler_process.versions_dir(workdir), sampler_process.queue_dir(workdir)):
@@ -50,8 +74,9 @@ def reset_dirs(workdir: str) -> None:
 
 
 class InlineRuntime:
-    def __init__(self, config, sampler: Sampler, store, make_env, key):
+    def __init__(self, config, sampler: Sampler, store, make_env, key, scorer=None):
         self.config = config
+        self.scorer = scorer
         self.sampler = sampler
         self.store = store
         self.make_env = make_env
@@ -79,6 +104,7 @@ class InlineRuntime:
             "rollout/tokens_per_s": stats.tokens_per_s,
             "rollout/weight_switches": float(stats.weight_switches),
             "perf/sample_s": time.perf_counter() - t0,
+            **old_logp_metrics(stats),
         }
 
     def published(self, version: int) -> None:
@@ -88,7 +114,8 @@ class InlineRuntime:
         del step
 
     def close(self) -> None:
-        pass
+        if self.scorer is not None:
+            self.scorer.close()
 
 
 class ProcessRuntime:
@@ -137,6 +164,7 @@ class ProcessRuntime:
             "queue/taken_total": float(self.queue.stats["taken"]),
             "queue/recovered": float(self.recovered),
             "samplers/restarts_total": float(self.pool.restarts),
+            **{k: float(np.mean([m[k] for m in metas])) for k in metas[0] if k.startswith("proximal/")},
         }
 
     def published(self, version: int) -> None:

@@ -72,22 +72,36 @@ def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
     # Ctrl-C reaches the whole process group; the learner decides when samplers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Imports happen here so the spawned process pays for JAX only once, after start.
-    import jax
     from ml_collections import config_dict
 
     from jaxrl_async import model as model_lib
-    from jaxrl_async.queue import Item, TrajectoryQueue
-    from jaxrl_async.rollout import Sampler
+    from jaxrl_async.queue import TrajectoryQueue
+    from jaxrl_async.runtime import make_sampler
     from jaxrl_async.train import env_factory, model_config_from, numerics_from
-    from jaxrl_async.versions import VersionEvicted, VersionStore
+    from jaxrl_async.versions import VersionStore
 
     config = config_dict.ConfigDict(__import__("json").loads(spec.config_json))
     model_config = model_config_from(config)
     graphdef, target = model_lib.init_model(model_config, config.seed)
     store = VersionStore(versions_dir(spec.workdir), spec.ring_capacity, target)
     queue = TrajectoryQueue(queue_dir(spec.workdir), spec.queue_capacity)
-    sampler = Sampler(graphdef, model_config, numerics_from(config), config.sampler.temperature)
-    make = env_factory(config)
+    rows = config.runtime.sampler_groups * config.rl.group_size
+    sampler, scorer = make_sampler(config, graphdef, model_config, numerics_from(config), spec.workdir, rows)
+    try:
+        _sample_loop(spec, shared, config, sampler, store, queue, env_factory(config))
+    finally:
+        if scorer is not None:
+            scorer.close()
+
+
+def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queue, make) -> None:
+    """Generate groups under the staleness gate and queue them until the learner stops us."""
+    import jax
+
+    from jaxrl_async.queue import Item
+    from jaxrl_async.runtime import old_logp_metrics
+    from jaxrl_async.versions import VersionEvicted
+
     g_total, n = config.rl.groups_per_step, config.rl.group_size
     k = config.runtime.sampler_groups
     bound = config.runtime.max_staleness
@@ -109,14 +123,14 @@ def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
     while learner_alive():
         # Staleness gate: wait until a batch started now cannot be trained beyond the bound.
         t_gate = time.perf_counter()
+        v_s = None
         while learner_alive():
             v_s = store.latest_version()
-            if v_s is not None:
-                outstanding = queue.depth() + sum(shared.inflight)
-                if outstanding + k <= (bound + 1 - (shared.next_version.value - v_s)) * g_total:
-                    break
+            outstanding = queue.depth() + sum(shared.inflight)
+            if v_s is not None and outstanding + k <= (bound + 1 - (shared.next_version.value - v_s)) * g_total:
+                break
             time.sleep(0.01)
-        else:
+        if not learner_alive():
             break
         gate_wait = time.perf_counter() - t_gate
         shared.inflight[i] = k
@@ -133,7 +147,8 @@ def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
             [make() for _ in range(k * n)], np.repeat(seeds, n).tolist(), np.repeat(np.arange(k), n).tolist(),
             key, weight_source=newer_weights, chunk=config.sampler.chunk)
         meta = {"sampler_id": i, "batch": batch, "tokens_per_s": stats.tokens_per_s,
-                "gate_wait_s": gate_wait, "sample_s": stats.wall_s, "weight_switches": stats.weight_switches}
+                "gate_wait_s": gate_wait, "sample_s": stats.wall_s, "weight_switches": stats.weight_switches,
+                **old_logp_metrics(stats)}
         for g in range(k):
             group = trajs[g * n:(g + 1) * n]
             start = min(int(t.versions[t.loss_mask].min()) if t.loss_mask.any() else v_s for t in group)

@@ -303,12 +303,14 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
     update = learner_lib.make_rl_update(graphdef, optimizer, loss_config, config.optim.num_minibatches,
                                         config.optim.num_epochs, loglinear=source == "loglinear")
     prox_route = ProximalRoute(config, graphdef, store, loss_config, meta.get("staleness_window", []))
-    sampler = Sampler(graphdef, model_config, numerics, config.sampler.temperature)
+    g_n = config.rl.groups_per_step * config.rl.group_size
     key = jax.random.key(config.seed)
     k_sample, k_update, k_eval = jax.random.split(key, 3)
     if config.runtime.mode == "inline":
-        runtime = runtime_lib.InlineRuntime(config, sampler, store, env_factory(config), k_sample)
+        sampler, scorer = runtime_lib.make_sampler(config, graphdef, model_config, numerics, workdir, g_n)
+        runtime = runtime_lib.InlineRuntime(config, sampler, store, env_factory(config), k_sample, scorer)
     else:
+        sampler = Sampler(graphdef, model_config, numerics, config.sampler.temperature)  # evaluation only
         runtime = runtime_lib.ProcessRuntime(config, workdir, meta["epoch"], start if start else None)
     writer = metrics_log.MetricsWriter(workdir, keep_lines=int(meta.get("metrics_lines", 0)))
     evals = dict(meta.get("evals", {}))

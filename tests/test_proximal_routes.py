@@ -167,8 +167,9 @@ def test_bad_proximal_settings_fail_at_startup():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["snapshot", "recompute", "bypass", "loglinear", "ewma", "revised_ewma"])
-def test_every_learner_side_route_trains_inline_with_staleness(tmp_path, source):
+@pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt", "recompute", "bypass", "loglinear", "ewma",
+                                    "revised_ewma"])
+def test_every_route_trains_inline_with_staleness(tmp_path, source):
     c = tiny_config(3)
     c.proximal.source = source
     c.runtime.lag, c.runtime.partial_rollout, c.runtime.switch_after, c.sampler.chunk = 1, True, 8, 4
@@ -180,7 +181,27 @@ def test_every_learner_side_route_trains_inline_with_staleness(tmp_path, source)
     assert rows[-1]["staleness/max"] == 2
     assert "proximal/forward_passes" in rows[-1]
     if source == "snapshot":
-        assert rows[-1]["proximal/forward_passes"] == 2 and "audit/recompute/mask/token_frac" in rows[-1]
+        assert rows[-1]["proximal/forward_passes"] == 2
+    if source in ("dedicated", "interrupt"):
+        assert rows[-1]["proximal/forward_passes"] == 0 and rows[-1]["proximal/sampler_forward_passes"] > 0
+    if source in ("snapshot", "dedicated", "interrupt"):
+        # fp32 sampler: the exact old log-probs are the behaviour log-probs.
+        assert abs(rows[-1]["audit/exact/mismatch/kl_k1"]) < 1e-5
+        assert "audit/recompute/mismatch/kl_k1" in rows[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt"])
+def test_exact_routes_train_in_process_runtime(tmp_path, source):
+    c = tiny_config(4)
+    c.runtime.mode, c.runtime.max_staleness, c.runtime.sampler_groups = "process", 1, 2
+    c.proximal.source = source
+    c.warmstart.enabled = False
+    c.train.eval_every = c.train.checkpoint_every = 4
+    train_and_evaluate(c, str(tmp_path), progress=False)
+    rows = [r for r in read_metrics(str(tmp_path)) if "loss/policy" in r]
+    assert len(rows) == 4 and all(np.isfinite(r["loss/policy"]) for r in rows)
+    assert all(abs(r["audit/exact/mismatch/kl_k1"]) < 1e-5 for r in rows)
 
 
 @pytest.mark.slow

@@ -120,3 +120,18 @@ def test_collate_rejects_overlong_trajectories(setup):
     trajs, _ = _generate(setup, model_lib.Numerics("fp32"))
     with pytest.raises(ValueError, match="exceeds"):
         collate(trajs, 4)
+
+
+def test_episodes_never_exceed_the_context_when_a_forced_end_of_turn_lands_at_max_len():
+    # Prompt 5 tokens + two 2-token turns closed by the rollout (+ a 4-token observation):
+    # the last forced EOT falls at position max_len = 14 just as the env ends the episode.
+    cfg = model_lib.ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=32, n_layers=1, n_heads=4, d_ff=64,
+                                max_len=14)
+    graphdef, params = model_lib.init_model(cfg, seed=0)
+    sampler = Sampler(graphdef, cfg, model_lib.Numerics("fp32"))
+    sampler.update_params(params, 0)
+    envs = [make_env("search", n=8, max_turns=2, max_turn_tokens=2) for _ in range(B)]
+    trajs, _ = sampler.generate(envs, list(range(B)), list(range(B)), jax.random.key(14))
+    assert max(t.length for t in trajs) == 14
+    assert all(t.num_turns == 2 for t in trajs)
+    collate(trajs, 14)  # fits the context

@@ -82,6 +82,7 @@ def base_config() -> config_dict.ConfigDict:
     c.warmstart.steps = 600  # supervised steps
     c.warmstart.batch_size = 64  # demonstrations per supervised step
     c.warmstart.learning_rate = 3e-3  # AdamW learning rate of the warm start
+    c.warmstart.cache_dir = ""  # if set, warm-started params are cached here, keyed by task/model/warm-start/seed
 
     c.runtime = config_dict.ConfigDict()
     c.runtime.mode = "inline"  # "inline": sampler and learner in one process on a deterministic schedule; "process": sampler processes, async queue

@@ -13,6 +13,7 @@ restored from its checkpoint continues exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -243,6 +244,36 @@ def _discrepancy_metrics(prox, behav, advantages, mask, loss_config):
     return policy_loss(prox, prox, behav, advantages, mask, loss_config)[1]
 
 
+def warmstart_params(config, graphdef, params, model_config, workdir: str, log) -> tuple:
+    """The warm-started params and metrics, from `warmstart.cache_dir` when it holds this setting.
+
+    The cache key covers everything the warm start depends on (task, model, warm-start
+    settings, seed), so runs that differ only after the warm start (routes, runtimes,
+    loss settings) share one warm start.
+    """
+    cache = config.warmstart.cache_dir
+    if not cache:
+        return run_warmstart(config, graphdef, params, model_config, workdir, log)
+    keyed = {k: config[k].to_dict() for k in ("task", "model", "warmstart")}
+    keyed.update(seed=config.seed, grad_clip=config.optim.grad_clip, max_len=model_config.max_len)
+    keyed["warmstart"].pop("cache_dir")
+    key = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.abspath(os.path.join(cache, key))
+    checkpointer = ocp.StandardCheckpointer()
+    if os.path.exists(os.path.join(path, "metrics.json")):
+        log(f"warm start: cached in {path}")
+        restored = checkpointer.restore(os.path.join(path, "params"), params)
+        with open(os.path.join(path, "metrics.json")) as f:
+            return restored, json.load(f)
+    out, metrics = run_warmstart(config, graphdef, params, model_config, workdir, log)
+    os.makedirs(path, exist_ok=True)
+    checkpointer.save(os.path.join(path, "params"), out, force=True)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(path, "metrics.json"), "w") as f:  # written last: marks the entry complete
+        json.dump(metrics, f)
+    return out, metrics
+
+
 def run_warmstart(config, graphdef, params, model_config, workdir: str, log) -> tuple:
     """Supervised warm start on cached noisy demonstrations; returns (params, metrics)."""
     ws = config.warmstart
@@ -294,7 +325,7 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
     else:
         start, meta = 0, {"epoch": -1}
         if config.warmstart.enabled:
-            params, ws_metrics = run_warmstart(config, graphdef, init_params, model_config, workdir, log)
+            params, ws_metrics = warmstart_params(config, graphdef, init_params, model_config, workdir, log)
             meta.update(ws_metrics)
             state = learner_lib.create_train_state(params, optimizer, ewma=uses_ewma)
         store.publish(0, state.params)

@@ -38,9 +38,9 @@ def world(tmp_path_factory):
     return cfg, graphdef, params, store
 
 
-def _batch(world, switch: bool, numerics="fp32"):
+def _batch(world, switch: bool, numerics="fp32", old_logp=None):
     cfg, graphdef, params, _ = world
-    sampler = Sampler(graphdef, cfg, model_lib.Numerics(numerics))
+    sampler = Sampler(graphdef, cfg, model_lib.Numerics(numerics), old_logp=old_logp)
     sampler.update_params(params[0], 0)
     ws = (lambda step: (params[1], 1) if step >= 8 else None) if switch else None
     trajs, _ = sampler.generate([make_env("search", n=8, max_turns=4) for _ in range(B)], list(range(B)),
@@ -112,13 +112,14 @@ def test_lag_zero_fp32_routes_collapse_to_the_same_loss(world):
     batch = _batch(world, switch=False)
     _, graphdef, params, _ = world
     logp = learner_lib.token_logprobs(graphdef, params[0], jnp.asarray(batch["tokens"]))
+    batch["old_logp"] = _batch(world, switch=False, old_logp="interrupt")["old_logp"]  # same trajectories
     losses = {}
-    for source in ("recompute", "bypass", "snapshot"):
+    for source in ("recompute", "bypass", "snapshot", "interrupt"):
         out, _ = _route(world, source)(_state(world, 0), dict(batch), 0)
         losses[source] = float(policy_loss(logp, out["prox_logp"], out["behav_logp"], out["advantages"],
                                            out["loss_mask"], LossConfig())[0])
     assert losses["recompute"] != 0.0
-    for source in ("bypass", "snapshot"):
+    for source in ("bypass", "snapshot", "interrupt"):
         assert losses[source] == pytest.approx(losses["recompute"], abs=1e-5)
 
 

@@ -114,3 +114,28 @@ def test_short_run_improves_success_on_easy_task(tmp_path):
     s = train_and_evaluate(c, str(tmp_path), progress=False)
     assert s["initial_success_rate"] <= 0.5
     assert s["final_success_rate"] >= s["initial_success_rate"] + 0.2
+
+
+def test_warmstart_cache_is_shared_across_runs(tmp_path):
+    c = tiny_config(1)
+    c.warmstart.cache_dir = str(tmp_path / "cache")
+    c.train.eval_every = 1
+    a = train_and_evaluate(c, str(tmp_path / "a"), progress=False)
+    entries = os.listdir(c.warmstart.cache_dir)
+    assert len(entries) == 1
+    c.loss.clip_high = 0.28  # a setting after the warm start: same cache entry
+    b = train_and_evaluate(c, str(tmp_path / "b"), progress=False)
+    assert os.listdir(c.warmstart.cache_dir) == entries
+    assert not os.path.exists(str(tmp_path / "b" / "demonstrations.npz"))  # served from the cache
+    assert b["initial_success_rate"] == a["initial_success_rate"]
+    assert b["warmstart"] == a["warmstart"]
+    c.warmstart.steps += 1  # a warm-start setting: a new entry
+    train_and_evaluate(c, str(tmp_path / "c"), progress=False)
+    assert len(os.listdir(c.warmstart.cache_dir)) == 2
+
+
+def test_unwritable_workdir_fails_at_startup(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="not writable"):
+        train_and_evaluate(tiny_config(), str(blocker / "run"))

@@ -56,7 +56,9 @@ def run_route(source: str, args) -> dict:
         "param_copies": mean("proximal/param_copies"),
         "sampler_stall_s": mean("proximal/sampler_stall_s"),
         "bytes_read": mean("proximal/bytes_read"),
-        "token_mask_or_trunc": mean("is/truncated_frac"),
+        "is_truncated_frac": mean("is/truncated_frac"),
+        "recompute_would_truncate": mean("audit/recompute/is/truncated_frac"),
+        "is_weight_max": mean("is/weight_max"),
         "clip_frac": mean("ratio/clip_frac"),
         "staleness_mean": mean("staleness/mean"),
         "wall_s": summary["wall_seconds"],
@@ -66,7 +68,8 @@ def run_route(source: str, args) -> dict:
 def table(results: list[dict]) -> str:
     cols = [("route", "{}"), ("success_start", "{:.3f}"), ("success_end", "{:.3f}"), ("step_s", "{:.3f}"),
             ("train_s", "{:.3f}"), ("forward_passes", "{:.2f}"), ("param_copies", "{:.2f}"),
-            ("sampler_stall_s", "{:.4f}"), ("bytes_read", "{:.0f}"), ("token_mask_or_trunc", "{:.4f}"),
+            ("sampler_stall_s", "{:.4f}"), ("bytes_read", "{:.0f}"), ("is_truncated_frac", "{:.4f}"),
+            ("recompute_would_truncate", "{:.4f}"), ("is_weight_max", "{:.3f}"),
             ("clip_frac", "{:.4f}"), ("staleness_mean", "{:.2f}")]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in results:

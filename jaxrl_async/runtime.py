@@ -138,16 +138,25 @@ class ProcessRuntime:
         g = self.config.rl.groups_per_step
         self.queue.set_step(step)
         t0 = time.perf_counter()
-        items, dropped, restarts = [], 0, 0
+        items, dropped = [], 0
+        shared = self.pool.shared
         while len(items) < g:
-            restarts += self.pool.check()
-            for item in self.queue.take(g - len(items), timeout=0.25):
+            self.pool.check()
+            want = min(g - len(items), self.queue.depth())
+            if want == 0:
+                time.sleep(0.01)
+                continue
+            # Counted as taken before they leave the queue, so the samplers' gate never under-counts.
+            shared.taken.value = len(items) + want
+            for item in self.queue.take(want, timeout=0):
                 if version - item.start_version > self.bound:
-                    dropped += 1  # cannot happen under the gate unless a sampler lagged; never trained on
+                    dropped += 1  # should not happen under the gate; never trained on
                 else:
                     items.append(item)
-        # The next batch is for version + 1: samplers gate new work on it from now on.
-        self.pool.set_next_version(version + 1)
+            shared.taken.value = len(items)
+        # The next batch is for version + 1 (set before `taken` is reset: see Shared).
+        shared.next_version.value = version + 1
+        shared.taken.value = 0
         self.dropped_stale += dropped
         wait = time.perf_counter() - t0
         trajs = [t for item in items for t in item.trajectories]

@@ -49,9 +49,13 @@ class Shared:
     """Values shared between the learner and its samplers (created before spawning)."""
 
     def __init__(self, num_samplers: int):
-        self.next_version = _CTX.Value("i", 0)  # version of the learner's next batch
-        self.inflight = _CTX.Array("i", num_samplers)  # groups each sampler is generating now
-        self.batches_done = _CTX.Array("i", num_samplers)  # batches each sampler has fully queued
+        self.next_version = _CTX.Value("i", 0, lock=False)  # version of the learner's next batch
+        self.inflight = _CTX.Array("i", num_samplers, lock=False)  # groups each sampler is generating now
+        # Groups the learner has taken (or is about to take) for the batch it is assembling.
+        # No lock (a SIGKILLed holder would deadlock everyone): writers and the gate read in
+        # orders that make every interleaving over-count outstanding groups, never under-count.
+        self.taken = _CTX.Value("i", 0, lock=False)
+        self.batches_done = _CTX.Array("i", num_samplers, lock=False)  # batches each sampler has fully queued
         self.stop = _CTX.Event()
 
 
@@ -124,16 +128,21 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
         # Staleness gate: wait until a batch started now cannot be trained beyond the bound.
         t_gate = time.perf_counter()
         v_s = None
-        while learner_alive():
+        opened = False
+        while learner_alive() and not opened:
+            # Claim first, then look: two samplers passing at once each see the other's claim.
+            shared.inflight[i] = k
             v_s = store.latest_version()
-            outstanding = queue.depth() + sum(shared.inflight)
-            if v_s is not None and outstanding + k <= (bound + 1 - (shared.next_version.value - v_s)) * g_total:
-                break
-            time.sleep(0.01)
+            # Read order matters: the learner raises `taken` before groups leave the queue and
+            # moves `next_version` on before resetting `taken`.
+            outstanding = queue.depth() + sum(shared.inflight) + shared.taken.value
+            opened = v_s is not None and outstanding <= (bound + 1 - (shared.next_version.value - v_s)) * g_total
+            if not opened:
+                shared.inflight[i] = 0
+                time.sleep(0.01)
         if not learner_alive():
             break
         gate_wait = time.perf_counter() - t_gate
-        shared.inflight[i] = k
         try:
             params = store.get(v_s)
         except VersionEvicted:

@@ -3,11 +3,12 @@
     python -m jaxrl_async.train --config=configs/default.py --workdir=runs/default \
         [--config.train.steps=20 ...]
 
-The inline runtime runs sampling and learning in one process on a deterministic schedule:
-at RL step `v` (the learner holds version `v`) the sampler generates the batch with the
-weights of version `max(v - lag, 0)`; with partial rollouts it starts one version older
-and switches mid-episode. Everything random is derived from (seed, step), so a run
-restored from its checkpoint continues exactly as an uninterrupted run would.
+One learner loop serves both runtimes (`runtime.py`): each RL step takes a batch of
+complete groups from the runtime, fills `prox_logp` from the configured proximal route
+(`ProximalRoute`), applies the jitted update, publishes the new version into the ring
+buffer, and logs, evaluates and checkpoints on schedule. In the inline runtime everything
+random derives from (seed, step), so a run restored from its checkpoint continues exactly
+as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -114,12 +115,12 @@ def rollout_metrics(trajs: list[Trajectory], version: int, runtime_config) -> di
     }
 
 
-def evaluate(sampler: Sampler, params, version: int, config, key) -> dict[str, float]:
-    """Success rate and return of the current policy on the fixed held-out task seeds."""
+def evaluate(graphdef, model_config, numerics, params, version: int, config, key) -> dict[str, float]:
+    """Success rate and return of `params` in the sampler's numerics on the fixed held-out task seeds."""
     make = env_factory(config)
     n = config.eval.episodes
     seeds = [config.eval.seed_offset + i for i in range(n)]
-    eval_sampler = Sampler(sampler.graphdef, sampler.model_config, sampler.numerics, config.eval.temperature)
+    eval_sampler = Sampler(graphdef, model_config, numerics, config.eval.temperature)
     eval_sampler.update_params(params, version)
     trajs, _ = eval_sampler.generate([make() for _ in range(n)], seeds, list(range(n)), key)
     return {
@@ -341,13 +342,12 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
         sampler, scorer = runtime_lib.make_sampler(config, graphdef, model_config, numerics, workdir, g_n)
         runtime = runtime_lib.InlineRuntime(config, sampler, store, env_factory(config), k_sample, scorer)
     else:
-        sampler = Sampler(graphdef, model_config, numerics, config.sampler.temperature)  # evaluation only
         runtime = runtime_lib.ProcessRuntime(config, workdir, meta["epoch"], start if start else None)
     writer = metrics_log.MetricsWriter(workdir, keep_lines=int(meta.get("metrics_lines", 0)))
     evals = dict(meta.get("evals", {}))
 
     def do_eval(step):
-        m = evaluate(sampler, state.params, step, config, jax.random.fold_in(k_eval, step))
+        m = evaluate(graphdef, model_config, numerics, state.params, step, config, jax.random.fold_in(k_eval, step))
         evals[str(step)] = m["eval/success_rate"]
         writer.write(step, m)
 

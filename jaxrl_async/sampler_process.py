@@ -127,7 +127,6 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
     while learner_alive():
         # Staleness gate: wait until a batch started now cannot be trained beyond the bound.
         t_gate = time.perf_counter()
-        v_s = None
         opened = False
         while learner_alive() and not opened:
             # Claim first, then look: two samplers passing at once each see the other's claim.
@@ -160,8 +159,8 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
                 **old_logp_metrics(stats)}
         for g in range(k):
             group = trajs[g * n:(g + 1) * n]
-            start = min(int(t.versions[t.loss_mask].min()) if t.loss_mask.any() else v_s for t in group)
-            while not queue.put(Item(_group_key(spec, batch, g), group, start, meta), timeout=0.5):
+            # The version the episodes started with: every token of the group is at least as new.
+            while not queue.put(Item(_group_key(spec, batch, g), group, v_s, meta), timeout=0.5):
                 if not learner_alive():
                     return
         shared.inflight[i] = 0

@@ -15,16 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_async.old_logit import bucket
+
 # `proximal.source` values. The exact routes produce the true pi_old of each token's
 # version; they differ only in system cost.
 EXACT_SOURCES = ("snapshot", "dedicated", "interrupt")
 APPROX_SOURCES = ("recompute", "bypass", "loglinear", "ewma", "revised_ewma")
 SOURCES = EXACT_SOURCES + APPROX_SOURCES
-
-
-def _bucket(n: int, cap: int) -> int:
-    """Next power of two >= n (at most cap): a few row counts, so a few compilations."""
-    return min(cap, 1 << max(0, (n - 1).bit_length()))
 
 
 def snapshot_logp(logprob_fn: Callable, get_params: Callable, tokens: np.ndarray, versions: np.ndarray,
@@ -56,7 +53,8 @@ def snapshot_logp(logprob_fn: Callable, get_params: Callable, tokens: np.ndarray
         except missing:
             missing_rows[rows] = True
             continue
-        padded = np.concatenate([rows, np.repeat(rows[:1], _bucket(len(rows), b) - len(rows))])
+        # Power-of-two row counts (at most B): a few shapes, so a few compilations.
+        padded = np.concatenate([rows, np.repeat(rows[:1], min(bucket(len(rows)), b) - len(rows))])
         lp = np.asarray(logprob_fn(params, jnp.asarray(tokens[padded])))[: len(rows)]
         sel = (versions[rows] == v) & loss_mask[rows]
         block = old[rows]

@@ -95,6 +95,9 @@ def base_config() -> config_dict.ConfigDict:
     c.runtime.queue_capacity = config_dict.placeholder(int)  # process: groups the queue holds; None = (max_staleness + 1) * groups_per_step
     c.runtime.ring_capacity = config_dict.placeholder(int)  # versions K kept in the ring buffer; None = the fewest the runtime needs
 
+    c.parallel = config_dict.ConfigDict()
+    c.parallel.num_devices = 0  # learner data parallelism: devices on the `data` mesh axis (0 = all JAX sees)
+
     c.train = config_dict.ConfigDict()
     c.train.steps = 200  # RL steps (one batch, one parameter version each)
     c.train.log_every = 1  # steps between metrics.jsonl lines
@@ -168,6 +171,9 @@ def validate(config) -> None:
     if batch % given["optim.num_minibatches"]:
         raise ValueError(f"config.optim.num_minibatches ({given['optim.num_minibatches']}) must divide the RL batch "
                          f"rl.groups_per_step * rl.group_size = {batch}")
+    if not (isinstance(given["parallel.num_devices"], int) and given["parallel.num_devices"] >= 0):
+        raise ValueError(f"config.parallel.num_devices must be an integer >= 0 (0 = all devices); "
+                         f"got {given['parallel.num_devices']!r}")
     if not (isinstance(given["runtime.lag"], int) and given["runtime.lag"] >= 0):
         raise ValueError(f"config.runtime.lag must be an integer >= 0; got {given['runtime.lag']!r}")
     if not (isinstance(given["runtime.max_staleness"], int) and given["runtime.max_staleness"] >= 0):

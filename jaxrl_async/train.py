@@ -29,6 +29,7 @@ from jaxrl_async import advantages as adv_lib
 from jaxrl_async import config as config_lib
 from jaxrl_async import learner as learner_lib
 from jaxrl_async import model as model_lib
+from jaxrl_async import parallel
 from jaxrl_async import proximal
 from jaxrl_async import runtime as runtime_lib
 from jaxrl_async import sampler_process
@@ -70,6 +71,13 @@ def _check_startup(config, workdir: str):
     loss_config = loss_config_from(config)
     model_config = model_config_from(config)
     numerics = numerics_from(config)
+    devices = config.parallel.num_devices or len(jax.devices())
+    if devices > len(jax.devices()):
+        raise ValueError(f"config.parallel.num_devices ({devices}) exceeds the {len(jax.devices())} devices JAX sees")
+    if (config.rl.groups_per_step * config.rl.group_size) % devices:
+        raise ValueError(f"the RL batch rl.groups_per_step * rl.group_size = "
+                         f"{config.rl.groups_per_step * config.rl.group_size} must split evenly over "
+                         f"{devices} devices (config.parallel.num_devices)")
     env = env_factory(config)()  # builds the task once: bad task names or kwargs fail here
     if env.max_episode_tokens > model_config.max_len:
         raise ValueError(f"config.model.max_len ({model_config.max_len}) is shorter than the longest possible "
@@ -171,8 +179,9 @@ class ProximalRoute:
     AUDIT_KEYS = ("mask/token_frac", "mask/seq_frac", "mask/catastrophic_frac", "is/truncated_frac",
                   "is/weight_mean", "mismatch/kl_k1")
 
-    def __init__(self, config, graphdef, store, loss_config, window: list):
+    def __init__(self, config, graphdef, store, loss_config, window: list, mesh=None):
         self.config = config
+        self.mesh = mesh if mesh is not None else parallel.make_mesh(1)
         self.source = config.proximal.source
         self.graphdef = graphdef
         self.store = store
@@ -187,7 +196,7 @@ class ProximalRoute:
     def __call__(self, state, batch: dict, version: int):
         """batch: collated numpy arrays plus `advantages`; returns (jnp batch with `prox_logp`, metrics)."""
         src, m = self.source, {}
-        tokens = jnp.asarray(batch["tokens"])
+        tokens = parallel.shard_rows({"tokens": batch["tokens"]}, self.mesh)["tokens"]
         passes, copies = 0, 0
         if src == "recompute":
             prox, passes = self._logp(state.params, tokens), 1
@@ -218,8 +227,9 @@ class ProximalRoute:
             prox, copies = batch["old_logp"], 1
         m["proximal/forward_passes"] = float(passes)
         m["proximal/param_copies"] = float(copies)
-        out = {k: jnp.asarray(batch[k]) for k in learner_lib.BATCH_KEYS if k != "prox_logp"}
+        out = {k: batch[k] for k in learner_lib.BATCH_KEYS if k != "prox_logp"}
         out["prox_logp"] = jnp.asarray(prox, jnp.float32)
+        out = parallel.shard_rows(out, self.mesh)  # rows over the `data` axis of the learner's mesh
         if src in proximal.EXACT_SOURCES and self.config.proximal.audit:
             recompute = self._logp(state.params, tokens)
             for name, p in (("exact", out["prox_logp"]), ("recompute", recompute)):
@@ -331,10 +341,12 @@ def train_and_evaluate(config, workdir: str, resume: bool = True, progress: bool
             state = learner_lib.create_train_state(params, optimizer, ewma=uses_ewma)
         store.publish(0, state.params)
     meta["epoch"] += 1  # one more (re)start of this run
+    mesh = parallel.make_mesh(config.parallel.num_devices)
+    state = parallel.replicate(state, mesh)
 
     update = learner_lib.make_rl_update(graphdef, optimizer, loss_config, config.optim.num_minibatches,
                                         config.optim.num_epochs, loglinear=source == "loglinear")
-    prox_route = ProximalRoute(config, graphdef, store, loss_config, meta.get("staleness_window", []))
+    prox_route = ProximalRoute(config, graphdef, store, loss_config, meta.get("staleness_window", []), mesh)
     g_n = config.rl.groups_per_step * config.rl.group_size
     key = jax.random.key(config.seed)
     k_sample, k_update, k_eval = jax.random.split(key, 3)
@@ -422,6 +434,7 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
 
+    parallel.initialize_distributed()  # several hosts: must come before any other JAX call
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
         _check_startup(config, workdir)

@@ -7,6 +7,8 @@ CONFIG ?= configs/default.py
 WORKDIR ?= runs/default
 PYTEST_ARGS ?=
 
+BENCH_STAMP := $(VENV)/.installed-bench
+
 .PHONY: setup train test test-fast bench clean
 
 $(STAMP): setup.py
@@ -28,7 +30,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# The benchmark suite at its small setting: tables on stdout, JSON under runs/.
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run
 
 clean:

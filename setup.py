@@ -31,6 +31,15 @@ EXTRAS_REQUIRE = {
         "ipykernel==7.4.0",
         "psutil==7.2.2",
     ],
+    # `make bench`: rlax is the baseline of the loss benchmark (it pulls in distrax and a
+    # TensorFlow Probability nightly, so it stays out of the library's own dependencies).
+    "bench": [
+        "rlax==0.1.9",
+        "distrax==0.1.9",
+        "tfp-nightly==0.26.0.dev20261027",
+        "dm-tree==0.1.10",
+        "dm-env==1.6",
+    ],
 }
 
 setup(

@@ -123,6 +123,14 @@ CHOICES = {
 }
 
 
+def min_ring_capacity(config) -> int:
+    """The fewest versions the ring buffer must keep: the oldest a batch may hold is `v - bound`."""
+    rt = config.runtime
+    if rt.mode == "inline":
+        return rt.lag + (2 if rt.partial_rollout else 1)
+    return rt.max_staleness + 1
+
+
 def _flat(cfg, prefix=""):
     """{'a.b': value} for every leaf of a (possibly nested) ConfigDict or dict."""
     out = {}
@@ -188,10 +196,9 @@ def validate(config) -> None:
                              f"(config.rl.groups_per_step = {given['rl.groups_per_step']})")
     ring = given["runtime.ring_capacity"]
     if ring is not None:
-        if given["runtime.mode"] == "inline":
-            need, why = given["runtime.lag"] + (2 if given["runtime.partial_rollout"] else 1), "runtime.lag + 1 (+1 with partial_rollout)"
-        else:
-            need, why = given["runtime.max_staleness"] + 1, "runtime.max_staleness + 1"
+        need = min_ring_capacity(config)
+        why = ("runtime.lag + 1 (+1 with partial_rollout)" if given["runtime.mode"] == "inline"
+               else "runtime.max_staleness + 1")
         if ring < need:
             raise ValueError(f"config.runtime.ring_capacity ({ring}) must be at least {why} = {need}: "
                              f"older versions would be evicted while tokens of them are still in use")

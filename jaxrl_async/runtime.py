@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jaxrl_async import sampler_process
+from jaxrl_async.config import min_ring_capacity
 from jaxrl_async.old_logit import OldLogitScorer
 from jaxrl_async.queue import TrajectoryQueue
 from jaxrl_async.rollout import Sampler
@@ -34,14 +35,6 @@ def ring_capacity(config) -> int:
     if config.runtime.ring_capacity is not None:
         return config.runtime.ring_capacity
     return min_ring_capacity(config)
-
-
-def min_ring_capacity(config) -> int:
-    """The oldest version a batch may hold is `v - bound`; K must keep `bound + 1` versions."""
-    rt = config.runtime
-    if rt.mode == "inline":
-        return rt.lag + (2 if rt.partial_rollout else 1)
-    return rt.max_staleness + 1
 
 
 def make_sampler(config, graphdef, model_config, numerics, workdir: str, warmup_rows: int):
@@ -130,7 +123,7 @@ class ProcessRuntime:
         self.dropped_stale = 0
 
     def start(self, version: int) -> None:
-        self.pool.set_next_version(version)
+        self.pool.shared.next_version.value = int(version)
         self.pool.start()
 
     def next_groups(self, step: int, version: int):

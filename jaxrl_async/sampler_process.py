@@ -193,9 +193,6 @@ class SamplerPool:
         for i in range(self.num):
             self._start(i)
 
-    def set_next_version(self, version: int) -> None:
-        self.shared.next_version.value = int(version)
-
     def check(self) -> int:
         """Restarts samplers that died (their unfinished batch is regenerated with the same keys, so
         the queue drops the groups it already has); returns how many were restarted."""

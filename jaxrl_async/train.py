@@ -71,9 +71,7 @@ def _check_startup(config, workdir: str):
     loss_config = loss_config_from(config)
     model_config = model_config_from(config)
     numerics = numerics_from(config)
-    devices = config.parallel.num_devices or len(jax.devices())
-    if devices > len(jax.devices()):
-        raise ValueError(f"config.parallel.num_devices ({devices}) exceeds the {len(jax.devices())} devices JAX sees")
+    devices = parallel.make_mesh(config.parallel.num_devices).devices.size  # raises if there are too few
     if (config.rl.groups_per_step * config.rl.group_size) % devices:
         raise ValueError(f"the RL batch rl.groups_per_step * rl.group_size = "
                          f"{config.rl.groups_per_step * config.rl.group_size} must split evenly over "

@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast bench experiments clean
 
 $(STAMP): setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ $(BENCH_STAMP): $(STAMP)
 # The benchmark suite at its small setting: tables on stdout, JSON under runs/.
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run
+
+# The route sweep and the threshold sweep (configs/experiments/), then the report:
+# tables in runs/experiments/report/report.md, figures beside them. Finished cells are
+# skipped on a rerun. About 80 minutes on 2 CPU cores.
+EXP_WORKERS ?= 2
+experiments: $(STAMP)
+	$(PY) -m jaxrl_async.experiments --sweep=configs/experiments/routes.py --out=runs/experiments/routes --workers=$(EXP_WORKERS)
+	$(PY) -m jaxrl_async.experiments --sweep=configs/experiments/thresholds.py --out=runs/experiments/thresholds --workers=$(EXP_WORKERS)
+	$(PY) -m jaxrl_async.report --routes=runs/experiments/routes --thresholds=runs/experiments/thresholds --out=runs/experiments/report
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -152,6 +152,54 @@ def bench_learner() -> list[dict]:
     return out
 
 
+def bench_learner_variants(batches: int = 12) -> list[dict]:
+    """Before/after of the learner's performance work, default model and batch, 1 device.
+
+    The same `batches` RL batches, whose longest episode varies as real batches do, through:
+    the shipped update (state donated, every batch padded to `max_len`: one compilation);
+    the same without donation (XLA allocates a fresh state every step); and batches trimmed
+    to their longest episode (less compute per step, but a compilation per new length).
+    """
+    from jaxrl_async import learner as L, model as M
+    from jaxrl_async.config import base_config
+    from jaxrl_async.losses import LossConfig
+    from jaxrl_async.train import model_config_from
+
+    c = base_config()
+    cfg = model_config_from(c)
+    graphdef, params = M.init_model(cfg, 0)
+    b, t_max = c.rl.groups_per_step * c.rl.group_size, cfg.max_len
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(24, t_max + 1, batches)  # longest episode of each batch
+    data = []
+    for n in lengths:
+        mask = np.arange(t_max)[None] < rng.integers(8, n + 1, b)[:, None]
+        data.append({"tokens": rng.integers(4, cfg.vocab_size, (b, t_max)).astype(np.int32), "loss_mask": mask,
+                     "behav_logp": np.full((b, t_max), -2.0, np.float32),
+                     "prox_logp": np.full((b, t_max), -2.0, np.float32),
+                     "advantages": rng.normal(0, 1, (b, t_max)).astype(np.float32),
+                     "versions": np.zeros((b, t_max), np.int32)})
+    opt = L.make_optimizer(1e-4, 1.0)
+    out = []
+    for name, donate, trim in (("padded to max_len, state donated (shipped)", True, False),
+                               ("padded, no donation", False, False),
+                               ("trimmed to the batch's longest episode, donated", True, True)):
+        update = L.make_rl_update(graphdef, opt, LossConfig(), c.optim.num_minibatches, c.optim.num_epochs,
+                                  donate=donate)
+        state = L.create_train_state(jax.tree.map(jnp.copy, params), opt)
+        times = []
+        for i, (batch, n) in enumerate(zip(data, lengths)):
+            batch = {k: jnp.asarray(v[:, :n] if trim else v) for k, v in batch.items()}
+            t0 = time.perf_counter()
+            state, m = update(state, batch, jax.random.key(i))
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        out.append({"variant": name, "total_s": float(np.sum(times)), "first_step_s": times[0],
+                    "steady_step_s": float(np.median(times[len(times) // 2:])), "compiles": update._cache_size(),
+                    "distinct_lengths": int(len(set(lengths.tolist()))), "batches": batches})
+    return out
+
+
 def bench_async_vs_sync(steps: int) -> dict:
     """Episodes/s of the inline (synchronous) and process (asynchronous) runtimes, same task and budget."""
     from configs.default import get_config
@@ -209,6 +257,16 @@ def main(argv=None):
     print("| devices | step s | tokens/s | vs 1 device | compiled variants |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['devices']} | {row['step_s']:.3f} | {row['tokens_per_s']:.0f} | {row['vs_1_device']:.2f} | "
+              f"{row['compiles']} |")
+    print()
+
+    res["learner_variants"] = rows = bench_learner_variants()
+    print(f"learner performance work, before/after: the same {rows[0]['batches']} RL batches (default model, "
+          f"128 rows, longest episode varying over {rows[0]['distinct_lengths']} lengths), 1 device")
+    print("| variant | total s (compiles included) | first step s | steady step s | compiled variants |\n"
+          "|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['total_s']:.2f} | {row['first_step_s']:.2f} | {row['steady_step_s']:.3f} | "
               f"{row['compiles']} |")
     print()
 

@@ -76,8 +76,10 @@ def _minibatches(batch: dict, key, num_minibatches: int) -> dict:
 
 
 def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
-                   num_minibatches: int = 1, num_epochs: int = 1, loglinear: bool = False):
+                   num_minibatches: int = 1, num_epochs: int = 1, loglinear: bool = False, donate: bool = True):
     """Builds `update(state, batch, key, ewma_beta=0.0) -> (state, metrics)`, jitted with the state donated.
+
+    (`donate=False` keeps the input state alive: only for the before/after benchmark.)
 
     batch: dict of `[B, T]` arrays with BATCH_KEYS, `prox_logp` already chosen by the
     proximal route, except with `loglinear`, where the proximal log-probs are interpolated
@@ -114,7 +116,7 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
         state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, num_epochs))
         return state.replace(version=state.version + 1), jax.tree.map(jnp.mean, metrics)
 
-    return jax.jit(update, donate_argnums=0)
+    return jax.jit(update, donate_argnums=0 if donate else ())
 
 
 def make_sft_update(graphdef, optimizer: optax.GradientTransformation):

@@ -332,6 +332,9 @@ def loss_metrics(terms: LossTerms) -> dict[str, jax.Array]:
         "ratio/clip_frac_low": masked_mean(terms.clip_low, valid),
         "ratio/clip_frac_high": masked_mean(terms.clip_high, valid),
         "ratio/dual_clip_frac": masked_mean(terms.dual_clip, valid),
+        # Tokens that give no gradient at all: PPO-clipped, dual-clipped or rejected.
+        "ratio/effective_clip_frac": masked_mean(
+            terms.clip_low | terms.clip_high | terms.dual_clip | ~keep, valid),
         "ratio/mean": masked_mean(ratio, valid),
         "ratio/max": _masked_max_nonneg(ratio, valid),
         "is/weight_mean": masked_mean(w, valid),

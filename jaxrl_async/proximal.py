@@ -25,17 +25,20 @@ SOURCES = EXACT_SOURCES + APPROX_SOURCES
 
 
 def snapshot_logp(logprob_fn: Callable, get_params: Callable, tokens: np.ndarray, versions: np.ndarray,
-                  loss_mask: np.ndarray, missing: tuple = (KeyError,)):
+                  loss_mask: np.ndarray, missing: tuple = (KeyError,), row_multiple: int = 1):
     """Exact old log-probs from retained parameter versions (the `snapshot` route).
 
     For each version present among the generated tokens, one learner-numerics forward pass
-    over only the rows that hold it (padded to a power-of-two row count), and a gather of
-    the tokens of that version.
+    over only the rows that hold it (padded to a power-of-two row count, rounded up to a
+    multiple of `row_multiple` so the rows split evenly over a device mesh), and a gather
+    of the tokens of that version.
 
     Args:
       logprob_fn: `(params, tokens [b, T]) -> [b, T]` learner log-probs.
       get_params: `version -> params`; raises one of `missing` for a version no longer retained.
       tokens, versions: `[B, T]` int; loss_mask: `[B, T]` bool.
+      row_multiple: padded row counts are multiples of this (the learner's device count, so
+        each forward shards evenly over the mesh); B must be a multiple of it.
 
     Returns:
       (old_logp `[B, T]` float32 (0 off the mask and on rows with a missing version),
@@ -54,7 +57,8 @@ def snapshot_logp(logprob_fn: Callable, get_params: Callable, tokens: np.ndarray
             missing_rows[rows] = True
             continue
         # Power-of-two row counts (at most B): a few shapes, so a few compilations.
-        padded = np.concatenate([rows, np.repeat(rows[:1], min(bucket(len(rows)), b) - len(rows))])
+        n = min(-(-bucket(len(rows)) // row_multiple) * row_multiple, b)
+        padded = np.concatenate([rows, np.repeat(rows[:1], n - len(rows))])
         lp = np.asarray(logprob_fn(params, jnp.asarray(tokens[padded])))[: len(rows)]
         sel = (versions[rows] == v) & loss_mask[rows]
         block = old[rows]

@@ -207,9 +207,12 @@ class ProximalRoute:
                 m["proximal/ewma_beta"] = self.ewma_beta
         elif src == "snapshot":
             bytes_before = self.store.stats["bytes_read"]
+            # Each version's forward runs on the learner's mesh: its rows sharded, its weights replicated.
             prox, missing, passes, rows = proximal.snapshot_logp(
-                lambda p, t: self._logp(p, t), self.store.get, batch["tokens"], batch["versions"],
-                batch["loss_mask"], missing=(VersionEvicted,))
+                lambda p, t: self._logp(parallel.replicate(p, self.mesh),
+                                        parallel.shard_rows({"t": t}, self.mesh)["t"]),
+                self.store.get, batch["tokens"], batch["versions"], batch["loss_mask"], missing=(VersionEvicted,),
+                row_multiple=self.mesh.devices.size)
             if missing.any() and self.config.proximal.on_evicted == "fail":
                 raise RuntimeError(f"proximal.source='snapshot': {int(missing.sum())} episodes hold versions no "
                                    f"longer in the ring buffer (retained: {self.store.versions()}); raise "

@@ -28,6 +28,7 @@ METRIC_KEYS = {
     "ratio/clip_frac_low",
     "ratio/clip_frac_high",
     "ratio/dual_clip_frac",
+    "ratio/effective_clip_frac",
     "ratio/mean",
     "ratio/max",
     "is/weight_mean",
@@ -309,7 +310,7 @@ def reference_policy_loss(lp, prox, beh, adv, mask, cfg):
     per_token = np.zeros((B, T))
     dper_token = np.zeros((B, T))  # d per_token / d lp, same position
     stats = {
-        k: [] for k in ("r", "w", "trunc", "lw", "clip_low", "clip_high", "dual", "tok_rej", "kept")
+        k: [] for k in ("r", "w", "trunc", "lw", "clip_low", "clip_high", "dual", "tok_rej", "kept", "cut")
     }
     seq_rejected, cat_rejected, n_tokens = [], [], np.zeros(B)
     for b in range(B):
@@ -355,7 +356,8 @@ def reference_policy_loss(lp, prox, beh, adv, mask, cfg):
             dper_token[b, t] = w * k * dpg
             truncated = raw != w
             for key, value in zip(
-                stats, (r, w, truncated, lw, c_low, c_high, dual, not keep_tok, k)
+                stats, (r, w, truncated, lw, c_low, c_high, dual, not keep_tok, k,
+                        c_low or c_high or dual or k == 0)
             ):
                 stats[key].append(float(value))
     n_seq = len(seq_rejected)
@@ -379,6 +381,7 @@ def reference_policy_loss(lp, prox, beh, adv, mask, cfg):
         "ratio/clip_frac_low": mean(stats["clip_low"]),
         "ratio/clip_frac_high": mean(stats["clip_high"]),
         "ratio/dual_clip_frac": mean(stats["dual"]),
+        "ratio/effective_clip_frac": mean(stats["cut"]),
         "ratio/mean": mean(stats["r"]),
         "ratio/max": max(stats["r"], default=0.0),
         "is/weight_mean": mean(w),

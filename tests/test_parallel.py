@@ -62,6 +62,26 @@ for agg in ("token_mean", "seq_mean_token_mean"):
             "ewma": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(new_state.ewma)],
             "update_metrics": {k: float(v) for k, v in update_metrics.items()},
         }
+# The snapshot route's per-version forwards on the mesh: rows sharded over the devices,
+# the same old log-probs as on one device. Three versions, one of them on 3 rows only.
+from jaxrl_async import proximal
+versions_arr = np.where(mask, np.repeat([0, 1, 2, 2], 4)[:, None], -1).astype(np.int32)
+versions_arr[3] = np.where(mask[3], 1, -1)
+by_version = {v: jax.tree.map(lambda x, v=v: x * (1 + 0.01 * v), params) for v in range(3)}
+snap = {}
+for n in (1, 4):
+    mesh = parallel.make_mesh(n)
+    shardings = []
+
+    def logprob_fn(p, t, mesh=mesh, shardings=shardings):
+        t = parallel.shard_rows({"t": t}, mesh)["t"]
+        shardings.append(len(t.sharding.device_set))
+        return M.token_logprobs(graphdef, parallel.replicate(p, mesh), t)
+
+    old_lp, _, passes, _ = proximal.snapshot_logp(logprob_fn, by_version.__getitem__, tokens, versions_arr, mask,
+                                                  row_multiple=n)
+    snap[str(n)] = {"old": old_lp.ravel().tolist(), "devices": shardings, "passes": passes}
+out["snapshot"] = snap
 print("RESULT" + json.dumps(out))
 """
 
@@ -92,6 +112,14 @@ def test_n_devices_equal_one_device(results, agg, n):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     for k, v in one["update_metrics"].items():
         assert many["update_metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_snapshot_forwards_run_on_the_mesh(results):
+    one, four = results["snapshot"]["1"], results["snapshot"]["4"]
+    assert one["passes"] == four["passes"] == 3
+    assert four["devices"] == [4, 4, 4]  # every version's rows split over the 4 devices
+    np.testing.assert_allclose(four["old"], one["old"], rtol=1e-5, atol=1e-5)
+    assert np.count_nonzero(one["old"]) > 0
 
 
 @pytest.mark.slow

@@ -34,9 +34,10 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-# The benchmark suite at its small setting: tables on stdout, JSON under runs/.
+# The benchmark suite at its small setting (BENCH_ARGS=--full: longer): tables on stdout, JSON under runs/.
+BENCH_ARGS ?=
 bench: $(BENCH_STAMP)
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 # The route sweep and the threshold sweep (configs/experiments/), then the report:
 # tables in runs/experiments/report/report.md, figures beside them. Finished cells are

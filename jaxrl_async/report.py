@@ -127,6 +127,20 @@ def entanglement_table(runs: list[dict], dtype: str) -> str:
     return markdown(header, body)
 
 
+def metric_table(runs: list[dict], dtype: str, key: str, pct: bool = True) -> str:
+    """One per-step metric (run mean, then mean ± std over seeds) per route and staleness."""
+    rows = select(runs, dtype=dtype)
+    stal = staleness_in(rows)
+    body = []
+    for src in routes_in(rows):
+        line = [src]
+        for st in stal:
+            sel = select(rows, source=src, staleness=st)
+            line.append(fmt(*mean_std([r[key] for r in sel])[:2], pct=pct) if sel else "n/a")
+        body.append(line)
+    return markdown(["route"] + [f"s={s}" for s in stal], body)
+
+
 def learning_table(runs: list[dict], curves: list[dict], dtype: str, target: float) -> str:
     """Per route and staleness: final held-out success, steps and learner seconds to `target`."""
     rows = select(runs, dtype=dtype)
@@ -214,18 +228,21 @@ def plot_learning_curves(curves: list[dict], dtype: str, x: str = "step", path: 
     stal = staleness_in(rows)
     fig, axes = plt.subplots(1, len(stal), figsize=(3.6 * len(stal), 3.2), sharey=True, squeeze=False)
     for ax, st in zip(axes[0], stal):
-        for i, src in enumerate(sources or routes_in(rows)):
+        for src in sources or routes_in(rows):
             sel = select(rows, source=src, staleness=st)
             if not sel:
                 continue
             xs, m, s = mean_curve(sel, x)
-            ax.plot(xs, m, color=f"C{i}", label=src, lw=1.5)
-            ax.fill_between(xs, m - s, m + s, color=f"C{i}", alpha=0.15)
+            color = f"C{ROUTE_ORDER.index(src)}"  # one color per route in every panel and figure
+            ax.plot(xs, m, color=color, label=src, lw=1.5)
+            ax.fill_between(xs, m - s, m + s, color=color, alpha=0.12)
         ax.set_title(f"staleness {st}, sampler {dtype}")
         ax.set_xlabel("RL step" if x == "step" else "learner wall-clock (s)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out success")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    fig.legend([handles[k] for k in ROUTE_ORDER if k in handles], [k for k in ROUTE_ORDER if k in handles],
+               fontsize=7, loc="lower right", ncol=1)
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=110)
@@ -280,6 +297,9 @@ def report(routes_dir: str, thresholds_dir: str | None, out: str, target: float 
         parts.append(learning_table(runs, curves, dt, target))
         for x in ("step", "learner_wall_s"):
             plot_learning_curves(curves, dt, x, os.path.join(out, f"curves_{dt}_{x}.png"))
+    for dt in dtypes:
+        parts.append(f"\n### Effective clip fraction (tokens without gradient), sampler {dt}\n")
+        parts.append(metric_table(runs, dt, "ratio/effective_clip_frac"))
     cost_cells = [(dt, st) for dt in dtypes for st in staleness_in(select(runs, dtype=dt))
                   if len(routes_in(select(runs, dtype=dt, staleness=st))) == len(ROUTE_ORDER)]
     for dt, st in cost_cells:

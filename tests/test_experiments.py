@@ -135,6 +135,7 @@ def test_report_tables_cover_every_route(smoke, tmp_path):
     for route in report.ROUTE_ORDER:
         assert f"| {route} |" in text
     assert "Cost per route, sampler bf16, staleness 2" in text
+    assert "Effective clip fraction (tokens without gradient), sampler bf16" in text
     for name in ("entanglement.png", "curves_bf16_step.png", "curves_bf16_learner_wall_s.png", "report.md"):
         assert os.path.getsize(tmp_path / "report" / name) > 0
 

@@ -78,21 +78,31 @@ def bench_loss(b: int, t: int) -> dict:
 
 
 def bench_decode(b: int, steps: int) -> dict:
-    """KV-cache decoding against re-running the full forward for every new token."""
+    """KV-cache decoding against re-running the full forward for every new token, and the
+    sampler's whole multi-turn rollout (host loop, environments, sampling) in tokens/s.
+
+    Both decoding paths get their per-step inputs prepared ahead (token column, positions,
+    key), so the table compares the model calls, not the host-side helpers around them; on
+    an accelerator each such helper is a dispatch that costs about as much as a decode step.
+    """
     from jaxrl_async import model as M
+    from jaxrl_async.envs import make_env
     from jaxrl_async.envs.tokenizer import TOKENIZER
+    from jaxrl_async.rollout import Sampler
 
     cfg = M.ModelConfig(vocab_size=TOKENIZER.vocab_size, max_len=steps)
     graphdef, params = M.init_model(cfg, 0)
     num = M.Numerics("fp32")
     tokens = jnp.asarray(np.random.default_rng(0).integers(4, TOKENIZER.vocab_size, (b, steps)), jnp.int32)
+    columns = [tokens[:, i] for i in range(steps)]
+    positions = [jnp.full((b,), i, jnp.int32) for i in range(steps)]
+    key = jax.random.key(0)
     full = jax.jit(lambda p, x: M.forward_logits(graphdef, p, x))
 
     def with_cache():
         cache = M.init_cache(cfg, b, num)
         for i in range(steps):
-            logp, cache = M.decode_step(graphdef, params, cache, tokens[:, i], jnp.full((b,), i, jnp.int32), num,
-                                        jax.random.key(0))
+            logp, cache = M.decode_step(graphdef, params, cache, columns[i], positions[i], num, key)
         return logp
 
     def re_forward():
@@ -100,10 +110,31 @@ def bench_decode(b: int, steps: int) -> dict:
             out = full(params, tokens)
         return out
 
-    t_cache = timeit(lambda: with_cache(), repeats=3)
-    t_full = timeit(lambda: re_forward(), repeats=3)
+    t_cache = timeit(lambda: with_cache(), repeats=5)
+    t_full = timeit(lambda: re_forward(), repeats=5)
+
+    # The real sampler: default task and model, `b` episodes batched, fp32 numerics.
+    from configs.default import get_config
+    from jaxrl_async.train import env_factory, model_config_from
+
+    c = get_config()
+    task_cfg = model_config_from(c)
+    task_graphdef, task_params = M.init_model(task_cfg, 0)
+    sampler = Sampler(task_graphdef, task_cfg, num)
+    sampler.update_params(task_params, 0)
+    make = env_factory(c)
+
+    def rollout(seed):
+        return sampler.generate([make() for _ in range(b)], list(range(seed, seed + b)), list(range(b)),
+                                jax.random.key(seed))[1]
+
+    rollout(0)  # compile
+    stats = [rollout(s) for s in (1, 2, 3)]
+    steps_s = sum(st.decode_steps for st in stats) / sum(st.wall_s for st in stats)
     return {"batch": b, "tokens": steps, "kv_cache_tok_s": b * steps / t_cache, "re_forward_tok_s": b * steps / t_full,
-            "speedup": t_full / t_cache}
+            "speedup": t_full / t_cache, "kv_cache_ms_per_step": 1e3 * t_cache / steps,
+            "sampler_decode_steps_per_s": steps_s, "sampler_ms_per_step": 1e3 / steps_s,
+            "sampler_slot_tok_s": b * steps_s}
 
 
 LEARNER_SCRIPT = r"""
@@ -139,10 +170,17 @@ print("RESULT" + json.dumps({"devices": n, "step_s": t, "tokens_per_s": B * T * 
 
 
 def bench_learner() -> list[dict]:
-    """Learner tokens/s for the default model on 1 and 2 (host-platform) devices."""
+    """Learner tokens/s for the default model on 1 and 2 devices: forced host-platform
+    devices on a CPU, the real devices (1 and all of them) on an accelerator."""
+    if jax.default_backend() == "cpu":
+        counts = (1, 2)
+    else:
+        counts = sorted({1, jax.device_count()})
     out = []
-    for n in (1, 2):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    for n in counts:
+        env = dict(os.environ)
+        if jax.default_backend() == "cpu":
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
         r = subprocess.run([sys.executable, "-c", LEARNER_SCRIPT, str(n)], env=env, capture_output=True, text=True,
                            check=True)
         out.append(json.loads([x for x in r.stdout.splitlines() if x.startswith("RESULT")][0][6:]))
@@ -229,14 +267,7 @@ def bench_async_vs_sync(steps: int) -> dict:
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", default="runs/bench_kernels.json")
-    p.add_argument("--async-steps", type=int, default=20)
-    args = p.parse_args(argv)
-    print(f"machine: {machine()}\n")
-    res = {"machine": machine()}
-
+def _print_loss(res, args):
     res["loss"] = r = bench_loss(256, 512)
     print(f"policy_loss forward+backward, jitted, [B, T] = {r['shape']}; baseline rlax.clipped_surrogate_pg_loss")
     print("| loss | ms | vs rlax |\n|---|---|---|")
@@ -245,21 +276,30 @@ def main(argv=None):
           f"{r['plain_vs_rlax']:.2f} |")
     print(f"| policy_loss, every mode on | {r['ours_all_modes_ms']:.3f} | {r['all_modes_vs_rlax']:.2f} |\n")
 
+
+def _print_decode(res, args):
     res["decode"] = r = bench_decode(64, 64)
     print(f"decoding, default model, batch {r['batch']}, {r['tokens']} tokens; baseline full re-forward per token")
-    print("| decoding | tokens/s | vs re-forward |\n|---|---|---|")
-    print(f"| full re-forward | {r['re_forward_tok_s']:.0f} | 1.00 |")
-    print(f"| KV cache | {r['kv_cache_tok_s']:.0f} | {r['speedup']:.2f} |\n")
+    print("| decoding | tokens/s | ms per decode step | vs re-forward |\n|---|---|---|---|")
+    print(f"| full re-forward | {r['re_forward_tok_s']:.0f} | {1e3 * r['batch'] / r['re_forward_tok_s']:.3f} | 1.00 |")
+    print(f"| KV cache | {r['kv_cache_tok_s']:.0f} | {r['kv_cache_ms_per_step']:.3f} | {r['speedup']:.2f} |")
+    print(f"| sampler rollout, default task (multi-turn host loop; slot-steps/s) | {r['sampler_slot_tok_s']:.0f} | "
+          f"{r['sampler_ms_per_step']:.3f} | |\n")
 
+
+def _print_learner(res, args):
     res["learner"] = rows = bench_learner()
-    print("learner RL update, default model and batch (128 x 64 tokens), forced host-platform devices "
-          "(on a CPU they share the same cores); baseline 1 device")
+    kind = ("forced host-platform devices (on a CPU they share the same cores)" if jax.default_backend() == "cpu"
+            else f"{jax.default_backend()} devices")
+    print(f"learner RL update, default model and batch (128 x 64 tokens), {kind}; baseline 1 device")
     print("| devices | step s | tokens/s | vs 1 device | compiled variants |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['devices']} | {row['step_s']:.3f} | {row['tokens_per_s']:.0f} | {row['vs_1_device']:.2f} | "
               f"{row['compiles']} |")
     print()
 
+
+def _print_learner_variants(res, args):
     res["learner_variants"] = rows = bench_learner_variants()
     print(f"learner performance work, before/after: the same {rows[0]['batches']} RL batches (default model, "
           f"128 rows, longest episode varying over {rows[0]['distinct_lengths']} lengths), 1 device")
@@ -270,6 +310,8 @@ def main(argv=None):
               f"{row['compiles']} |")
     print()
 
+
+def _print_async(res, args):
     res["async_vs_sync"] = r = bench_async_vs_sync(args.async_steps)
     print(f"end to end, default task, {args.async_steps} RL steps, no warm start; baseline inline (synchronous)")
     print("| runtime | episodes/s | vs sync |\n|---|---|---|")
@@ -278,6 +320,25 @@ def main(argv=None):
     print(f"| ideal overlap bound (T_sample + T_train) / max(...) from the inline run | | "
           f"{r['ideal_overlap_bound']:.2f} |\n")
 
+
+SECTIONS = {"loss": _print_loss, "decode": _print_decode, "learner": _print_learner,
+            "learner_variants": _print_learner_variants, "async": _print_async}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default="runs/bench_kernels.json")
+    p.add_argument("--async-steps", type=int, default=20)
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    args = p.parse_args(argv)
+    sections = args.sections.split(",")
+    if set(sections) - set(SECTIONS):
+        raise SystemExit(f"error: --sections: unknown {sorted(set(sections) - set(SECTIONS))}; allowed: {', '.join(SECTIONS)}")
+    print(f"machine: {machine()}\n")
+    res = {"machine": machine(), "sections": sections}
+    for name in SECTIONS:
+        if name in sections:
+            SECTIONS[name](res, args)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {res['peak_rss_mib']:.0f} MiB")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

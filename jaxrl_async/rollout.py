@@ -132,15 +132,21 @@ def collate(trajs: Sequence[Trajectory], length: int) -> dict[str, np.ndarray]:
 def _decode_and_sample(graphdef, inf_params, cache, tokens, positions, key, numerics, temperature):
     """One decode step for every slot, then a sample from the inference distribution.
 
-    tokens, positions: `[B]`. Returns (cache, sampled `[B]`, logp of sampled `[B]`).
+    tokens, positions: `[B]`. Returns (cache, the next key, sampled `[B]` float32 token
+    ids and their logp, stacked as `[2, B]` so they reach the host in one transfer).
+    The key is split here rather than on the host: on an accelerator every host-side
+    dispatch costs about as much as this whole step (benchmarks/kernels.py).
     """
-    noise_key, sample_key = jax.random.split(key)
+    key, sub = jax.random.split(key)
+    noise_key, sample_key = jax.random.split(sub)
     logp, cache = model_lib.decode_step(graphdef, inf_params, cache, tokens, positions, numerics, noise_key)
     if temperature == 0.0:
         sampled = jnp.argmax(logp, axis=-1).astype(jnp.int32)
-        return cache, sampled, jnp.take_along_axis(logp, sampled[:, None], axis=-1)[:, 0]
-    sampled, sampled_logp = model_lib.sample_token(logp, sample_key, temperature)
-    return cache, sampled.astype(jnp.int32), sampled_logp
+        sampled_logp = jnp.take_along_axis(logp, sampled[:, None], axis=-1)[:, 0]
+    else:
+        sampled, sampled_logp = model_lib.sample_token(logp, sample_key, temperature)
+    # Token ids < 2**24 are exact in float32.
+    return cache, key, jnp.stack([sampled.astype(jnp.float32), sampled_logp])
 
 
 class _Slot:
@@ -280,11 +286,11 @@ class Sampler:
                     feed[i], pos[i] = TOKENIZER.PAD, 0
                 else:
                     feed[i], pos[i] = s.tokens[s.cursor], s.cursor
-            key, sub = jax.random.split(key)
-            cache, sampled, sampled_logp = _decode_and_sample(
-                self.graphdef, self.inf_params, cache, jnp.asarray(feed), jnp.asarray(pos), sub,
+            cache, key, out = _decode_and_sample(
+                self.graphdef, self.inf_params, cache, jnp.asarray(feed), jnp.asarray(pos), key,
                 self.numerics, self.temperature)
-            sampled, sampled_logp = np.asarray(sampled), np.asarray(sampled_logp)
+            out = np.asarray(out)
+            sampled, sampled_logp = out[0].astype(np.int32), out[1]
             step += 1
             for i, s in enumerate(slots):
                 if s.done:

@@ -41,7 +41,7 @@ bench: $(BENCH_STAMP)
 
 # The route sweep and the threshold sweep (configs/experiments/), then the report:
 # tables in runs/experiments/report/report.md, figures beside them. Finished cells are
-# skipped on a rerun. About 80 minutes on 2 CPU cores.
+# skipped on a rerun. About an hour on 2 CPU cores (measured: 53 + 7 minutes).
 EXP_WORKERS ?= 2
 experiments: $(STAMP)
 	$(PY) -m jaxrl_async.experiments --sweep=configs/experiments/routes.py --out=runs/experiments/routes --workers=$(EXP_WORKERS)

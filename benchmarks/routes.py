@@ -47,8 +47,18 @@ def _train_one(source: str, args) -> None:
     train_and_evaluate(c, workdir, progress=False)
     stats = jax.devices()[0].memory_stats() or {}  # None on the CPU backend
     with open(os.path.join(workdir, "memory.json"), "w") as f:
-        json.dump({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        json.dump({"peak_rss_mib": peak_rss_mib(),
                    "peak_device_mib": stats.get("peak_bytes_in_use", float("nan")) / 2**20}, f)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM belongs to this process image alone;
+    `ru_maxrss` would also count the parent's peak, which Linux carries over fork and exec."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_route(source: str, args) -> dict:

@@ -39,6 +39,25 @@ def read_table(path: str) -> list[dict]:
     return rows
 
 
+# The tables of the sweeps behind the README's results, committed so the notebooks can read
+# them on a fresh checkout without the 80-minute `make experiments`.
+COMMITTED_RESULTS = "docs/results"
+
+
+def results_dir(name: str, env_var: str | None = None) -> str | None:
+    """Where the tables (`runs.csv`) of sweep `name` ("routes", "thresholds") are.
+
+    `$env_var` when it is set (used as given, even if empty); else `runs/experiments/<name>`
+    (your own `make experiments`); else the committed `docs/results/<name>`. Relative to
+    the repository root; None if the chosen place has no `runs.csv`.
+    """
+    if env_var and os.environ.get(env_var):
+        candidates = [os.environ[env_var]]
+    else:
+        candidates = [os.path.join("runs", "experiments", name), os.path.join(COMMITTED_RESULTS, name)]
+    return next((d for d in candidates if os.path.exists(os.path.join(d, "runs.csv"))), None)
+
+
 def load(results_dir: str) -> tuple[list[dict], list[dict]]:
     """(runs, curves) of one sweep's output directory."""
     return read_table(os.path.join(results_dir, "runs.csv")), read_table(os.path.join(results_dir, "curves.csv"))
@@ -167,7 +186,7 @@ def cost_table(runs: list[dict], dtype: str, staleness: str, target: float, curv
     rows = select(runs, dtype=dtype, staleness=staleness)
     cells = by_cell(curves)
     base = mean_std([r["perf/train_s"] for r in select(rows, source="recompute")])[0]
-    header = ["route", "learner s/step", "train s/step", "x recompute", "sample s/step", "sampler stall s/step",
+    header = ["route", "step s (sample + train)", "train s/step", "x recompute", "sample s/step", "sampler stall s/step",
               "forward passes", "param copies", "final success", f"steps to {target:g}"]
     body = []
     for src in routes_in(rows):
@@ -241,11 +260,12 @@ def plot_learning_curves(curves: list[dict], dtype: str, x: str = "step", path: 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out success")
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
-    fig.legend([handles[k] for k in ROUTE_ORDER if k in handles], [k for k in ROUTE_ORDER if k in handles],
-               fontsize=7, loc="lower right", ncol=1)
     fig.tight_layout()
+    # Outside the panels, to the right, so it never hides a curve.
+    fig.legend([handles[k] for k in ROUTE_ORDER if k in handles], [k for k in ROUTE_ORDER if k in handles],
+               fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1)
     if path:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
     return fig
 

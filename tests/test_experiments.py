@@ -75,6 +75,21 @@ def test_steps_to_target_interpolates_between_evaluations():
     assert np.isnan(report.steps_to_target(curve, 1.1))
 
 
+def test_results_dir_prefers_env_then_own_sweep_then_committed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JAXRL_RESULTS", raising=False)
+    assert report.results_dir("routes", "JAXRL_RESULTS") is None
+    for d in ("docs/results/routes", "runs/experiments/routes", "mine"):
+        os.makedirs(d)
+        (tmp_path / d / "runs.csv").write_text("cell\n")
+        expected = d if d != "mine" else "runs/experiments/routes"  # "mine" only counts through the env var
+        assert report.results_dir("routes", "JAXRL_RESULTS") == expected
+    monkeypatch.setenv("JAXRL_RESULTS", "mine")
+    assert report.results_dir("routes", "JAXRL_RESULTS") == "mine"
+    monkeypatch.setenv("JAXRL_RESULTS", "missing")  # set but empty of results: no silent fallback
+    assert report.results_dir("routes", "JAXRL_RESULTS") is None
+
+
 @pytest.mark.slow
 def test_sweep_writes_one_row_per_cell_with_its_config(smoke):
     out, _ = smoke

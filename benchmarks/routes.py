@@ -115,7 +115,6 @@ def table(results: list[dict]) -> str:
             ("recompute_would_truncate", "{:.4f}"), ("is_weight_max", "{:.3f}"),
             ("clip_frac", "{:.4f}"), ("staleness_mean", "{:.2f}"), ("vs_recompute", "{:.2f}"),
             ("peak_rss_mib", "{:.0f}"), ("peak_device_mib", "{:.0f}")]
-
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         lines.append("| " + " | ".join("n/a" if isinstance(r[c], float) and np.isnan(r[c]) else f.format(r[c])

@@ -29,6 +29,16 @@ def machine() -> str:
             f"({devs[0].device_kind}) x{len(devs)}")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM belongs to this process image alone;
+    `ru_maxrss` would also count the parent's peak, which Linux carries over fork and exec."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def timeit(fn, *args, repeats: int = 20) -> float:
     """Median seconds per call after one warm-up (compile) call; blocks on the result."""
     jax.block_until_ready(fn(*args))
@@ -86,7 +96,6 @@ def bench_decode(b: int, steps: int) -> dict:
     an accelerator each such helper is a dispatch that costs about as much as a decode step.
     """
     from jaxrl_async import model as M
-    from jaxrl_async.envs import make_env
     from jaxrl_async.envs.tokenizer import TOKENIZER
     from jaxrl_async.rollout import Sampler
 
@@ -172,14 +181,11 @@ print("RESULT" + json.dumps({"devices": n, "step_s": t, "tokens_per_s": B * T * 
 def bench_learner() -> list[dict]:
     """Learner tokens/s for the default model on 1 and 2 devices: forced host-platform
     devices on a CPU, the real devices (1 and all of them) on an accelerator."""
-    if jax.default_backend() == "cpu":
-        counts = (1, 2)
-    else:
-        counts = sorted({1, jax.device_count()})
+    on_cpu = jax.default_backend() == "cpu"
     out = []
-    for n in counts:
+    for n in (1, 2) if on_cpu else sorted({1, jax.device_count()}):
         env = dict(os.environ)
-        if jax.default_backend() == "cpu":
+        if on_cpu:
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
         r = subprocess.run([sys.executable, "-c", LEARNER_SCRIPT, str(n)], env=env, capture_output=True, text=True,
                            check=True)
@@ -339,7 +345,7 @@ def main(argv=None):
     for name in SECTIONS:
         if name in sections:
             SECTIONS[name](res, args)
-    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mib"] = peak_rss_mib()
     print(f"peak resident memory of this process: {res['peak_rss_mib']:.0f} MiB")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ def _train_one(source: str, args) -> None:
     """Runs one route in this process and records its peak memory in `<workdir>/memory.json`."""
     import jax
 
+    from benchmarks.kernels import peak_rss_mib
     from configs.default import get_config
     from jaxrl_async.train import train_and_evaluate
 
@@ -49,16 +49,6 @@ def _train_one(source: str, args) -> None:
     with open(os.path.join(workdir, "memory.json"), "w") as f:
         json.dump({"peak_rss_mib": peak_rss_mib(),
                    "peak_device_mib": stats.get("peak_bytes_in_use", float("nan")) / 2**20}, f)
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory. VmHWM belongs to this process image alone;
-    `ru_maxrss` would also count the parent's peak, which Linux carries over fork and exec."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_route(source: str, args) -> dict:

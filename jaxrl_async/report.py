@@ -40,16 +40,17 @@ def read_table(path: str) -> list[dict]:
 
 
 # The tables of the sweeps behind the README's results, committed so the notebooks can read
-# them on a fresh checkout without the 80-minute `make experiments`.
+# them on a fresh checkout without the hour-long `make experiments`.
 COMMITTED_RESULTS = "docs/results"
 
 
 def results_dir(name: str, env_var: str | None = None) -> str | None:
     """Where the tables (`runs.csv`) of sweep `name` ("routes", "thresholds") are.
 
-    `$env_var` when it is set (used as given, even if empty); else `runs/experiments/<name>`
-    (your own `make experiments`); else the committed `docs/results/<name>`. Relative to
-    the repository root; None if the chosen place has no `runs.csv`.
+    `$env_var` when it is set and non-empty (used as given: no fallback when it holds no
+    `runs.csv`); else `runs/experiments/<name>` (your own `make experiments`); else the
+    committed `docs/results/<name>`. Relative to the repository root; None if none of the
+    places consulted has a `runs.csv`.
     """
     if env_var and os.environ.get(env_var):
         candidates = [os.environ[env_var]]

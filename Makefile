@@ -44,9 +44,9 @@ bench: $(BENCH_STAMP)
 # skipped on a rerun. About an hour on 2 CPU cores (measured: 53 + 7 minutes).
 EXP_WORKERS ?= 2
 experiments: $(STAMP)
-	$(PY) -m jaxrl_async.experiments --sweep=configs/experiments/routes.py --out=runs/experiments/routes --workers=$(EXP_WORKERS)
-	$(PY) -m jaxrl_async.experiments --sweep=configs/experiments/thresholds.py --out=runs/experiments/thresholds --workers=$(EXP_WORKERS)
-	$(PY) -m jaxrl_async.report --routes=runs/experiments/routes --thresholds=runs/experiments/thresholds --out=runs/experiments/report
+	$(PY) -m jaxrl_async.experiments.sweep --sweep=configs/experiments/routes.py --out=runs/experiments/routes --workers=$(EXP_WORKERS)
+	$(PY) -m jaxrl_async.experiments.sweep --sweep=configs/experiments/thresholds.py --out=runs/experiments/thresholds --workers=$(EXP_WORKERS)
+	$(PY) -m jaxrl_async.experiments.report --routes=runs/experiments/routes --thresholds=runs/experiments/thresholds --out=runs/experiments/report
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

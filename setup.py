@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "protobuf==7.36.2",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
+    "pandas==3.1.1",
 ]
 
 EXTRAS_REQUIRE = {

@@ -54,7 +54,7 @@ def bench_loss(b: int, t: int) -> dict:
     """Decomposed `policy_loss` (forward + backward) against rlax's clipped PPO loss."""
     import rlax
 
-    from jaxrl_async.losses import LossConfig, policy_loss
+    from jaxrl_async.core.losses import LossConfig, policy_loss
 
     rng = np.random.default_rng(0)
     logp = jnp.asarray(rng.normal(-1.0, 0.3, (b, t)), jnp.float32)
@@ -95,9 +95,9 @@ def bench_decode(b: int, steps: int) -> dict:
     key), so the table compares the model calls, not the host-side helpers around them; on
     an accelerator each such helper is a dispatch that costs about as much as a decode step.
     """
-    from jaxrl_async import model as M
+    from jaxrl_async.models import transformer as M
     from jaxrl_async.envs.tokenizer import TOKENIZER
-    from jaxrl_async.rollout import Sampler
+    from jaxrl_async.rollout.sampler import Sampler
 
     cfg = M.ModelConfig(vocab_size=TOKENIZER.vocab_size, max_len=steps)
     graphdef, params = M.init_model(cfg, 0)
@@ -149,9 +149,10 @@ def bench_decode(b: int, steps: int) -> dict:
 LEARNER_SCRIPT = r"""
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
-from jaxrl_async import learner as L, model as M, parallel
+from jaxrl_async.learner import mesh as parallel, update as L
+from jaxrl_async.models import transformer as M
 from jaxrl_async.config import base_config
-from jaxrl_async.losses import LossConfig
+from jaxrl_async.core.losses import LossConfig
 from jaxrl_async.train import model_config_from
 n = int(sys.argv[1])
 c = base_config()
@@ -204,9 +205,10 @@ def bench_learner_variants(batches: int = 12) -> list[dict]:
     the same without donation (XLA allocates a fresh state every step); and batches trimmed
     to their longest episode (less compute per step, but a compilation per new length).
     """
-    from jaxrl_async import learner as L, model as M
+    from jaxrl_async.learner import update as L
+from jaxrl_async.models import transformer as M
     from jaxrl_async.config import base_config
-    from jaxrl_async.losses import LossConfig
+    from jaxrl_async.core.losses import LossConfig
     from jaxrl_async.train import model_config_from
 
     c = base_config()

@@ -2,14 +2,23 @@
 
 Config files under `configs/` start from `base_config()` and change what they need; a
 key that is not here is an error (`validate` names it), and so is a value outside the
-allowed set. Validation runs at startup, before any compilation or process start.
+allowed set. Validation runs at startup, before any compilation or process start. The
+typed views at the end (`loss_config_from`, `model_config_from`, `numerics_from`,
+`env_factory`) turn a validated config into what the components are built from.
 """
 
 from __future__ import annotations
 
 import math
 
+from flax import traverse_util
 from ml_collections import config_dict
+
+from jaxrl_async import envs
+from jaxrl_async.core.losses import LossConfig
+from jaxrl_async.core.proximal import Route
+from jaxrl_async.models import transformer as model_lib
+
 
 def base_config() -> config_dict.ConfigDict:
     """Every config field with its default and meaning; run configs start from this."""
@@ -41,7 +50,7 @@ def base_config() -> config_dict.ConfigDict:
     c.rl.advantage = "grpo"  # "grpo" (group-normalised) | "rloo" (leave-one-out baseline)
     c.rl.normalize_std = True  # grpo only: divide by the group's reward std
 
-    c.loss = config_dict.ConfigDict()  # jaxrl_async.losses.LossConfig, see DESIGN.md section 2
+    c.loss = config_dict.ConfigDict()  # jaxrl_async.core.losses.LossConfig, see docs/design.md section 2
     c.loss.clip_low = 0.2  # PPO clip below 1 (staleness term)
     c.loss.clip_high = 0.2  # PPO clip above 1 (asymmetric clipping when != clip_low)
     c.loss.dual_clip = config_dict.placeholder(float)  # dual-clip constant c > 1 for negative advantages; None = off
@@ -55,7 +64,7 @@ def base_config() -> config_dict.ConfigDict:
     c.loss.aggregation = "token_mean"  # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum_norm"
     c.loss.norm_length = config_dict.placeholder(int)  # normaliser for seq_mean_token_sum_norm
 
-    c.proximal = config_dict.ConfigDict()  # where prox_logp (pi_old or its stand-in) comes from, DESIGN section 1
+    c.proximal = config_dict.ConfigDict()  # where prox_logp (pi_old or its stand-in) comes from, docs/design.md section 3
     # exact: "snapshot" (ring-buffer versions, recomputed by the learner) | "dedicated" (old-logit process beside
     # the sampler) | "interrupt" (sampler scores in-flight segments at each weight switch);
     # approximate: "recompute" (learner weights at step start) | "bypass" (behaviour log-probs) |
@@ -116,8 +125,7 @@ def base_config() -> config_dict.ConfigDict:
 CHOICES = {
     "numerics.dtype": ("fp32", "bf16", "fp16", "int8"),
     "rl.advantage": ("grpo", "rloo"),
-    "proximal.source": ("snapshot", "dedicated", "interrupt", "recompute", "bypass", "loglinear", "ewma",
-                        "revised_ewma"),
+    "proximal.source": tuple(r.value for r in Route),
     "proximal.on_evicted": ("drop", "fail"),
     "runtime.mode": ("inline", "process"),
 }
@@ -131,16 +139,19 @@ def min_ring_capacity(config) -> int:
     return rt.max_staleness + 1
 
 
-def _flat(cfg, prefix=""):
-    """{'a.b': value} for every leaf of a (possibly nested) ConfigDict or dict."""
-    out = {}
-    for k, v in cfg.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, (config_dict.ConfigDict, dict)) and not (prefix == "task." and k == "kwargs"):
-            out.update(_flat(v, name + "."))
-        else:
-            out[name] = v
-    return out
+_FREE_FORM = "task.kwargs"  # the task's constructor checks it when the env is built
+
+
+def _flat(cfg) -> dict:
+    """{'a.b': value} for every leaf of a (possibly nested) ConfigDict or dict; `task.kwargs` stays whole."""
+    tree = cfg.to_dict() if isinstance(cfg, config_dict.ConfigDict) else dict(cfg)
+    task = dict(tree.get("task", {}))
+    has_kwargs = "kwargs" in task
+    kwargs = task.pop("kwargs", None)
+    flat = traverse_util.flatten_dict({**tree, "task": task}, sep=".")
+    if has_kwargs:
+        flat[_FREE_FORM] = kwargs
+    return flat
 
 
 def validate(config) -> None:
@@ -223,3 +234,31 @@ def validate(config) -> None:
     if given["model.d_model"] % given["model.n_heads"]:
         raise ValueError(f"config.model.d_model ({given['model.d_model']}) must be divisible by "
                          f"config.model.n_heads ({given['model.n_heads']})")
+
+
+# Typed views of a validated config: what the components are built from.
+
+
+def loss_config_from(config) -> LossConfig:
+    """The LossConfig of `config.loss` (which validates the loss fields)."""
+    fields = config.loss.to_dict()
+    for band in ("token_mask", "seq_mask"):
+        if fields[band] is not None:
+            fields[band] = tuple(float(x) for x in fields[band])
+    return LossConfig(**fields)
+
+
+def model_config_from(config) -> model_lib.ModelConfig:
+    """The model of `config.model` over the tasks' shared vocabulary."""
+    return model_lib.ModelConfig(vocab_size=envs.TOKENIZER.vocab_size, **config.model.to_dict())
+
+
+def numerics_from(config) -> model_lib.Numerics:
+    """The sampler's inference numerics (`config.numerics`)."""
+    return model_lib.Numerics(**config.numerics.to_dict())
+
+
+def env_factory(config):
+    """A zero-argument constructor of the configured task's env."""
+    kwargs = config.task.kwargs.to_dict()
+    return lambda: envs.make_env(config.task.name, **kwargs)

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jaxrl_async.advantages import broadcast_to_tokens, group_relative, rloo
+from jaxrl_async.core.advantages import broadcast_to_tokens, group_relative, rloo
 
 # Rewards [G, n] with n >= 2: binary successes are common, so they are drawn half the time.
 rewards_strategy = st.tuples(st.integers(1, 4), st.integers(2, 6)).flatmap(

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxrl_async import experiments, report
+from jaxrl_async.experiments import report, sweep as experiments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "experiments", "smoke.py")

@@ -1,4 +1,4 @@
-"""Tests of the policy loss (DESIGN section 2): properties, and a float64 NumPy reference."""
+"""Tests of the policy loss (docs/design.md section 2): properties, and a float64 NumPy reference."""
 
 import itertools
 import math
@@ -12,7 +12,7 @@ from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxrl_async.losses import (
+from jaxrl_async.core.losses import (
     AGGREGATIONS,
     IS_MODES,
     SEQ_MASK_MODES,
@@ -298,7 +298,7 @@ class PolicyLossPropertiesTest(chex.TestCase):
 
 
 # ---------------------------------------------------------------------------------------
-# Float64 reference: loops over sequences and tokens, straight from DESIGN section 2.
+# Float64 reference: loops over sequences and tokens, straight from docs/design.md section 2.
 
 
 def reference_policy_loss(lp, prox, beh, adv, mask, cfg):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_async import model as M
+from jaxrl_async.models import transformer as M
 
 CFG = M.ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=32)
 ROWS = 3

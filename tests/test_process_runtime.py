@@ -11,10 +11,10 @@ import time
 import psutil
 import pytest
 
-from jaxrl_async import learner as learner_lib
+from jaxrl_async.learner import update as learner_lib
 from jaxrl_async.metrics_log import read_metrics
-from jaxrl_async.queue import TrajectoryQueue
-from jaxrl_async.sampler_process import queue_dir
+from jaxrl_async.runtime.spool import TrajectoryQueue
+from jaxrl_async.runtime.base import queue_dir
 from jaxrl_async.train import train_and_evaluate
 
 from test_train import tiny_config

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jaxrl_async.proximal import ewma_update, loglinear_logp, matched_beta
+from jaxrl_async.core.proximal import ewma_update, loglinear_logp, matched_beta
 
 
 def _logps(shape=(2, 5), seed=0):

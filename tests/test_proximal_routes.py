@@ -7,17 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_async import advantages as adv_lib
+from jaxrl_async.core import advantages as adv_lib
 from jaxrl_async import config as config_lib
-from jaxrl_async import learner as learner_lib
-from jaxrl_async import model as model_lib
+from jaxrl_async.learner import update as learner_lib
+from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.envs import make_env
 from jaxrl_async.envs.tokenizer import TOKENIZER
-from jaxrl_async.losses import LossConfig, policy_loss
+from jaxrl_async.core.losses import LossConfig, policy_loss
 from jaxrl_async.metrics_log import read_metrics
-from jaxrl_async.rollout import Sampler, collate
-from jaxrl_async.train import ProximalRoute, train_and_evaluate
-from jaxrl_async.versions import VersionStore
+from jaxrl_async.rollout.sampler import Sampler
+from jaxrl_async.rollout.trajectory import collate
+from jaxrl_async.learner.route import ProximalRoute
+from jaxrl_async.train import train_and_evaluate
+from jaxrl_async.runtime.versions import VersionStore
 
 from test_train import _comparable, tiny_config
 
@@ -40,15 +42,14 @@ def world(tmp_path_factory):
 
 def _batch(world, switch: bool, numerics="fp32", old_logp=None):
     cfg, graphdef, params, _ = world
-    sampler = Sampler(graphdef, cfg, model_lib.Numerics(numerics), old_logp=old_logp)
+    sampler = Sampler(graphdef, cfg, model_lib.Numerics(numerics), exact_route=old_logp)
     sampler.update_params(params[0], 0)
     ws = (lambda step: (params[1], 1) if step >= 8 else None) if switch else None
     trajs, _ = sampler.generate([make_env("search", n=8, max_turns=4) for _ in range(B)], list(range(B)),
                                 [i // 2 for i in range(B)], jax.random.key(5), weight_source=ws, chunk=8)
     batch = collate(trajs, MAX_LEN)
     adv = adv_lib.group_relative(np.asarray([t.reward for t in trajs]).reshape(B // 2, 2) + np.arange(B).reshape(B // 2, 2))
-    batch["advantages"] = np.asarray(adv_lib.broadcast_to_tokens(np.asarray(adv).reshape(-1), batch["loss_mask"]))
-    return batch
+    return batch.replace(advantages=np.asarray(adv_lib.broadcast_to_tokens(np.asarray(adv).reshape(-1), batch.loss_mask)))
 
 
 def _route(world, source, **proximal):
@@ -69,21 +70,21 @@ def _state(world, version, ewma=False):
 def _reference(world, batch):
     """Direct learner-numerics forward with each token's own version."""
     _, graphdef, params, _ = world
-    tokens = jnp.asarray(batch["tokens"])
-    ref = np.zeros(batch["tokens"].shape, np.float32)
-    for v in np.unique(batch["versions"][batch["loss_mask"]]):
+    tokens = jnp.asarray(batch.tokens)
+    ref = np.zeros(batch.tokens.shape, np.float32)
+    for v in np.unique(batch.versions[batch.loss_mask]):
         lp = np.asarray(learner_lib.token_logprobs(graphdef, params[int(v)], tokens))
-        sel = batch["loss_mask"] & (batch["versions"] == v)
+        sel = batch.loss_mask & (batch.versions == v)
         ref[sel] = lp[sel]
     return ref
 
 
 def test_snapshot_equals_direct_forward_per_version_and_audits(world):
     batch = _batch(world, switch=True)
-    assert set(np.unique(batch["versions"][batch["loss_mask"]])) == {0, 1}
-    out, m = _route(world, "snapshot")(_state(world, 2), dict(batch), 2)
-    gen = batch["loss_mask"]
-    np.testing.assert_allclose(np.asarray(out["prox_logp"])[gen], _reference(world, batch)[gen], atol=1e-5)
+    assert set(np.unique(batch.versions[batch.loss_mask])) == {0, 1}
+    out, m = _route(world, "snapshot")(_state(world, 2), batch, 2)
+    gen = batch.loss_mask
+    np.testing.assert_allclose(np.asarray(out.prox_logp)[gen], _reference(world, batch)[gen], atol=1e-5)
     assert m["proximal/forward_passes"] == 2 and m["proximal/dropped_episodes"] == 0
     # The audit shows recompute (version 2 as "old") measuring a larger discrepancy than the exact route.
     assert m["audit/recompute/mismatch/kl_k1"] != m["audit/exact/mismatch/kl_k1"]
@@ -99,25 +100,27 @@ def test_snapshot_evicted_versions_drop_or_fail(world, tmp_path):
     c = config_lib.base_config()
     c.proximal.source = "snapshot"
     route = ProximalRoute(c, graphdef, small, LossConfig(), [])
-    out, m = route(_state(world, 2), dict(batch), 2)
-    holds0 = (batch["loss_mask"] & (batch["versions"] == 0)).any(axis=1)
+    mask_before = batch.loss_mask.copy()
+    out, m = route(_state(world, 2), batch, 2)
+    np.testing.assert_array_equal(batch.loss_mask, mask_before)  # the route returns a new batch; its input is intact
+    holds0 = (batch.loss_mask & (batch.versions == 0)).any(axis=1)
     assert m["proximal/dropped_episodes"] == holds0.sum() > 0
-    assert not np.asarray(out["loss_mask"])[holds0].any()
+    assert not np.asarray(out.loss_mask)[holds0].any()
     c.proximal.on_evicted = "fail"
     with pytest.raises(RuntimeError, match="ring buffer"):
-        ProximalRoute(c, graphdef, small, LossConfig(), [])(_state(world, 2), dict(batch), 2)
+        ProximalRoute(c, graphdef, small, LossConfig(), [])(_state(world, 2), batch, 2)
 
 
 def test_lag_zero_fp32_routes_collapse_to_the_same_loss(world):
     batch = _batch(world, switch=False)
     _, graphdef, params, _ = world
-    logp = learner_lib.token_logprobs(graphdef, params[0], jnp.asarray(batch["tokens"]))
-    batch["old_logp"] = _batch(world, switch=False, old_logp="interrupt")["old_logp"]  # same trajectories
+    logp = learner_lib.token_logprobs(graphdef, params[0], jnp.asarray(batch.tokens))
+    batch = batch.replace(old_logp=_batch(world, switch=False, old_logp="interrupt").old_logp)  # same trajectories
     losses = {}
     for source in ("recompute", "bypass", "snapshot", "interrupt"):
-        out, _ = _route(world, source)(_state(world, 0), dict(batch), 0)
-        losses[source] = float(policy_loss(logp, out["prox_logp"], out["behav_logp"], out["advantages"],
-                                           out["loss_mask"], LossConfig())[0])
+        out, _ = _route(world, source)(_state(world, 0), batch, 0)
+        losses[source] = float(policy_loss(logp, out.prox_logp, out.behav_logp, out.advantages,
+                                           out.loss_mask, LossConfig())[0])
     assert losses["recompute"] != 0.0
     for source in ("bypass", "snapshot", "interrupt"):
         assert losses[source] == pytest.approx(losses["recompute"], abs=1e-5)
@@ -126,9 +129,9 @@ def test_lag_zero_fp32_routes_collapse_to_the_same_loss(world):
 def test_revised_ewma_matches_beta_to_staleness(world):
     batch = _batch(world, switch=True)
     route = _route(world, "revised_ewma", beta_min=0.0, beta_max=0.95)
-    _, m = route(_state(world, 2, ewma=True), dict(batch), 2)
-    gen = batch["loss_mask"]
-    s = float((2 - batch["versions"][gen]).mean()) * 2  # 2 optimizer steps per version (default minibatches)
+    _, m = route(_state(world, 2, ewma=True), batch, 2)
+    gen = batch.loss_mask
+    s = float((2 - batch.versions[gen]).mean()) * 2  # 2 optimizer steps per version (default minibatches)
     assert m["proximal/ewma_beta"] == pytest.approx(s / (1 + s), rel=1e-5)
     assert m["proximal/param_copies"] == 1
 
@@ -139,8 +142,7 @@ def test_ewma_in_the_train_state_is_the_bias_corrected_average(world):
     update = learner_lib.make_rl_update(graphdef, optimizer, LossConfig(), num_minibatches=1, num_epochs=1)
     state = learner_lib.create_train_state(params[0], optimizer, ewma=True)
     batch = _batch(world, switch=False)
-    batch["prox_logp"] = batch["behav_logp"]
-    jb = {k: jnp.asarray(batch[k]) for k in learner_lib.BATCH_KEYS}
+    jb = jax.tree.map(jnp.asarray, batch.replace(prox_logp=batch.behav_logp))
     beta, history = 0.7, []
     for i in range(3):
         state, _ = update(state, jb, jax.random.key(i), beta)

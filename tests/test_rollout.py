@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_async import advantages as adv_lib
-from jaxrl_async import learner as learner_lib
-from jaxrl_async import model as model_lib
+from jaxrl_async.core import advantages as adv_lib
+from jaxrl_async.learner import update as learner_lib
+from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.envs import make_env
 from jaxrl_async.envs.tokenizer import TOKENIZER
-from jaxrl_async.rollout import Sampler, collate
+from jaxrl_async.rollout.sampler import Sampler
+from jaxrl_async.rollout.trajectory import collate
 
 MAX_LEN = 64
 B = 8
@@ -43,15 +44,15 @@ def test_layout_and_behaviour_logp_match_learner_at_fp32(setup):
     trajs, stats = _generate(setup, model_lib.Numerics("fp32"))
     assert stats.generated_tokens == sum(int(t.loss_mask.sum()) for t in trajs) > 0
     batch = collate(trajs, MAX_LEN)
-    gen = batch["loss_mask"]
+    gen = batch.loss_mask
     # Prompt and environment tokens: no version, no behaviour log-prob; every episode starts with BOS.
-    assert (batch["versions"][~gen] == -1).all() and (batch["behav_logp"][~gen] == 0).all()
-    assert (batch["versions"][gen] == 0).all() and (batch["behav_logp"][gen] < 0).all()
-    assert (batch["tokens"][:, 0] == TOKENIZER.BOS).all()
+    assert (batch.versions[~gen] == -1).all() and (batch.behav_logp[~gen] == 0).all()
+    assert (batch.versions[gen] == 0).all() and (batch.behav_logp[gen] < 0).all()
+    assert (batch.tokens[:, 0] == TOKENIZER.BOS).all()
     assert not gen[:, 0].any()
     # With fp32 inference numerics the sampler's log-probs are the learner's, token by token.
-    learner = np.asarray(learner_lib.token_logprobs(graphdef, p0, jnp.asarray(batch["tokens"])))
-    np.testing.assert_allclose(batch["behav_logp"][gen], learner[gen], atol=1e-5)
+    learner = np.asarray(learner_lib.token_logprobs(graphdef, p0, jnp.asarray(batch.tokens)))
+    np.testing.assert_allclose(batch.behav_logp[gen], learner[gen], atol=1e-5)
     for t in trajs:
         assert t.num_turns >= 1 and t.reward in (0.0, 1.0)
 
@@ -60,9 +61,9 @@ def test_bf16_behaviour_differs_slightly_from_learner(setup):
     cfg, graphdef, p0, _ = setup
     trajs, _ = _generate(setup, model_lib.Numerics("bf16"))
     batch = collate(trajs, MAX_LEN)
-    gen = batch["loss_mask"]
-    learner = np.asarray(learner_lib.token_logprobs(graphdef, p0, jnp.asarray(batch["tokens"])))
-    diff = np.abs(batch["behav_logp"][gen] - learner[gen])
+    gen = batch.loss_mask
+    learner = np.asarray(learner_lib.token_logprobs(graphdef, p0, jnp.asarray(batch.tokens)))
+    diff = np.abs(batch.behav_logp[gen] - learner[gen])
     assert 1e-5 < diff.mean() < 0.05
 
 
@@ -73,7 +74,7 @@ def test_mid_episode_switch_tags_versions_and_logs_each_versions_logp(setup):
                              weight_source=lambda step: (p1, 1) if step >= switch_at else None, chunk=switch_at)
     assert stats.weight_switches == 1
     batch = collate(trajs, MAX_LEN)
-    gen, versions = batch["loss_mask"], batch["versions"]
+    gen, versions = batch.loss_mask, batch.versions
     assert set(np.unique(versions[gen])) == {0, 1}
     assert any(t.is_partial for t in trajs)
     # Within an episode versions never go back.
@@ -81,13 +82,13 @@ def test_mid_episode_switch_tags_versions_and_logs_each_versions_logp(setup):
         v = t.versions[t.loss_mask]
         assert (np.diff(v) >= 0).all()
     # Each token's behaviour log-prob is that of the version it is tagged with.
-    tokens = jnp.asarray(batch["tokens"])
+    tokens = jnp.asarray(batch.tokens)
     lp = {0: np.asarray(learner_lib.token_logprobs(graphdef, p0, tokens)),
           1: np.asarray(learner_lib.token_logprobs(graphdef, p1, tokens))}
     for v in (0, 1):
         sel = gen & (versions == v)
-        np.testing.assert_allclose(batch["behav_logp"][sel], lp[v][sel], atol=1e-5)
-        assert np.abs(batch["behav_logp"][sel] - lp[1 - v][sel]).max() > 1e-3
+        np.testing.assert_allclose(batch.behav_logp[sel], lp[v][sel], atol=1e-5)
+        assert np.abs(batch.behav_logp[sel] - lp[1 - v][sel]).max() > 1e-3
 
 
 def test_forced_end_of_turn_is_context_not_action(setup):
@@ -110,10 +111,10 @@ def test_advantages_land_on_generated_tokens_only(setup):
     trajs, _ = _generate(setup, model_lib.Numerics("fp32"))
     batch = collate(trajs, MAX_LEN)
     ep_adv = np.arange(1, B + 1, dtype=np.float32)
-    tok_adv = np.asarray(adv_lib.broadcast_to_tokens(ep_adv, batch["loss_mask"]))
-    assert (tok_adv[~batch["loss_mask"]] == 0).all()
+    tok_adv = np.asarray(adv_lib.broadcast_to_tokens(ep_adv, batch.loss_mask))
+    assert (tok_adv[~batch.loss_mask] == 0).all()
     for i in range(B):
-        assert (tok_adv[i][batch["loss_mask"][i]] == ep_adv[i]).all()
+        assert (tok_adv[i][batch.loss_mask[i]] == ep_adv[i]).all()
 
 
 def test_collate_rejects_overlong_trajectories(setup):

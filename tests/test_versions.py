@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl_async import model as M
-from jaxrl_async.versions import VersionEvicted, VersionStore
+from jaxrl_async.models import transformer as M
+from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
 
 
 def _tree(v: float):

@@ -1,6 +1,6 @@
 """The route sweep: proximal.source x staleness x sampler numerics x seed (issue 6).
 
-    make experiments        # or: python -m jaxrl_async.experiments --sweep=configs/experiments/routes.py \
+    make experiments        # or: python -m jaxrl_async.experiments.sweep --sweep=configs/experiments/routes.py \
                             #         --out=runs/experiments/routes
 
 Small setting, sized for 2 CPU cores: the default task and model, 64 episodes per RL step

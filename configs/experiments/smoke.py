@@ -1,6 +1,6 @@
 """A seconds-long sweep on a tiny model: what the tests and the notebooks run in CI.
 
-    python -m jaxrl_async.experiments --sweep=configs/experiments/smoke.py --out=runs/experiments/smoke
+    python -m jaxrl_async.experiments.sweep --sweep=configs/experiments/smoke.py --out=runs/experiments/smoke
 
 The easy search task, a one-layer width-32 model, a short warm start and 6 RL steps:
 the numbers show the pipeline works, not how the routes compare (use `routes.py`).

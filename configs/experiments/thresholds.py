@@ -1,6 +1,6 @@
 """Threshold interaction: the truncation cap and the token rejection band, exact vs recompute.
 
-    python -m jaxrl_async.experiments --sweep=configs/experiments/thresholds.py \
+    python -m jaxrl_async.experiments.sweep --sweep=configs/experiments/thresholds.py \
         --out=runs/experiments/thresholds
 
 Same small setting as `routes.py` at staleness 4 with a bf16 sampler. One block sweeps the

@@ -14,12 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrl_async import model as model_lib
-from jaxrl_async import proximal
-from jaxrl_async.losses import LossConfig, policy_loss
-
-# Keys of the `[B, T]` arrays the RL update reads from a batch.
-BATCH_KEYS = ("tokens", "loss_mask", "behav_logp", "prox_logp", "advantages", "versions")
+from jaxrl_async.core import proximal
+from jaxrl_async.core.losses import LossConfig, policy_loss
+from jaxrl_async.models import transformer as model_lib
+from jaxrl_async.rollout.trajectory import Batch
 
 
 @flax.struct.dataclass
@@ -66,9 +64,9 @@ def token_logprobs(graphdef, params, tokens):
     return model_lib.token_logprobs(graphdef, params, tokens)
 
 
-def _minibatches(batch: dict, key, num_minibatches: int) -> dict:
+def _minibatches(batch: Batch, key, num_minibatches: int) -> Batch:
     """Shuffles rows and splits `[B, ...]` arrays into `[M, B/M, ...]`."""
-    b = next(iter(batch.values())).shape[0]
+    b = batch.tokens.shape[0]
     if b % num_minibatches:
         raise ValueError(f"batch of {b} rows does not split into {num_minibatches} minibatches")
     perm = jax.random.permutation(key, b)
@@ -81,19 +79,18 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
 
     (`donate=False` keeps the input state alive: only for the before/after benchmark.)
 
-    batch: dict of `[B, T]` arrays with BATCH_KEYS, `prox_logp` already chosen by the
-    proximal route, except with `loglinear`, where the proximal log-probs are interpolated
-    inside the loss from the current log-probs at every gradient step (they depend on
-    `pi_theta`, DESIGN section 1). When the state carries an EWMA it is updated after
+    batch: a `Batch` of `[B, T]` arrays with `advantages` and `prox_logp` filled by the
+    proximal route (`learner.route`), except with `loglinear`, where the proximal log-probs
+    are interpolated inside the loss from the current log-probs at every gradient step
+    (they depend on `pi_theta`, docs/design.md section 3). When the state carries an EWMA it is updated after
     every optimizer step with decay `ewma_beta`. Metrics are averaged over all gradient
     steps of the update.
     """
 
     def loss_fn(params, mb, version):
-        logp = model_lib.token_logprobs(graphdef, params, mb["tokens"])
-        prox = (proximal.loglinear_logp(logp, mb["behav_logp"], mb["versions"], version)
-                if loglinear else mb["prox_logp"])
-        return policy_loss(logp, prox, mb["behav_logp"], mb["advantages"], mb["loss_mask"], loss_config)
+        logp = model_lib.token_logprobs(graphdef, params, mb.tokens)
+        prox = proximal.loglinear_logp(logp, mb.behav_logp, mb.versions, version) if loglinear else mb.prox_logp
+        return policy_loss(logp, prox, mb.behav_logp, mb.advantages, mb.loss_mask, loss_config)
 
     def grad_step(state: TrainState, mb, ewma_beta):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, state.version)
@@ -106,8 +103,8 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
             state = state.replace(ewma=ewma, ewma_count=count)
         return state, metrics
 
-    def update(state: TrainState, batch: dict, key, ewma_beta=0.0):
-        batch = {k: batch[k] for k in BATCH_KEYS}
+    def update(state: TrainState, batch: Batch, key, ewma_beta=0.0):
+        batch = batch.replace(old_logp=None)  # read through prox_logp only
 
         def epoch(state, key):
             return jax.lax.scan(lambda s, mb: grad_step(s, mb, ewma_beta), state,

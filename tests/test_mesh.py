@@ -17,8 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
-from jaxrl_async import learner as L, model as M, parallel
-from jaxrl_async.losses import LossConfig, policy_loss
+from jaxrl_async.learner import mesh as parallel, update as L
+from jaxrl_async.models import transformer as M
+from jaxrl_async.core.losses import LossConfig, policy_loss
+from jaxrl_async.rollout.trajectory import Batch
 
 assert len(jax.devices()) == 4, jax.devices()
 cfg = M.ModelConfig(vocab_size=40, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=32)
@@ -41,20 +43,20 @@ for agg in ("token_mean", "seq_mean_token_mean"):
     loss_config = LossConfig(aggregation=agg, token_mask=(0.5, 2.0), clip_high=0.28)
     for n in (1, 2, 4):
         mesh = parallel.make_mesh(n)
-        sb = parallel.shard_rows(batch, mesh)
+        sb = parallel.shard_rows(Batch(**batch), mesh)
         opt = L.make_optimizer(1e-2, 1.0)
         # A copy: the update donates the state, and on one device replicate() may not copy.
         state = parallel.replicate(L.create_train_state(jax.tree.map(jnp.copy, params), opt, ewma=True), mesh)
 
         def loss_fn(p):
-            logp = M.token_logprobs(graphdef, p, sb["tokens"])
-            return policy_loss(logp, sb["prox_logp"], sb["behav_logp"], sb["advantages"], sb["loss_mask"], loss_config)
+            logp = M.token_logprobs(graphdef, p, sb.tokens)
+            return policy_loss(logp, sb.prox_logp, sb.behav_logp, sb.advantages, sb.loss_mask, loss_config)
 
         (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
         update = L.make_rl_update(graphdef, opt, loss_config, num_minibatches=2)
         new_state, update_metrics = update(state, sb, jax.random.key(0), 0.9)
         out[f"{agg}/{n}"] = {
-            "devices": len(sb["tokens"].sharding.device_set),
+            "devices": len(sb.tokens.sharding.device_set),
             "loss": float(loss),
             "metrics": {k: float(v) for k, v in metrics.items()},
             "grads": [np.asarray(g).ravel().tolist() for g in jax.tree.leaves(grads)],
@@ -64,7 +66,7 @@ for agg in ("token_mean", "seq_mean_token_mean"):
         }
 # The snapshot route's per-version forwards on the mesh: rows sharded over the devices,
 # the same old log-probs as on one device. Three versions, one of them on 3 rows only.
-from jaxrl_async import proximal
+from jaxrl_async.learner.route import snapshot_logp
 versions_arr = np.where(mask, np.repeat([0, 1, 2, 2], 4)[:, None], -1).astype(np.int32)
 versions_arr[3] = np.where(mask[3], 1, -1)
 by_version = {v: jax.tree.map(lambda x, v=v: x * (1 + 0.01 * v), params) for v in range(3)}
@@ -78,7 +80,7 @@ for n in (1, 4):
         shardings.append(len(t.sharding.device_set))
         return M.token_logprobs(graphdef, parallel.replicate(p, mesh), t)
 
-    old_lp, _, passes, _ = proximal.snapshot_logp(logprob_fn, by_version.__getitem__, tokens, versions_arr, mask,
+    old_lp, _, passes, _ = snapshot_logp(logprob_fn, by_version.__getitem__, tokens, versions_arr, mask,
                                                   row_multiple=n)
     snap[str(n)] = {"old": old_lp.ravel().tolist(), "devices": shardings, "passes": passes}
 out["snapshot"] = snap

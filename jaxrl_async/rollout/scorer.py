@@ -1,4 +1,4 @@
-"""The dedicated old-logit process (DESIGN section 1, exact repair 2).
+"""The dedicated old-logit process (docs/design.md section 3, the `dedicated` route).
 
 A separate process holds learner-numerics (float32) weights at the sampler's version,
 read from the parameter-version ring buffer, and scores each generated segment as soon
@@ -16,7 +16,7 @@ bucket, not once per row count; the token axis is never padded (the sampler alwa
 `max_len` columns).
 
 The process is a fresh interpreter (`subprocess.Popen` of `python -m
-jaxrl_async.old_logit`): the equivalent of multiprocessing's 'spawn', never a fork of a
+jaxrl_async.rollout.scorer`): the equivalent of multiprocessing's 'spawn', never a fork of a
 JAX process, and unlike `multiprocessing.Process` it may be started from a daemonic
 process (the runtime's sampler processes are daemonic). The two talk over a pair of OS
 pipes with pickled messages. The scorer drains its request pipe on a reader thread, so
@@ -45,14 +45,9 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from jaxrl_async.core.buckets import bucket
+
 _POLL_S = 0.5
-
-
-def bucket(k: int) -> int:
-    """Rows a request of `k` rows is padded to: the next power of two (>= 1)."""
-    if k < 1:
-        raise ValueError(f"a request needs at least one row, got {k}")
-    return 1 << (k - 1).bit_length()
 
 
 class ScorerError(RuntimeError):
@@ -87,12 +82,12 @@ def _model_config_fields(model_config) -> dict:
     return dataclasses.asdict(model_config)
 
 
-class OldLogitScorer:
+class LogProbScorer:
     """Client of one old-logit scorer process. Not thread-safe: one user per instance.
 
     Usage::
 
-        scorer = OldLogitScorer().start(versions_dir, ring_capacity, model_config, seed)
+        scorer = LogProbScorer().start(versions_dir, ring_capacity, model_config, seed)
         scorer.prefetch(v)                      # optional: load v while it is surely retained
         rid = scorer.submit(tokens, v)          # tokens [k, T] int32, answered asynchronously
         ...
@@ -117,7 +112,7 @@ class OldLogitScorer:
 
     def start(self, versions_dir: str, ring_capacity: int, model_config, seed: int, *,
               warmup_rows: int = 0, keep_versions: Optional[int] = None,
-              env: Optional[dict] = None) -> "OldLogitScorer":
+              env: Optional[dict] = None) -> "LogProbScorer":
         """Starts the scorer process and returns self without waiting for it to be ready.
 
         versions_dir, ring_capacity: the ring buffer (`versions.VersionStore`, opened
@@ -133,7 +128,7 @@ class OldLogitScorer:
           XLA_PYTHON_CLIENT_PREALLOCATE=false unless set (two JAX processes share a GPU).
         """
         if self.proc is not None:
-            raise RuntimeError("OldLogitScorer.start called twice; make a new client")
+            raise RuntimeError("LogProbScorer.start called twice; make a new client")
         spec = {
             "versions_dir": os.path.abspath(versions_dir),
             "ring_capacity": int(ring_capacity),
@@ -154,7 +149,7 @@ class OldLogitScorer:
         child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "jaxrl_async.old_logit", str(req_r), str(rep_w), json.dumps(spec)],
+                [sys.executable, "-m", "jaxrl_async.rollout.scorer", str(req_r), str(rep_w), json.dumps(spec)],
                 pass_fds=(req_r, rep_w), env=child_env, close_fds=True)
         finally:
             os.close(req_r)
@@ -202,7 +197,7 @@ class OldLogitScorer:
                 proc.kill()
                 proc.wait()
 
-    def __enter__(self) -> "OldLogitScorer":
+    def __enter__(self) -> "LogProbScorer":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -354,8 +349,8 @@ def _scorer_main(req_fd: int, rep_fd: int, spec: dict) -> None:
 
     import jax
 
-    from jaxrl_async import model as model_lib
-    from jaxrl_async.versions import VersionEvicted, VersionStore
+    from jaxrl_async.models import transformer as model_lib
+    from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
 
     config = model_lib.ModelConfig(**spec["model_config"])
     graphdef, target = model_lib.init_model(config, spec["seed"])

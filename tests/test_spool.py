@@ -9,8 +9,8 @@ import zlib
 import numpy as np
 import pytest
 
-from jaxrl_async import queue as q
-from jaxrl_async.rollout import Trajectory
+from jaxrl_async.runtime import spool as q
+from jaxrl_async.rollout.trajectory import Trajectory
 
 
 def _traj(key: str, i: int, length: int = 8) -> Trajectory:

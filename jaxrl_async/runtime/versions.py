@@ -1,9 +1,9 @@
-"""The parameter-version ring buffer on Orbax (DESIGN section 3).
+"""The parameter-version ring buffer on Orbax (docs/design.md section 4).
 
 One writer (the learner) publishes every new parameter version; readers in other
 processes (samplers) poll for the newest one between decode chunks (weight sync), and the
 learner reads older retained versions back to recompute the exact `pi_old` (the
-"snapshot" route of DESIGN section 1).
+"snapshot" route of docs/design.md section 3).
 
 On-disk layout under `directory`:
 

@@ -7,7 +7,7 @@ One Flax NNX module (`Transformer`) serves two numeric paths:
 * the **inference** path (`inference_params`, `init_cache`, `decode_step`,
   `sample_token`): incremental KV-cache decoding with the weights cast to bf16/fp16 or
   int8-quantised, plus optional Gaussian logit noise. This is the sampler's engine, and
-  its log-probs are the behaviour log-probs `mu` of DESIGN.md section 1.
+  its log-probs are the behaviour log-probs `mu` of docs/design.md section 2.
 
 The two paths run the same `Transformer.__call__`; the only differences are the dtype
 of the weights handed to it (the compute dtype follows the weights), whether a KV

@@ -51,19 +51,21 @@ def replicate(tree, mesh):
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-def shard_rows(batch: dict, mesh) -> dict:
-    """Splits the leading (row) axis of each `[B, ...]` array over the `data` axis.
+def shard_rows(batch, mesh):
+    """Splits the leading (row) axis of each `[B, ...]` array of `batch` over the `data` axis.
 
-    B must be a multiple of the mesh size; scalars are replicated.
+    batch: any pytree of arrays (a dict, a `rollout.trajectory.Batch`); None leaves stay
+    None. B must be a multiple of the mesh size; scalars are replicated.
     """
     n = mesh.devices.size
-    out = {}
-    for k, x in batch.items():
+
+    def place(path, x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         if x.ndim == 0:
-            out[k] = jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
-            continue
+            return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
         if x.shape[0] % n:
-            raise ValueError(f"batch field {k!r} has {x.shape[0]} rows, not a multiple of {n} devices")
-        out[k] = jax.device_put(x, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
-    return out
+            raise ValueError(f"batch field {jax.tree_util.keystr(path, simple=True, separator='.')!r} has "
+                             f"{x.shape[0]} rows, not a multiple of {n} devices")
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+
+    return jax.tree_util.tree_map_with_path(place, batch)

@@ -1,4 +1,4 @@
-"""The policy loss of DESIGN section 2: PPO clipping on the staleness term, truncated IS
+"""The policy loss of docs/design.md section 2: PPO clipping on the staleness term, truncated IS
 and rejection masks on the discrepancy term, and its diagnostics.
 
 Per generated token, with ``lp = log pi_theta``, ``prox = log pi_prox``, ``beh = log mu``::
@@ -187,7 +187,7 @@ def policy_loss_terms(
     mask: jax.Array,
     config: LossConfig,
 ) -> LossTerms:
-    """The loss of DESIGN section 2 as per-token terms plus aggregation numerator/denominator.
+    """The loss of docs/design.md section 2 as per-token terms plus aggregation numerator/denominator.
 
     Args:
       logp: ``[B, T]`` log pi_theta of the taken tokens (the only input with gradient).
@@ -363,7 +363,7 @@ def policy_loss(
     mask: jax.Array,
     config: LossConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Decoupled PPO loss with truncated IS and rejection masks (DESIGN section 2).
+    """Decoupled PPO loss with truncated IS and rejection masks (docs/design.md section 2).
 
     Args:
       logp: ``[B, T]`` log pi_theta of the taken tokens (the only input with gradient).

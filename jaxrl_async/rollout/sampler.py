@@ -13,17 +13,17 @@ update, so each generated token's `behav_logp` is exactly the inference distribu
 the version recorded for it in `versions`.
 
 Optionally the sampler also fills `Trajectory.old_logp` with the exact `pi_old` (the
-learner-numerics, float32 log-prob under each token's version; DESIGN section 1), so the
+learner-numerics, float32 log-prob under each token's version; docs/design.md section 3), so the
 learner needs no extra forward pass:
 
-* `old_logp="interrupt"` (synchronisation by partial-rollout interruption): the sampler
+* `exact_route=Route.INTERRUPT` (synchronisation by partial-rollout interruption): the sampler
   keeps the float32 params of its current version beside the inference weights. Before it
   switches weights it pauses and scores every slot's not-yet-scored tokens (all of the
   outgoing version: live slots' partial segments and slots that finished since the last
   switch) in one learner forward over `[B, max_len]`; the rest is scored once at the end.
   Cost: a stall at each switch (`RolloutStats.old_logp_stall_s`).
-* `old_logp="dedicated"` (dedicated old-logit model): each segment is submitted to an
-  `old_logit.OldLogitScorer` process as soon as it ends (the agent turn ends, the episode
+* `exact_route=Route.DEDICATED` (dedicated old-log-prob model): each segment is submitted to a
+  `scorer.LogProbScorer` process as soon as it ends (the agent turn ends, the episode
   ends, or a weight switch cuts it), all segments ending at one decode step in one
   request; the answers are collected before `generate` returns. Cost: a second model in
   another process; the sampler only blocks in the final collect.
@@ -42,45 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_async import model as model_lib
+from jaxrl_async.core.proximal import Route
+from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.envs.base import Env
 from jaxrl_async.envs.tokenizer import TOKENIZER
+from jaxrl_async.rollout.trajectory import Trajectory
 
-OLD_LOGP_MODES = (None, "interrupt", "dedicated")
-
-
-@dataclasses.dataclass
-class Trajectory:
-    """One finished episode, host side (numpy). Per-token arrays are `[L]`.
-
-    `tokens[t]` is the t-th context token; for generated tokens (`loss_mask[t]`),
-    `behav_logp[t] = log mu(tokens[t] | tokens[:t])` under the version `versions[t]`.
-    Prompt and environment tokens have `loss_mask=False`, `behav_logp=0`, `versions=-1`.
-    `old_logp` (when the sampler computes it) is `log pi_old(tokens[t] | tokens[:t])`, the
-    learner-numerics log-prob under `versions[t]`, for generated tokens, and 0 elsewhere.
-    """
-
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    behav_logp: np.ndarray
-    versions: np.ndarray
-    reward: float
-    success: bool
-    num_turns: int
-    group_id: int
-    task_seed: int
-    old_logp: Optional[np.ndarray] = None
-    tool_latency_s: float = 0.0
-
-    @property
-    def length(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def is_partial(self) -> bool:
-        """True when the generated tokens come from more than one parameter version."""
-        v = self.versions[self.loss_mask]
-        return bool(v.size and v.min() != v.max())
 
 
 @dataclasses.dataclass
@@ -90,7 +57,7 @@ class RolloutStats:
     decode_steps: int = 0
     weight_switches: int = 0
     wall_s: float = 0.0
-    # Old-logit routes (0 when old_logp is None). interrupt: seconds generation was paused
+    # Old-logit routes (0 without an exact_route). interrupt: seconds generation was paused
     # for learner-numerics scoring; dedicated: seconds blocked collecting the scorer's answers.
     old_logp_stall_s: float = 0.0
     # interrupt: learner forward passes run by the sampler; dedicated: requests to the scorer.
@@ -101,31 +68,6 @@ class RolloutStats:
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / max(self.wall_s, 1e-9)
-
-
-def collate(trajs: Sequence[Trajectory], length: int) -> dict[str, np.ndarray]:
-    """Pads trajectories into `[B, length]` arrays (`tokens`, `loss_mask`, `behav_logp`, `versions`, and `old_logp` when every trajectory has it)."""
-    b = len(trajs)
-    out = {
-        "tokens": np.full((b, length), TOKENIZER.PAD, np.int32),
-        "loss_mask": np.zeros((b, length), bool),
-        "behav_logp": np.zeros((b, length), np.float32),
-        "versions": np.full((b, length), -1, np.int32),
-    }
-    with_old = all(t.old_logp is not None for t in trajs) and b > 0
-    if with_old:
-        out["old_logp"] = np.zeros((b, length), np.float32)
-    for i, t in enumerate(trajs):
-        if t.length > length:
-            raise ValueError(f"trajectory of {t.length} tokens exceeds the padded length {length}")
-        n = t.length
-        out["tokens"][i, :n] = t.tokens
-        out["loss_mask"][i, :n] = t.loss_mask
-        out["behav_logp"][i, :n] = t.behav_logp
-        out["versions"][i, :n] = t.versions
-        if with_old:
-            out["old_logp"][i, :n] = t.old_logp
-    return out
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "numerics", "temperature"), donate_argnames=("cache",))
@@ -212,19 +154,21 @@ class Sampler:
     """
 
     def __init__(self, graphdef, model_config: model_lib.ModelConfig, numerics: model_lib.Numerics,
-                 temperature: float = 1.0, old_logp: Optional[str] = None, scorer=None):
-        """old_logp: None (no `Trajectory.old_logp`), "interrupt" or "dedicated" (see the
-        module docstring). scorer: a started `old_logit.OldLogitScorer` reading the same
-        ring buffer the sampler's versions come from; required by "dedicated"."""
-        if old_logp not in OLD_LOGP_MODES:
-            raise ValueError(f"Sampler old_logp must be one of {OLD_LOGP_MODES}, got {old_logp!r}")
-        if old_logp == "dedicated" and scorer is None:
-            raise ValueError('Sampler old_logp="dedicated" needs a scorer (an old_logit.OldLogitScorer)')
+                 temperature: float = 1.0, exact_route: Optional[Route] = None, scorer=None):
+        """exact_route: None (no `Trajectory.old_logp`), `Route.INTERRUPT` or `Route.DEDICATED`
+        (see the module docstring). scorer: a started `scorer.LogProbScorer` reading the same
+        ring buffer the sampler's versions come from; required by `Route.DEDICATED`."""
+        if exact_route is not None:
+            exact_route = Route(exact_route)
+            if not exact_route.sampler_side:
+                raise ValueError(f"Sampler exact_route must be None, 'interrupt' or 'dedicated', got {exact_route.value!r}")
+        if exact_route == Route.DEDICATED and scorer is None:
+            raise ValueError("Sampler exact_route='dedicated' needs a scorer (a rollout.scorer.LogProbScorer)")
         self.graphdef = graphdef
         self.model_config = model_config
         self.numerics = numerics
         self.temperature = float(temperature)
-        self.old_logp = old_logp
+        self.exact_route = exact_route
         self.scorer = scorer
         self.inf_params = None
         self.learner_params = None  # float32 params of `version` (interrupt route only)
@@ -233,14 +177,14 @@ class Sampler:
     def update_params(self, params, version: int) -> None:
         """Loads learner params (converted to inference numerics) as `version`.
 
-        With old_logp="interrupt" the float32 params are kept as well (they are scored
-        with); with "dedicated" the scorer is asked to load `version` from the ring buffer
+        With the interrupt route the float32 params are kept as well (they are scored
+        with); with the dedicated route the scorer is asked to load `version` from the ring buffer
         now, while it is surely retained."""
         self.inf_params = model_lib.inference_params(params, self.numerics)
         self.version = int(version)
-        if self.old_logp == "interrupt":
+        if self.exact_route == Route.INTERRUPT:
             self.learner_params = params
-        elif self.old_logp == "dedicated":
+        elif self.exact_route == Route.DEDICATED:
             self.scorer.prefetch(self.version)
 
     def generate(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], key,
@@ -259,7 +203,7 @@ class Sampler:
         b = len(slots)
         cache = model_lib.init_cache(self.model_config, b, self.numerics)
         stats = RolloutStats(episodes=b)
-        mode = self.old_logp
+        mode = self.exact_route
         if mode is not None:
             for s in slots:
                 s.old = np.zeros(max_len + 1, np.float32)
@@ -299,13 +243,13 @@ class Sampler:
                 if s.cursor < len(s.tokens):
                     continue  # still prefilling known context
                 self._advance(s, int(sampled[i]), float(sampled_logp[i]), max_len, stats)
-            if mode == "dedicated":
+            if mode == Route.DEDICATED:
                 ended = [i for i, s in enumerate(slots) if s.segment_ended]
                 if ended:
                     self._score_old(slots, ended, requests, stats)
         if mode is not None:
             self._score_old(slots, [i for i, s in enumerate(slots) if s.has_unscored()], requests, stats)
-            if mode == "dedicated":
+            if mode == Route.DEDICATED:
                 self._collect_old(slots, requests, stats)
         stats.decode_steps = step
         stats.wall_s = time.perf_counter() - t0
@@ -325,7 +269,7 @@ class Sampler:
         if not rows:
             return
         max_len = self.model_config.max_len
-        if self.old_logp == "interrupt":
+        if self.exact_route == Route.INTERRUPT:
             t0 = time.perf_counter()
             # Fixed [B, max_len] whatever the number of rows: one compile per batch size.
             tokens = np.full((len(slots), max_len), TOKENIZER.PAD, np.int32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _as_float(x) -> jax.Array:
@@ -86,3 +87,35 @@ def broadcast_to_tokens(episode_advantages, loss_mask) -> jax.Array:
     return jnp.where(loss_mask.astype(bool), episode_advantages[:, None], 0.0).astype(
         episode_advantages.dtype
     )
+
+
+def episode_advantages(rewards, group_ids, estimator: str = "grpo", normalize_std: bool = True) -> np.ndarray:
+    """Episode advantages ``[B]`` of a batch whose episodes carry the id of their group.
+
+    A host function (it groups with ``np.unique``, so it is not jittable): episodes are
+    grouped by ``group_ids``, in any order, and each group gets the ``estimator``'s
+    advantages. Every group must hold the same number of episodes.
+
+    Args:
+      rewards: ``[B]`` episode rewards.
+      group_ids: ``[B]`` ints, the group (task instance) of each episode.
+      estimator: ``"grpo"`` (`group_relative`) or ``"rloo"`` (`rloo`).
+      normalize_std: grpo only, see `group_relative`.
+
+    Returns:
+      ``[B]`` float32 advantages, in the order of ``rewards``.
+    """
+    rewards = np.asarray(rewards, np.float32)
+    ids = np.asarray(group_ids)
+    chex.assert_equal_shape([rewards, ids])
+    if estimator not in ("grpo", "rloo"):
+        raise ValueError(f"estimator must be 'grpo' or 'rloo'; got {estimator!r}")
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    if (counts != counts[0]).any():
+        raise ValueError(f"every group needs the same number of episodes; group sizes {sorted(set(counts.tolist()))}")
+    order = np.argsort(inverse, kind="stable")  # the identity for a batch already in group order
+    grouped = rewards[order].reshape(len(counts), counts[0])
+    adv = group_relative(grouped, normalize_std=normalize_std) if estimator == "grpo" else rloo(grouped)
+    out = np.empty_like(rewards)
+    out[order] = np.asarray(adv, np.float32).reshape(-1)
+    return out

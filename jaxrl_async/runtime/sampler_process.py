@@ -20,13 +20,22 @@ when the learner process that started it is gone, so a killed learner leaves no 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing as mp
 import os
 import signal
 import time
 from typing import Optional
 
+import jax
 import numpy as np
+from ml_collections import config_dict
+
+from jaxrl_async import config as config_lib
+from jaxrl_async.models import transformer as model_lib
+from jaxrl_async.runtime.base import make_sampler, old_logp_metrics, queue_dir, versions_dir
+from jaxrl_async.runtime.spool import Item, TrajectoryQueue
+from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
 
 _CTX = mp.get_context("spawn")
 
@@ -59,14 +68,6 @@ class Shared:
         self.stop = _CTX.Event()
 
 
-def queue_dir(workdir: str) -> str:
-    return os.path.join(workdir, "queue")
-
-
-def versions_dir(workdir: str) -> str:
-    return os.path.join(workdir, "versions")
-
-
 def _group_key(spec: SamplerSpec, batch: int, group: int) -> str:
     return f"e{spec.epoch}-s{spec.sampler_id}-b{batch}-g{group}"
 
@@ -75,24 +76,15 @@ def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
     """Entry point of one sampler process: generate, queue, repeat until told to stop."""
     # Ctrl-C reaches the whole process group; the learner decides when samplers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Imports happen here so the spawned process pays for JAX only once, after start.
-    from ml_collections import config_dict
-
-    from jaxrl_async import model as model_lib
-    from jaxrl_async.queue import TrajectoryQueue
-    from jaxrl_async.runtime import make_sampler
-    from jaxrl_async.train import env_factory, model_config_from, numerics_from
-    from jaxrl_async.versions import VersionStore
-
-    config = config_dict.ConfigDict(__import__("json").loads(spec.config_json))
-    model_config = model_config_from(config)
+    config = config_dict.ConfigDict(json.loads(spec.config_json))
+    model_config = config_lib.model_config_from(config)
     graphdef, target = model_lib.init_model(model_config, config.seed)
     store = VersionStore(versions_dir(spec.workdir), spec.ring_capacity, target)
     queue = TrajectoryQueue(queue_dir(spec.workdir), spec.queue_capacity)
     rows = config.runtime.sampler_groups * config.rl.group_size
-    sampler, scorer = make_sampler(config, graphdef, model_config, numerics_from(config), spec.workdir, rows)
+    sampler, scorer = make_sampler(config, graphdef, spec.workdir, rows)
     try:
-        _sample_loop(spec, shared, config, sampler, store, queue, env_factory(config))
+        _sample_loop(spec, shared, config, sampler, store, queue, config_lib.env_factory(config))
     finally:
         if scorer is not None:
             scorer.close()
@@ -100,12 +92,6 @@ def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
 
 def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queue, make) -> None:
     """Generate groups under the staleness gate and queue them until the learner stops us."""
-    import jax
-
-    from jaxrl_async.queue import Item
-    from jaxrl_async.runtime import old_logp_metrics
-    from jaxrl_async.versions import VersionEvicted
-
     g_total, n = config.rl.groups_per_step, config.rl.group_size
     k = config.runtime.sampler_groups
     bound = config.runtime.max_staleness

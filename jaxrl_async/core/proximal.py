@@ -1,73 +1,53 @@
-"""Where ``prox = log pi_prox`` comes from (DESIGN section 1).
+"""Where ``prox = log pi_prox`` comes from: the routes and their pure math (docs/design.md section 3).
 
-This module holds the list of routes, the exact snapshot recomputation of the old
-log-probs from the parameter-version ring buffer, and the pure pieces of the approximate
-repairs: the loglinear interpolation of the proximal log-probability, the bias-corrected
-EWMA of the learner's weights, and the staleness-matched EWMA decay of the revised EWMA.
+This module holds the `Route` enum (the values of `proximal.source`) and the pure pieces
+of the approximate repairs: the loglinear interpolation of the proximal log-probability,
+the bias-corrected EWMA of the learner's weights, and the staleness-matched EWMA decay of
+the revised EWMA. The routes' system side lives above: `learner.route` (the learner's
+routes, the snapshot recomputation), `rollout.sampler` and `rollout.scorer` (the
+sampler-side exact routes).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import enum
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from jaxrl_async.old_logit import bucket
-
-# `proximal.source` values. The exact routes produce the true pi_old of each token's
-# version; they differ only in system cost.
-EXACT_SOURCES = ("snapshot", "dedicated", "interrupt")
-APPROX_SOURCES = ("recompute", "bypass", "loglinear", "ewma", "revised_ewma")
-SOURCES = EXACT_SOURCES + APPROX_SOURCES
 
 
-def snapshot_logp(logprob_fn: Callable, get_params: Callable, tokens: np.ndarray, versions: np.ndarray,
-                  loss_mask: np.ndarray, missing: tuple = (KeyError,), row_multiple: int = 1):
-    """Exact old log-probs from retained parameter versions (the `snapshot` route).
+class Route(str, enum.Enum):
+    """`proximal.source`: where `prox = log pi_prox` comes from (docs/design.md section 3).
 
-    For each version present among the generated tokens, one learner-numerics forward pass
-    over only the rows that hold it (padded to a power-of-two row count, rounded up to a
-    multiple of `row_multiple` so the rows split evenly over a device mesh), and a gather
-    of the tokens of that version.
-
-    Args:
-      logprob_fn: `(params, tokens [b, T]) -> [b, T]` learner log-probs.
-      get_params: `version -> params`; raises one of `missing` for a version no longer retained.
-      tokens, versions: `[B, T]` int; loss_mask: `[B, T]` bool.
-      row_multiple: padded row counts are multiples of this (the learner's device count, so
-        each forward shards evenly over the mesh); B must be a multiple of it.
-
-    Returns:
-      (old_logp `[B, T]` float32 (0 off the mask and on rows with a missing version),
-       missing_rows `[B]` bool: rows holding a token of a version no longer retained,
-       forward_passes: int, rows_scored: int).
+    The exact routes give the true `pi_old` of each token's version and differ only in
+    system cost; the approximate ones substitute something cheaper and entangle the
+    staleness and discrepancy terms. A `str` enum, so `Route("snapshot") == "snapshot"`
+    and config values compare and serialise as plain strings.
     """
-    b = tokens.shape[0]
-    old = np.zeros(tokens.shape, np.float32)
-    missing_rows = np.zeros(b, bool)
-    passes = rows_scored = 0
-    for v in np.unique(versions[loss_mask]):
-        rows = np.flatnonzero(((versions == v) & loss_mask).any(axis=1))
-        try:
-            params = get_params(int(v))
-        except missing:
-            missing_rows[rows] = True
-            continue
-        # Power-of-two row counts (at most B): a few shapes, so a few compilations.
-        n = min(-(-bucket(len(rows)) // row_multiple) * row_multiple, b)
-        padded = np.concatenate([rows, np.repeat(rows[:1], n - len(rows))])
-        lp = np.asarray(logprob_fn(params, jnp.asarray(tokens[padded])))[: len(rows)]
-        sel = (versions[rows] == v) & loss_mask[rows]
-        block = old[rows]
-        block[sel] = lp[sel]
-        old[rows] = block
-        passes += 1
-        rows_scored += len(padded)
-    old[missing_rows] = 0.0
-    return old, missing_rows, passes, rows_scored
+
+    SNAPSHOT = "snapshot"  # exact: the learner recomputes each token's version from the ring buffer
+    DEDICATED = "dedicated"  # exact: an old-log-prob scorer process beside the sampler
+    INTERRUPT = "interrupt"  # exact: the sampler scores in-flight segments at each weight switch
+    RECOMPUTE = "recompute"  # the learner's weights at the start of the step
+    BYPASS = "bypass"  # the behaviour log-probs (no discrepancy correction left)
+    LOGLINEAR = "loglinear"  # interpolated between behaviour and current inside the loss
+    EWMA = "ewma"  # a forward pass with an EWMA of the learner's weights
+    REVISED_EWMA = "revised_ewma"  # EWMA whose decay matches the measured staleness
+
+    @property
+    def exact(self) -> bool:
+        return self in (Route.SNAPSHOT, Route.DEDICATED, Route.INTERRUPT)
+
+    @property
+    def sampler_side(self) -> bool:
+        """Filled by the sampler side (`Trajectory.old_logp`), not by the learner."""
+        return self in (Route.DEDICATED, Route.INTERRUPT)
+
+    @property
+    def uses_ewma(self) -> bool:
+        """The train state carries an EWMA of the weights."""
+        return self in (Route.EWMA, Route.REVISED_EWMA)
 
 
 def loglinear_logp(logp, behav_logp, token_versions, current_version) -> jax.Array:

@@ -16,12 +16,14 @@ import numpy as np
 import psutil
 import pytest
 
-from jaxrl_async import model as model_lib
+from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.envs import make_env
 from jaxrl_async.envs.tokenizer import TOKENIZER
-from jaxrl_async.old_logit import OldLogitScorer, ScorerError, bucket
-from jaxrl_async.rollout import Sampler, collate
-from jaxrl_async.versions import VersionStore
+from jaxrl_async.core.buckets import bucket
+from jaxrl_async.rollout.scorer import LogProbScorer, ScorerError
+from jaxrl_async.rollout.sampler import Sampler
+from jaxrl_async.rollout.trajectory import collate
+from jaxrl_async.runtime.versions import VersionStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LEN = 64
@@ -46,14 +48,14 @@ def ring(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scorer(ring):
     """One scorer process for the module (started first: it imports JAX while we compile)."""
-    s = OldLogitScorer().start(ring[0], 4, CFG, seed=0, warmup_rows=B)
+    s = LogProbScorer().start(ring[0], 4, CFG, seed=0, warmup_rows=B)
     yield s
     s.close()
 
 
 def _run(ring, numerics, old_logp=None, scorer=None, switch_at=SWITCH_AT, max_turns=(4,) * B):
     _, graphdef, params = ring
-    sampler = Sampler(graphdef, CFG, model_lib.Numerics(numerics), old_logp=old_logp, scorer=scorer)
+    sampler = Sampler(graphdef, CFG, model_lib.Numerics(numerics), exact_route=old_logp, scorer=scorer)
     sampler.update_params(params[0], 0)
     envs = [make_env("search", n=8, max_turns=m) for m in max_turns]
     return sampler.generate(envs, list(range(B)), [i // 2 for i in range(B)], jax.random.key(3),
@@ -73,10 +75,10 @@ def runs(ring, scorer):
 def _reference(ring, batch):
     """Learner-numerics log-prob of every token under the version it is tagged with."""
     _, graphdef, params = ring
-    per_version = {v: np.asarray(model_lib.token_logprobs(graphdef, p, batch["tokens"])) for v, p in params.items()}
-    ref = np.zeros_like(batch["behav_logp"])
+    per_version = {v: np.asarray(model_lib.token_logprobs(graphdef, p, batch.tokens)) for v, p in params.items()}
+    ref = np.zeros_like(batch.behav_logp)
     for v, lp in per_version.items():
-        sel = batch["versions"] == v
+        sel = batch.versions == v
         ref[sel] = lp[sel]
     return ref, per_version
 
@@ -84,7 +86,7 @@ def _reference(ring, batch):
 @pytest.mark.parametrize("numerics", ["fp32", "bf16"])
 def test_both_routes_give_the_exact_old_logp_and_leave_sampling_unchanged(runs, ring, numerics):
     plain = collate(runs[numerics, None][0], MAX_LEN)
-    assert "old_logp" not in plain and runs[numerics, None][1].old_logp_forward_passes == 0
+    assert plain.old_logp is None and runs[numerics, None][1].old_logp_forward_passes == 0
     batches = {}
     for mode in ("interrupt", "dedicated"):
         trajs, stats = runs[numerics, mode]
@@ -92,12 +94,12 @@ def test_both_routes_give_the_exact_old_logp_and_leave_sampling_unchanged(runs, 
         batch = batches[mode] = collate(trajs, MAX_LEN)
         # The route does not touch sampling: the same tokens, log-probs and versions.
         for k in ("tokens", "loss_mask", "behav_logp", "versions"):
-            np.testing.assert_array_equal(batch[k], plain[k], err_msg=f"{mode}: {k}")
-    gen, versions = plain["loss_mask"], plain["versions"]
+            np.testing.assert_array_equal(getattr(batch, k), getattr(plain, k), err_msg=f"{mode}: {k}")
+    gen, versions = plain.loss_mask, plain.versions
     assert set(np.unique(versions[gen])) == {0, 1}  # a real mid-episode switch
     ref, per_version = _reference(ring, plain)
     for mode, batch in batches.items():
-        old = batch["old_logp"]
+        old = batch.old_logp
         assert (old[~gen] == 0).all(), f"{mode}: prompt/env tokens must have old_logp 0"
         assert (old[gen] < 0).all()
         np.testing.assert_allclose(old[gen], ref[gen], atol=1e-5, err_msg=mode)
@@ -105,8 +107,8 @@ def test_both_routes_give_the_exact_old_logp_and_leave_sampling_unchanged(runs, 
         for v in (0, 1):
             sel = gen & (versions == v)
             assert np.abs(old[sel] - per_version[1 - v][sel]).max() > 1e-3
-    np.testing.assert_allclose(batches["interrupt"]["old_logp"], batches["dedicated"]["old_logp"], atol=1e-5)
-    diff = np.abs(batches["interrupt"]["old_logp"][gen] - plain["behav_logp"][gen])
+    np.testing.assert_allclose(batches["interrupt"].old_logp, batches["dedicated"].old_logp, atol=1e-5)
+    diff = np.abs(batches["interrupt"].old_logp[gen] - plain.behav_logp[gen])
     if numerics == "fp32":
         assert diff.max() < 1e-5  # same numerics: pi_old == mu
     else:
@@ -133,11 +135,11 @@ def test_episodes_finished_before_the_switch_keep_their_own_version(ring, scorer
                         max_turns=(1, 4) * (B // 2))
     assert stats.weight_switches == 1
     batch = collate(trajs, MAX_LEN)
-    gen = batch["loss_mask"]
+    gen = batch.loss_mask
     only_v0 = [i for i, t in enumerate(trajs) if (t.versions[t.loss_mask] == 0).all()]
     assert only_v0 and len(only_v0) < B
     ref, _ = _reference(ring, batch)
-    np.testing.assert_allclose(batch["old_logp"][gen], ref[gen], atol=1e-5)
+    np.testing.assert_allclose(batch.old_logp[gen], ref[gen], atol=1e-5)
 
 
 def test_scorer_answers_match_the_learner_and_fail_loudly_on_unknown_versions(ring, scorer):
@@ -162,9 +164,9 @@ def test_scorer_answers_match_the_learner_and_fail_loudly_on_unknown_versions(ri
 def test_invalid_configurations_raise(ring):
     _, graphdef, _ = ring
     with pytest.raises(ValueError, match="scorer"):
-        Sampler(graphdef, CFG, model_lib.Numerics("fp32"), old_logp="dedicated")
-    with pytest.raises(ValueError, match="old_logp"):
-        Sampler(graphdef, CFG, model_lib.Numerics("fp32"), old_logp="snapshot")
+        Sampler(graphdef, CFG, model_lib.Numerics("fp32"), exact_route="dedicated")
+    with pytest.raises(ValueError, match="exact_route"):
+        Sampler(graphdef, CFG, model_lib.Numerics("fp32"), exact_route="snapshot")
 
 
 def _gone(pid):
@@ -177,8 +179,8 @@ def _gone(pid):
 def test_scorer_exits_when_its_parent_is_killed(tmp_path):
     script = textwrap.dedent(f"""
         import time
-        from jaxrl_async.old_logit import OldLogitScorer
-        s = OldLogitScorer().start({str(tmp_path)!r}, 2, {CFG.__dict__!r}, seed=0)
+        from jaxrl_async.rollout.scorer import LogProbScorer
+        s = LogProbScorer().start({str(tmp_path)!r}, 2, {CFG.__dict__!r}, seed=0)
         s.wait_ready()
         print(s.pid, flush=True)
         time.sleep(600)

@@ -1,0 +1,193 @@
+"""One call from a config to every component of a run: the assembly of the system.
+
+`RLCluster(config, workdir)` validates the config and the machine (`check_startup`),
+builds the model, optimizer, learner mesh and jitted update, the parameter-version ring
+buffer, the proximal route and the runtime, and restores the latest checkpoint or runs
+the warm start. `train_step(step)` is one RL step (batch in, update, new version
+published); `evaluate(step)`, `save(step, meta)` and `close()` do the rest. The entry
+point (`train.py`), the notebooks and the benchmarks all set up a run through it.
+
+    cluster = RLCluster(config, workdir)        # resumes from workdir's checkpoint if any
+    try:
+        for step in range(cluster.start_step, config.train.steps):
+            metrics = cluster.train_step(step)
+    finally:
+        cluster.close()
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from jaxrl_async import config as config_lib
+from jaxrl_async.core import advantages as adv_lib
+from jaxrl_async.core.proximal import Route
+from jaxrl_async.learner import mesh as mesh_lib
+from jaxrl_async.learner import update as learner_lib
+from jaxrl_async.learner.checkpoints import Checkpoints
+from jaxrl_async.learner.route import ProximalRoute
+from jaxrl_async.learner.warmstart import warmstart_params
+from jaxrl_async.models import transformer as model_lib
+from jaxrl_async.rollout.evaluate import evaluate, rollout_metrics
+from jaxrl_async.rollout.trajectory import Batch, Trajectory, collate
+from jaxrl_async.runtime import base as runtime_base
+from jaxrl_async.runtime.base import Runtime
+from jaxrl_async.runtime.inline import InlineRuntime
+from jaxrl_async.runtime.process import ProcessRuntime
+from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
+
+
+class ConfigError(ValueError):
+    """A config or setup problem found at startup; the message names the field or path."""
+
+
+def check_startup(config, workdir: str) -> None:
+    """Validates everything that can be checked before compiling or sampling; raises ConfigError."""
+    try:
+        config_lib.validate(config)
+        config_lib.loss_config_from(config)  # LossConfig checks the loss fields
+        model_config = config_lib.model_config_from(config)
+        config_lib.numerics_from(config)
+        devices = mesh_lib.make_mesh(config.parallel.num_devices).devices.size  # raises if there are too few
+        if (config.rl.groups_per_step * config.rl.group_size) % devices:
+            raise ValueError(f"the RL batch rl.groups_per_step * rl.group_size = "
+                             f"{config.rl.groups_per_step * config.rl.group_size} must split evenly over "
+                             f"{devices} devices (config.parallel.num_devices)")
+        env = config_lib.env_factory(config)()  # builds the task once: bad task names or kwargs fail here
+        if env.max_episode_tokens > model_config.max_len:
+            raise ValueError(f"config.model.max_len ({model_config.max_len}) is shorter than the longest possible "
+                             f"episode of task {config.task.name!r} ({env.max_episode_tokens} tokens)")
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from None
+
+
+def batch_from(trajs: list[Trajectory], config, max_len: int) -> Batch:
+    """The host batch of `trajs` with their per-token advantages (grouped by `group_id`)."""
+    batch = collate(trajs, max_len)
+    adv = adv_lib.episode_advantages([t.reward for t in trajs], [t.group_id for t in trajs],
+                                     config.rl.advantage, config.rl.normalize_std)
+    return batch.replace(advantages=np.where(batch.loss_mask, adv[:, None], np.float32(0.0)).astype(np.float32))
+
+
+class RLCluster:
+    """Every component of one run, built from `config` in `workdir`.
+
+    Attributes (after construction):
+      config, workdir; loss_config, model_config, numerics: the typed config views.
+      graphdef: the model's NNX graph definition; optimizer; mesh: the learner's device mesh.
+      state: the learner's `TrainState` (replicated on the mesh); meta: checkpoint metadata
+        (evaluations, counters, `epoch` = how many times this run has (re)started).
+      start_step: the RL step this run continues from (0 for a fresh run).
+      store: the parameter-version ring buffer; route: the `ProximalRoute`; update: the
+        jitted RL update; runtime: the `Runtime` (inline or process); checkpoints.
+    """
+
+    def __init__(self, config, workdir: str, resume: bool = True, log: Callable = print):
+        check_startup(config, workdir)
+        self.config, self.workdir, self.log = config, workdir, log
+        self.loss_config = config_lib.loss_config_from(config)
+        self.model_config = config_lib.model_config_from(config)
+        self.numerics = config_lib.numerics_from(config)
+        route = Route(config.proximal.source)
+
+        self.graphdef, init_params = model_lib.init_model(self.model_config, config.seed)
+        self.optimizer = learner_lib.make_optimizer(config.optim.learning_rate, config.optim.grad_clip,
+                                                    config.optim.weight_decay)
+        self.checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
+        start: Optional[int] = self.checkpoints.latest_step() if resume else None
+        state = learner_lib.create_train_state(init_params, self.optimizer, ewma=route.uses_ewma)
+        if start is None:
+            runtime_base.reset_dirs(workdir)
+        self.store = VersionStore(runtime_base.versions_dir(workdir), runtime_base.ring_capacity(config),
+                                  init_params, writer=True)
+        if start is not None:
+            state, meta = self.checkpoints.restore(start, state)
+            # Versions published after the checkpoint belong to the lost future; the ring buffer
+            # keeps versions up to the checkpoint, which the sampler reads as before.
+            self.store.truncate_after(start)
+            log(f"resumed from checkpoint at step {start}")
+        else:
+            start, meta = 0, {"epoch": -1}
+            if config.warmstart.enabled:
+                params, ws_metrics = warmstart_params(config, self.graphdef, init_params, self.model_config,
+                                                      workdir, log)
+                meta.update(ws_metrics)
+                state = learner_lib.create_train_state(params, self.optimizer, ewma=route.uses_ewma)
+            self.store.publish(0, state.params)
+        meta["epoch"] += 1  # one more (re)start of this run
+        self.meta, self.start_step = meta, start
+        self.mesh = mesh_lib.make_mesh(config.parallel.num_devices)
+        self.state = mesh_lib.replicate(state, self.mesh)
+
+        self.update = learner_lib.make_rl_update(self.graphdef, self.optimizer, self.loss_config,
+                                                 config.optim.num_minibatches, config.optim.num_epochs,
+                                                 loglinear=route == Route.LOGLINEAR)
+        self.route = ProximalRoute(config, self.graphdef, self.store, self.loss_config,
+                                   meta.get("staleness_window", []), self.mesh, missing=(VersionEvicted,))
+        self.k_sample, self.k_update, self.k_eval = jax.random.split(jax.random.key(config.seed), 3)
+        self.runtime: Runtime = self._make_runtime()
+
+    def _make_runtime(self) -> Runtime:
+        config = self.config
+        if config.runtime.mode == "inline":
+            rows = config.rl.groups_per_step * config.rl.group_size
+            sampler, scorer = runtime_base.make_sampler(config, self.graphdef, self.workdir, rows)
+            return InlineRuntime(config, sampler, self.store, config_lib.env_factory(config), self.k_sample, scorer)
+        return ProcessRuntime(config, self.workdir, self.meta["epoch"], self.start_step or None)
+
+    def train_step(self, step: int) -> dict:
+        """One RL step: a batch from the runtime, its proximal log-probs, the update, the new version.
+
+        Returns the step's metrics (loss, rollout, staleness, runtime, route and timing), as floats.
+        """
+        t0 = time.perf_counter()
+        v = int(self.state.version)
+        trajs, info = self.runtime.next_groups(step, v)
+        t_data = time.perf_counter()
+        batch = batch_from(trajs, self.config, self.model_config.max_len)
+        batch, prox_metrics = self.route(self.state, batch, v)
+        self.state, metrics = self.update(self.state, batch, jax.random.fold_in(self.k_update, step),
+                                          self.route.ewma_beta)
+        self.store.publish(v + 1, self.state.params)  # publish copies: the next update donates these buffers
+        self.runtime.published(v + 1)
+        metrics = {k: float(x) for k, x in jax.device_get(metrics).items()}  # one transfer for all metrics
+        metrics.update(rollout_metrics(trajs, v, self.runtime.bound))
+        metrics.update(info)
+        metrics.update(prox_metrics)
+        metrics["perf/train_s"] = time.perf_counter() - t_data
+        metrics["perf/step_s"] = time.perf_counter() - t0
+        metrics["perf/learner_steps_per_s"] = 1.0 / metrics["perf/step_s"]
+        return metrics
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out success rate and return of the current params (sampler numerics)."""
+        return evaluate(self.graphdef, self.model_config, self.numerics, self.state.params, step, self.config,
+                        jax.random.fold_in(self.k_eval, step))
+
+    def save(self, step: int, **meta) -> None:
+        """Checkpoints the train state with `meta` (merged into the run's metadata)."""
+        self.meta.update(meta, staleness_window=self.route.window)
+        self.checkpoints.save(step, self.state, self.meta)
+        self.runtime.checkpointed(step)
+
+    def close(self) -> None:
+        """Stops the runtime (samplers first), then closes the checkpoints."""
+        try:
+            self.runtime.close()
+        finally:
+            self.checkpoints.close()

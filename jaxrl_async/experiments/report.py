@@ -1,0 +1,381 @@
+"""Tables and figures from the experiment tables (`runs.csv`, `curves.csv` of a sweep).
+
+    python -m jaxrl_async.experiments.report --routes=runs/experiments/routes \
+        --thresholds=runs/experiments/thresholds --out=runs/experiments/report
+
+Prints markdown tables (and writes them to `<out>/report.md`) and figures (PNG) that
+answer the questions of the route sweep: the entanglement of staleness and mismatch
+under `recompute`, the interaction with the loss thresholds, learning against steps and
+against learner wall-clock per route, steps to a target success rate, and per-route
+cost. Every number is a mean over seeds with its spread (std over seeds, `n` seeds).
+The tables are pandas DataFrames (`load`); `seed_stats` is the one aggregation behind
+every table and figure.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+ROUTE_ORDER = ("snapshot", "dedicated", "interrupt", "recompute", "bypass", "loglinear", "ewma", "revised_ewma")
+AXES = ("source", "staleness", "dtype", "seed", "is_cap", "token_mask")
+TEXT_COLUMNS = AXES + ("cell", "config")  # read as strings, so `staleness == "4"` and `token_mask == "None"` work
+
+
+def read_table(path: str) -> pd.DataFrame:
+    """A CSV written by `sweep.collect`: the axes, `cell` and `config` as strings, every other
+    column parsed as numbers (`nan` or empty: missing)."""
+    columns = pd.read_csv(path, nrows=0).columns
+    text = [c for c in columns if c in TEXT_COLUMNS]
+    return pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
+                       na_values={c: ["", "nan", "NaN"] for c in columns if c not in text})
+
+
+# The tables of the sweeps behind the README's results, committed so the notebooks can read
+# them on a fresh checkout without the hour-long `make experiments`.
+COMMITTED_RESULTS = "docs/results"
+
+
+def results_dir(name: str, env_var: str | None = None) -> str | None:
+    """Where the tables (`runs.csv`) of sweep `name` ("routes", "thresholds") are.
+
+    `$env_var` when it is set and non-empty (used as given: no fallback when it holds no
+    `runs.csv`); else `runs/experiments/<name>` (your own `make experiments`); else the
+    committed `docs/results/<name>`. Relative to the repository root; None if none of the
+    places consulted has a `runs.csv`.
+    """
+    if env_var and os.environ.get(env_var):
+        candidates = [os.environ[env_var]]
+    else:
+        candidates = [os.path.join("runs", "experiments", name), os.path.join(COMMITTED_RESULTS, name)]
+    return next((d for d in candidates if os.path.exists(os.path.join(d, "runs.csv"))), None)
+
+
+def load(results_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, curves) of one sweep's output directory."""
+    return read_table(os.path.join(results_dir, "runs.csv")), read_table(os.path.join(results_dir, "curves.csv"))
+
+
+def select(df: pd.DataFrame, **where) -> pd.DataFrame:
+    """Rows whose columns equal `where` (compared as strings, so `staleness=4` works)."""
+    keep = pd.Series(True, index=df.index)
+    for k, v in where.items():
+        if k not in df:
+            return df.iloc[:0]
+        keep &= df[k].astype(str) == str(v)
+    return df[keep]
+
+
+def _finite(values) -> pd.DataFrame | pd.Series:
+    """`values` as floats with inf as missing: statistics are over the finite values."""
+    return values.astype(float).replace([np.inf, -np.inf], np.nan)
+
+
+def mean_std(values) -> tuple[float, float, int]:
+    """(mean, std over seeds, n) of the finite values; nan when there are none."""
+    v = _finite(pd.Series(values, dtype=float)).dropna()
+    if v.empty:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, int(len(v))
+
+
+def seed_stats(df: pd.DataFrame, by: Sequence[str], keys: Sequence[str]) -> pd.DataFrame:
+    """Per group of `by`: mean, std (over seeds; 0 for one seed) and count `n` of the finite
+    values of each of `keys`, and the group's `rows`. Columns `(key, "mean" | "std" | "n")`
+    and `("rows", "")`; the index is `by`."""
+    keys = list(keys)
+    groups = _finite(df[keys]).groupby([df[c] for c in by])
+    stats = groups.agg(["mean", "std", "count"]).rename(columns={"count": "n"}, level=1)
+    for k in keys:
+        stats.loc[stats[(k, "n")] == 1, (k, "std")] = 0.0
+    stats[("rows", "")] = groups.size()
+    return stats
+
+
+def _at(stats: pd.DataFrame, group, key: str, stat: str = "mean") -> float:
+    """One statistic of one group of `seed_stats` (nan, or 0 rows, for a group with no runs)."""
+    if group not in stats.index:
+        return 0 if key == "rows" else float("nan")
+    return stats.at[group, (key, "" if key == "rows" else stat)]
+
+
+def fmt(m: float, s: float | None = None, n: int | None = None, pct: bool = False, digits: int = 2) -> str:
+    if not np.isfinite(m):
+        return "n/a"
+    scale, unit = (100.0, "%") if pct else (1.0, "")
+    text = f"{m * scale:.{digits}f}{unit}"
+    if s is not None and np.isfinite(s):
+        text += f" ± {s * scale:.{digits}f}"
+    return text
+
+
+def routes_in(df: pd.DataFrame) -> list[str]:
+    present = set(df["source"])
+    return [s for s in ROUTE_ORDER if s in present]
+
+
+def staleness_in(df: pd.DataFrame) -> list[str]:
+    return sorted(set(df["staleness"]), key=int)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A markdown table of a DataFrame of strings: its columns are the header, its index is not written."""
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * table.shape[1]]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def steps_to_target(curve, target: float, x: str = "step") -> float:
+    """First `x` (step or learner_wall_s) at which held-out success reaches `target`, linearly
+    interpolated between evaluations; nan if the run never reaches it.
+
+    curve: one run's evaluations, a DataFrame or a list of dicts with `step`, `success` and `x`.
+    """
+    pts = pd.DataFrame(curve)
+    if pts.empty:
+        return float("nan")
+    pts = pts.sort_values("step", kind="stable")
+    success, xs = pts["success"].to_numpy(float), pts[x].to_numpy(float)
+    for i in range(1, len(pts)):
+        if success[i] >= target:
+            if success[i - 1] >= target:
+                return float(xs[i - 1])
+            frac = (target - success[i - 1]) / (success[i] - success[i - 1])
+            return float(xs[i - 1] + frac * (xs[i] - xs[i - 1]))
+    return float(xs[0]) if success[0] >= target else float("nan")
+
+
+def reach_target(curves: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per cell (the index): `to_target_step` and `to_target_wall_s`, the step and learner
+    seconds at which its held-out success reaches `target` (nan if it never does)."""
+    reach = {cell: (steps_to_target(c, target), steps_to_target(c, target, "learner_wall_s"))
+             for cell, c in curves.groupby("cell")}
+    return pd.DataFrame.from_dict(reach, orient="index", columns=["to_target_step", "to_target_wall_s"])
+
+
+def _with_reach(runs: pd.DataFrame, curves: pd.DataFrame, target: float) -> pd.DataFrame:
+    """`runs` with each run's `reach_target` columns (nan for a run without evaluations)."""
+    return runs.join(reach_target(curves, target), on="cell")
+
+
+def entanglement_table(runs: pd.DataFrame, dtype: str) -> str:
+    """Discrepancy truncation and token-rejection fractions against staleness, per route.
+
+    `snapshot (as recompute)` is the audit the exact route logs on its own batches: what
+    `recompute` would have truncated and rejected on exactly the same data.
+    """
+    rows = select(runs, dtype=dtype)
+    sources = [s for s in routes_in(rows) if s in ("snapshot", "recompute", "bypass", "loglinear", "ewma",
+                                                    "revised_ewma")]
+    keys = ("is/truncated_frac", "mask/token_frac")
+    audit = ("audit/recompute/is/truncated_frac", "audit/recompute/mask/token_frac")
+    stats = seed_stats(rows, ["staleness", "source"], keys + audit)
+
+    def pair(group, ks):
+        return " / ".join(fmt(_at(stats, group, k), pct=True) for k in ks)
+
+    table = pd.DataFrame(
+        [[st] + [pair((st, s), keys) for s in sources] + [pair((st, "snapshot"), audit)] for st in staleness_in(rows)],
+        columns=["staleness"] + [f"{s} trunc / mask" for s in sources] + ["snapshot (as recompute) trunc / mask"])
+    return markdown(table)
+
+
+def metric_table(runs: pd.DataFrame, dtype: str, key: str, pct: bool = True) -> str:
+    """One per-step metric (run mean, then mean ± std over seeds) per route and staleness."""
+    rows = select(runs, dtype=dtype)
+    stal = staleness_in(rows)
+    stats = seed_stats(rows, ["source", "staleness"], [key])
+    table = pd.DataFrame(
+        [[src] + [fmt(_at(stats, (src, st), key), _at(stats, (src, st), key, "std"), pct=pct) for st in stal]
+         for src in routes_in(rows)],
+        columns=["route"] + [f"s={s}" for s in stal])
+    return markdown(table)
+
+
+def learning_table(runs: pd.DataFrame, curves: pd.DataFrame, dtype: str, target: float) -> str:
+    """Per route and staleness: final held-out success, steps and learner seconds to `target`."""
+    rows = _with_reach(select(runs, dtype=dtype), curves, target)
+    stal = staleness_in(rows)
+    stats = seed_stats(rows, ["source", "staleness"], ["success_final", "to_target_step", "to_target_wall_s"])
+    body = []
+    for src in routes_in(rows):
+        finals = [fmt(_at(stats, (src, st), "success_final"), _at(stats, (src, st), "success_final", "std"))
+                  for st in stal]
+        reach = [f"{fmt(_at(stats, g, 'to_target_step'), digits=0)} / {fmt(_at(stats, g, 'to_target_wall_s'), digits=0)} "
+                 f"({_at(stats, g, 'to_target_step', 'n')}/{_at(stats, g, 'rows')})" if g in stats.index else "n/a"
+                 for g in ((src, st) for st in stal)]
+        body.append([src] + finals + reach)
+    columns = ["route"] + [f"s={s}: final success" for s in stal] + [f"s={s}: steps / s to {target:g}" for s in stal]
+    return markdown(pd.DataFrame(body, columns=columns))
+
+
+def cost_table(runs: pd.DataFrame, dtype: str, staleness: str, target: float, curves: pd.DataFrame) -> str:
+    """Per-route system cost at one setting, relative to `recompute`, next to its learning result."""
+    rows = _with_reach(select(runs, dtype=dtype, staleness=staleness), curves, target)
+    keys = ["perf/step_s", "perf/train_s", "perf/sample_s", "proximal/sampler_stall_s", "proximal/forward_passes",
+            "proximal/param_copies", "success_final", "to_target_step"]
+    stats = seed_stats(rows, ["source"], keys)
+    base = _at(stats, "recompute", "perf/train_s")
+    body = []
+    for src in routes_in(rows):
+        train = _at(stats, src, "perf/train_s")
+        body.append([src, fmt(_at(stats, src, "perf/step_s"), digits=3), fmt(train, digits=3),
+                     fmt(train / base if base else float("nan")),
+                     fmt(_at(stats, src, "perf/sample_s"), digits=3),
+                     fmt(_at(stats, src, "proximal/sampler_stall_s"), digits=4),
+                     fmt(_at(stats, src, "proximal/forward_passes")),
+                     fmt(_at(stats, src, "proximal/param_copies")),
+                     fmt(_at(stats, src, "success_final"), _at(stats, src, "success_final", "std")),
+                     fmt(_at(stats, src, "to_target_step"), digits=0)])
+    columns = ["route", "step s (sample + train)", "train s/step", "x recompute", "sample s/step",
+               "sampler stall s/step", "forward passes", "param copies", "final success", f"steps to {target:g}"]
+    return markdown(pd.DataFrame(body, columns=columns))
+
+
+def threshold_table(runs: pd.DataFrame) -> str:
+    """Effective clip fraction (tokens without gradient), PPO clip, truncation and rejection per threshold."""
+    keys = ["ratio/effective_clip_frac", "ratio/clip_frac", "is/truncated_frac", "mask/token_frac"]
+    stats = seed_stats(runs, ["token_mask", "is_cap", "source"], keys + ["success_final"])
+    body = []
+    for tm, cap in sorted(set(zip(runs["token_mask"], runs["is_cap"]))):
+        for src in routes_in(runs):
+            g = (tm, cap, src)
+            if g in stats.index:
+                body.append([tm, cap, src] + [fmt(_at(stats, g, k), pct=True) for k in keys]
+                            + [fmt(_at(stats, g, "success_final"), _at(stats, g, "success_final", "std"))])
+    columns = ["token_mask", "is_cap", "route", "effective clip", "PPO clip", "truncated", "rejected", "final success"]
+    return markdown(pd.DataFrame(body, columns=columns))
+
+
+def mean_curve(curves: pd.DataFrame, x: str = "step") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and std over runs of held-out success at each evaluation step; x averaged too."""
+    per_step = curves.drop_duplicates(["cell", "step"]).groupby("step")
+    return (per_step[x].mean().to_numpy(), per_step["success"].mean().to_numpy(),
+            per_step["success"].std(ddof=0).to_numpy())
+
+
+def plot_learning_curves(curves: pd.DataFrame, dtype: str, x: str = "step", path: str | None = None,
+                         sources=None):
+    """One panel per staleness: held-out success (mean over seeds, band = ± std) per route."""
+    import matplotlib
+
+    if path:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = select(curves, dtype=dtype)
+    stal = staleness_in(rows)
+    fig, axes = plt.subplots(1, len(stal), figsize=(3.6 * len(stal), 3.2), sharey=True, squeeze=False)
+    for ax, st in zip(axes[0], stal):
+        for src in sources or routes_in(rows):
+            sel = select(rows, source=src, staleness=st)
+            if sel.empty:
+                continue
+            xs, m, s = mean_curve(sel, x)
+            color = f"C{ROUTE_ORDER.index(src)}"  # one color per route in every panel and figure
+            ax.plot(xs, m, color=color, label=src, lw=1.5)
+            ax.fill_between(xs, m - s, m + s, color=color, alpha=0.12)
+        ax.set_title(f"staleness {st}, sampler {dtype}")
+        ax.set_xlabel("RL step" if x == "step" else "learner wall-clock (s)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out success")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    fig.tight_layout()
+    # Outside the panels, to the right, so it never hides a curve.
+    fig.legend([handles[k] for k in ROUTE_ORDER if k in handles], [k for k in ROUTE_ORDER if k in handles],
+               fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1)
+    if path:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return fig
+
+
+def plot_entanglement(runs: pd.DataFrame, path: str | None = None):
+    """Token-rejection fraction against staleness: recompute vs the exact route, per sampler numerics."""
+    import matplotlib
+
+    if path:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted(set(runs["dtype"]))
+    stats = seed_stats(runs, ["dtype", "source", "staleness"], ["mask/token_frac", "audit/recompute/mask/token_frac"])
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(3.6 * len(dtypes), 3.2), sharey=True, squeeze=False)
+    for ax, dt in zip(axes[0], dtypes):
+        st = staleness_in(select(runs, dtype=dt))
+        for i, (src, key, label) in enumerate((
+                ("snapshot", "mask/token_frac", "exact (snapshot)"),
+                ("recompute", "mask/token_frac", "recompute"),
+                ("snapshot", "audit/recompute/mask/token_frac", "recompute on the exact batches (audit)"))):
+            means = [100 * _at(stats, (dt, src, s), key) for s in st]
+            stds = [100 * _at(stats, (dt, src, s), key, "std") for s in st]
+            ax.errorbar([int(s) for s in st], means, stds, marker="o", capsize=3, label=label, color=f"C{i}")
+        ax.set_title(f"sampler {dt}")
+        ax.set_xlabel("staleness (versions)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("tokens rejected by the (0.5, 2) band (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
+def report(routes_dir: str, thresholds_dir: str | None, out: str, target: float = 0.7) -> str:
+    """All tables as markdown (also written to `<out>/report.md`) and the figures as PNGs in `<out>`."""
+    os.makedirs(out, exist_ok=True)
+    runs, curves = load(routes_dir)
+    parts = [f"Results from `{routes_dir}` ({len(runs)} runs); means over seeds, ± std over seeds."]
+    dtypes = sorted(set(runs["dtype"]))
+    for dt in dtypes:
+        parts.append(f"\n### Entanglement, sampler {dt}: discrepancy truncation / token rejection\n")
+        parts.append(entanglement_table(runs, dt))
+    for dt in dtypes:
+        parts.append(f"\n### Learning, sampler {dt} (steps / learner seconds to {target:g}: mean over the seeds "
+                     f"that reach it, (reached / seeds))\n")
+        parts.append(learning_table(runs, curves, dt, target))
+        for x in ("step", "learner_wall_s"):
+            plot_learning_curves(curves, dt, x, os.path.join(out, f"curves_{dt}_{x}.png"))
+    for dt in dtypes:
+        parts.append(f"\n### Effective clip fraction (tokens without gradient), sampler {dt}\n")
+        parts.append(metric_table(runs, dt, "ratio/effective_clip_frac"))
+    routes_per_setting = runs[runs["source"].isin(ROUTE_ORDER)].groupby(["dtype", "staleness"])["source"].nunique()
+    cost_cells = [(dt, st) for dt in dtypes for st in staleness_in(select(runs, dtype=dt))
+                  if routes_per_setting.get((dt, st), 0) == len(ROUTE_ORDER)]
+    for dt, st in cost_cells:
+        parts.append(f"\n### Cost per route, sampler {dt}, staleness {st}\n")
+        parts.append(cost_table(runs, dt, st, target, curves))
+    plot_entanglement(runs, os.path.join(out, "entanglement.png"))
+    if thresholds_dir and os.path.exists(os.path.join(thresholds_dir, "runs.csv")):
+        t_runs, _ = load(thresholds_dir)
+        parts.append(f"\n### Threshold interaction (`{thresholds_dir}`, {len(t_runs)} runs)\n")
+        parts.append(threshold_table(t_runs))
+    text = "\n".join(parts) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv):
+    """`python -m jaxrl_async.experiments.report`: the flags are defined below, in `__main__`."""
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    print(report(FLAGS.routes, FLAGS.thresholds, FLAGS.out, FLAGS.target))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("routes", "runs/experiments/routes", "Output directory of the route sweep.")
+    flags.DEFINE_string("thresholds", "runs/experiments/thresholds",
+                        "Output directory of the threshold sweep (its table is left out when it has no runs.csv).")
+    flags.DEFINE_string("out", "runs/experiments/report", "Where report.md and the figures go.")
+    flags.DEFINE_float("target", 0.7, "Held-out success rate for steps-to-target.")
+    app.run(main)

@@ -1,0 +1,112 @@
+"""Supervised warm start on demonstrations of a noisy scripted agent.
+
+RL for language-model agents starts from a fine-tuned model, not from random weights.
+Here the fine-tuning data are episodes of each task's scripted agent (`Env.expert_action`)
+that takes a plausible wrong action with probability `noise` per turn, so the warm-started
+policy is competent at the format but far from reliable, and RL has room to improve it.
+
+`warmstart_params` runs the supervised phase (`run_warmstart`) or takes it from a cache
+shared across runs that differ only after the warm start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxrl_async import config as config_lib
+from jaxrl_async.envs.base import Env, expert_episode
+from jaxrl_async.envs.tokenizer import TOKENIZER
+from jaxrl_async.learner import update as learner_lib
+
+
+def demonstrations(make_env: Callable[[], Env], task_seeds, noise: float, seed: int,
+                   max_len: int) -> dict[str, np.ndarray]:
+    """Rolls out the noisy scripted agent once per task seed.
+
+    Returns `tokens` `[N, max_len]` int32 (PAD-padded) and `loss_mask` `[N, max_len]` bool
+    marking the agent's tokens (each turn's words and its end-of-turn token), the same
+    layout the sampler produces, so the supervised and RL phases see identical contexts.
+    """
+    rng = np.random.default_rng(seed)
+    env = make_env()
+    n = len(task_seeds)
+    tokens = np.full((n, max_len), TOKENIZER.PAD, np.int32)
+    mask = np.zeros((n, max_len), bool)
+    for i, task_seed in enumerate(task_seeds):
+        ep = expert_episode(env, int(task_seed), rng, noise)
+        length = min(len(ep.tokens), max_len)
+        tokens[i, :length] = ep.tokens[:length]
+        mask[i, :length] = ep.loss_mask[:length]
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+def cached_demonstrations(path: str, **kwargs) -> dict[str, np.ndarray]:
+    """`demonstrations(**kwargs)`, cached as an .npz at `path` (written atomically)."""
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    demos = demonstrations(**kwargs)
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, **demos)
+    os.replace(tmp, path)
+    return demos
+
+
+def warmstart_params(config, graphdef, params, model_config, workdir: str, log) -> tuple:
+    """The warm-started params and metrics, from `warmstart.cache_dir` when it holds this setting.
+
+    The cache key covers everything the warm start depends on (task, model, warm-start
+    settings, seed), so runs that differ only after the warm start (routes, runtimes,
+    loss settings) share one warm start.
+    """
+    cache = config.warmstart.cache_dir
+    if not cache:
+        return run_warmstart(config, graphdef, params, model_config, workdir, log)
+    keyed = {k: config[k].to_dict() for k in ("task", "model", "warmstart")}
+    keyed.update(seed=config.seed, grad_clip=config.optim.grad_clip, max_len=model_config.max_len)
+    keyed["warmstart"].pop("cache_dir")
+    key = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.abspath(os.path.join(cache, key))
+    checkpointer = ocp.StandardCheckpointer()
+    if os.path.exists(os.path.join(path, "metrics.json")):
+        log(f"warm start: cached in {path}")
+        restored = checkpointer.restore(os.path.join(path, "params"), params)
+        with open(os.path.join(path, "metrics.json")) as f:
+            return restored, json.load(f)
+    out, metrics = run_warmstart(config, graphdef, params, model_config, workdir, log)
+    os.makedirs(path, exist_ok=True)
+    checkpointer.save(os.path.join(path, "params"), out, force=True)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(path, "metrics.json"), "w") as f:  # written last: marks the entry complete
+        json.dump(metrics, f)
+    return out, metrics
+
+
+def run_warmstart(config, graphdef, params, model_config, workdir: str, log) -> tuple:
+    """Supervised warm start on cached noisy demonstrations; returns (params, metrics)."""
+    ws = config.warmstart
+    rng = np.random.default_rng([config.seed, 7])
+    seeds = rng.integers(0, config.eval.seed_offset, ws.episodes)
+    demos = cached_demonstrations(
+        os.path.join(workdir, "demonstrations.npz"), make_env=config_lib.env_factory(config), task_seeds=seeds,
+        noise=ws.noise, seed=config.seed, max_len=model_config.max_len)
+    optimizer = learner_lib.make_optimizer(ws.learning_rate, config.optim.grad_clip)
+    state = learner_lib.create_train_state(params, optimizer)
+    update = learner_lib.make_sft_update(graphdef, optimizer)
+    t0 = time.perf_counter()
+    nll = []
+    for i in range(ws.steps):
+        idx = rng.integers(0, ws.episodes, ws.batch_size)
+        state, m = update(state, {k: jnp.asarray(v[idx]) for k, v in demos.items()})
+        nll.append(float(m["sft/nll"]))
+        if (i + 1) % 50 == 0 or i + 1 == ws.steps:
+            log(f"warm start {i + 1}/{ws.steps}: nll {np.mean(nll[-50:]):.3f}")
+    return state.params, {"warmstart/nll_final": float(np.mean(nll[-20:])), "warmstart/wall_s": time.perf_counter() - t0}

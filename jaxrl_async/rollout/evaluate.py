@@ -1,0 +1,45 @@
+"""What the rollouts say: held-out evaluation and the rollout metrics of a training batch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxrl_async import config as config_lib
+from jaxrl_async.rollout.sampler import Sampler
+from jaxrl_async.rollout.trajectory import Trajectory
+
+
+def evaluate(graphdef, model_config, numerics, params, version: int, config, key) -> dict[str, float]:
+    """Success rate and return of `params` in the sampler's numerics on the fixed held-out task seeds."""
+    make = config_lib.env_factory(config)
+    n = config.eval.episodes
+    seeds = [config.eval.seed_offset + i for i in range(n)]
+    eval_sampler = Sampler(graphdef, model_config, numerics, config.eval.temperature)
+    eval_sampler.update_params(params, version)
+    trajs, _ = eval_sampler.generate([make() for _ in range(n)], seeds, list(range(n)), key)
+    return {
+        "eval/success_rate": float(np.mean([t.success for t in trajs])),
+        "eval/return": float(np.mean([t.reward for t in trajs])),
+        "eval/turns_mean": float(np.mean([t.num_turns for t in trajs])),
+    }
+
+
+def rollout_metrics(trajs: list[Trajectory], version: int, bound: int) -> dict:
+    """`rollout/...` and `staleness/...` metrics of one batch of trajectories at learner `version`.
+
+    bound: the runtime's staleness bound (the histogram's last bin).
+    """
+    gen_versions = np.concatenate([t.versions[t.loss_mask] for t in trajs])
+    staleness = version - gen_versions if gen_versions.size else np.zeros(1, np.int64)
+    return {
+        "rollout/success_rate": float(np.mean([t.success for t in trajs])),
+        "rollout/return_mean": float(np.mean([t.reward for t in trajs])),
+        "rollout/episode_tokens_mean": float(np.mean([t.length for t in trajs])),
+        "rollout/generated_tokens_mean": float(np.mean([t.loss_mask.sum() for t in trajs])),
+        "rollout/turns_mean": float(np.mean([t.num_turns for t in trajs])),
+        "rollout/partial_frac": float(np.mean([t.is_partial for t in trajs])),
+        "staleness/mean": float(staleness.mean()),
+        "staleness/max": float(staleness.max()),
+        # token counts at staleness 0, 1, ..., bound
+        "staleness/hist": np.bincount(np.clip(staleness, 0, bound), minlength=bound + 1).tolist(),
+    }

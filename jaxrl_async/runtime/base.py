@@ -1,0 +1,100 @@
+"""What every runtime shares: the `Runtime` protocol, the run's directories, the sampler factory.
+
+A runtime is where a training batch comes from (docs/design.md section 4). Both runtimes
+hand the learner loop `G` complete groups of `n` trajectories per RL step and read weights
+from the parameter-version ring buffer (`runtime.versions.VersionStore`), which the
+learner fills after every update:
+
+- `inline.InlineRuntime`: sampling in the learner's process on a deterministic schedule.
+- `process.ProcessRuntime`: sampler processes generate continuously (`sampler_process`);
+  the learner takes the oldest groups from the spool queue (`spool`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional, Protocol
+
+from jaxrl_async import config as config_lib
+from jaxrl_async.core.proximal import Route
+from jaxrl_async.rollout.sampler import RolloutStats, Sampler
+from jaxrl_async.rollout.scorer import LogProbScorer
+from jaxrl_async.rollout.trajectory import Trajectory
+
+
+class Runtime(Protocol):
+    """The learner loop's view of a runtime. The loop calls, in order:
+
+    `start(version)` once; then per RL step `next_groups(step, version)` for the batch,
+    `published(version + 1)` after the new version is in the ring buffer, and
+    `checkpointed(step)` after a checkpoint; `close()` at the end, on success or error.
+    """
+
+    bound: int  # staleness bound: no token older than this many versions reaches the loss
+
+    def start(self, version: int) -> None: ...
+
+    def next_groups(self, step: int, version: int) -> tuple[list[Trajectory], dict]:
+        """`G * n` trajectories of `G` complete groups (group ids 0..G-1, each `n` times) for
+        learner `version`, and the runtime's metrics for this step."""
+        ...
+
+    def published(self, version: int) -> None: ...
+
+    def checkpointed(self, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def queue_dir(workdir: str) -> str:
+    """The spool queue of trajectory groups (process runtime)."""
+    return os.path.join(workdir, "queue")
+
+
+def versions_dir(workdir: str) -> str:
+    """The parameter-version ring buffer."""
+    return os.path.join(workdir, "versions")
+
+
+def reset_dirs(workdir: str) -> None:
+    """A fresh run in an old workdir: the previous run's versions and queued groups are void."""
+    for d in (versions_dir(workdir), queue_dir(workdir)):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def ring_capacity(config) -> int:
+    """Versions the ring buffer keeps: the configured K, or the fewest the runtime needs."""
+    if config.runtime.ring_capacity is not None:
+        return config.runtime.ring_capacity
+    return config_lib.min_ring_capacity(config)
+
+
+def staleness_bound(config) -> int:
+    """The most versions a token may lag the learner: `max_staleness` (process), `lag + 1` (inline)."""
+    rt = config.runtime
+    return rt.max_staleness if rt.mode == "process" else rt.lag + 1
+
+
+def make_sampler(config, graphdef, workdir: str, warmup_rows: int) -> tuple[Sampler, Optional[LogProbScorer]]:
+    """The sampler of the configured proximal route: (Sampler, LogProbScorer or None).
+
+    `interrupt` makes the sampler score in-flight segments under the outgoing version at
+    every weight switch; `dedicated` starts an old-log-prob scorer process beside it (reading
+    the same ring buffer) that scores each segment as it is generated.
+    """
+    route = Route(config.proximal.source)
+    model_config = config_lib.model_config_from(config)
+    scorer = None
+    if route == Route.DEDICATED:
+        scorer = LogProbScorer().start(versions_dir(workdir), ring_capacity(config), model_config,
+                                       config.seed, warmup_rows=warmup_rows)
+    sampler = Sampler(graphdef, model_config, config_lib.numerics_from(config), config.sampler.temperature,
+                      exact_route=route if route.sampler_side else None, scorer=scorer)
+    return sampler, scorer
+
+
+def old_logp_metrics(stats: RolloutStats) -> dict:
+    """Sampler-side cost of the interrupt and dedicated routes for one generate call."""
+    return {"proximal/sampler_stall_s": stats.old_logp_stall_s,
+            "proximal/sampler_forward_passes": float(stats.old_logp_forward_passes)}

@@ -1,3 +1,17 @@
-"""jaxrl_async: asynchronous RL for language-model agents with decomposed off-policy correction."""
+"""jaxrl_async: asynchronous RL for language-model agents with decomposed off-policy correction.
+
+Sub-packages, lowest first (each imports only from the ones listed before it):
+
+- `core`: the math: the decomposed-ratio policy loss, advantages, the proximal routes' pure pieces.
+- `models`: the transformer (learner forward, KV-cache decoding, inference numerics).
+- `envs`: the agent tasks and their tokenizer.
+- `rollout`: trajectories and the typed batch, the sampler, evaluation.
+- `learner`: train state and jitted updates, the proximal route, the device mesh, checkpoints, warm start.
+- `runtime`: the version ring buffer, the spool queue, sampler and old-log-prob scorer processes, the inline and process runtimes.
+- `cluster`: `RLCluster`, every component of a run built from a config in one call.
+- `train`: the entry point; `experiments`: sweeps and reports.
+
+See docs/design.md for the design.
+"""
 
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ point (`train.py`), the notebooks and the benchmarks all set up a run through it
 
     cluster = RLCluster(config, workdir)        # resumes from workdir's checkpoint if any
     try:
+        cluster.runtime.start(int(cluster.state.version))   # starts sampler processes, if any
         for step in range(cluster.start_step, config.train.steps):
             metrics = cluster.train_step(step)
     finally:
@@ -18,6 +19,7 @@ point (`train.py`), the notebooks and the benchmarks all set up a run through it
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Callable, Optional
 
@@ -87,6 +89,10 @@ def batch_from(trajs: list[Trajectory], config, max_len: int) -> Batch:
 class RLCluster:
     """Every component of one run, built from `config` in `workdir`.
 
+    With `resume` the run continues from the workdir's latest checkpoint if there is one;
+    without it the run starts fresh and the workdir's old checkpoints, versions and queue
+    are removed.
+
     Attributes (after construction):
       config, workdir; loss_config, model_config, numerics: the typed config views.
       graphdef: the model's NNX graph definition; optimizer; mesh: the learner's device mesh.
@@ -108,6 +114,8 @@ class RLCluster:
         self.graphdef, init_params = model_lib.init_model(self.model_config, config.seed)
         self.optimizer = learner_lib.make_optimizer(config.optim.learning_rate, config.optim.grad_clip,
                                                     config.optim.weight_decay)
+        if not resume:  # a fresh run: the workdir's old checkpoints are void (Orbax would skip saving over them)
+            shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
         self.checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
         start: Optional[int] = self.checkpoints.latest_step() if resume else None
         state = learner_lib.create_train_state(init_params, self.optimizer, ewma=route.uses_ewma)
@@ -140,6 +148,8 @@ class RLCluster:
         self.route = ProximalRoute(config, self.graphdef, self.store, self.loss_config,
                                    meta.get("staleness_window", []), self.mesh, missing=(VersionEvicted,))
         self.k_sample, self.k_update, self.k_eval = jax.random.split(jax.random.key(config.seed), 3)
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = int(meta.get("skipped_nonfinite_total", 0))
         self.runtime: Runtime = self._make_runtime()
 
     def _make_runtime(self) -> Runtime:
@@ -159,13 +169,14 @@ class RLCluster:
         v = int(self.state.version)
         trajs, info = self.runtime.next_groups(step, v)
         t_data = time.perf_counter()
-        batch = batch_from(trajs, self.config, self.model_config.max_len)
-        batch, prox_metrics = self.route(self.state, batch, v)
+        host = batch_from(trajs, self.config, self.model_config.max_len)
+        batch, prox_metrics = self.route(self.state, host, v)
         self.state, metrics = self.update(self.state, batch, jax.random.fold_in(self.k_update, step),
                                           self.route.ewma_beta)
         self.store.publish(v + 1, self.state.params)  # publish copies: the next update donates these buffers
         self.runtime.published(v + 1)
         metrics = {k: float(x) for k, x in jax.device_get(metrics).items()}  # one transfer for all metrics
+        self._guard_nonfinite(step, metrics, host, trajs)
         metrics.update(rollout_metrics(trajs, v, self.runtime.bound))
         metrics.update(info)
         metrics.update(prox_metrics)
@@ -174,6 +185,29 @@ class RLCluster:
         metrics["perf/learner_steps_per_s"] = 1.0 / metrics["perf/step_s"]
         return metrics
 
+    def _guard_nonfinite(self, step: int, metrics: dict, host: Batch, trajs: list[Trajectory]) -> None:
+        """Counts updates the learner skipped for a non-finite loss or gradient; stops the run after
+        `train.max_nonfinite_skips` in a row, naming the groups whose inputs were not finite."""
+        if not metrics["train/skipped_nonfinite"]:
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            mask = host.loss_mask
+            bad = ~np.isfinite(np.where(mask, host.behav_logp, 0.0)).all(axis=1)
+            if host.old_logp is not None:
+                bad |= ~np.isfinite(np.where(mask, host.old_logp, 0.0)).all(axis=1)
+            groups = sorted({(trajs[i].group_id, trajs[i].task_seed) for i in np.flatnonzero(bad)})
+            where = (f"groups (group_id, task_seed) with non-finite log-probs: {groups}" if groups else
+                     "no input was non-finite: the loss or gradient overflowed in the learner")
+            self.log(f"step {step}: non-finite loss or gradient norm, update skipped "
+                     f"({self.nonfinite_in_a_row} in a row); {where}")
+            limit = self.config.train.max_nonfinite_skips
+            if self.nonfinite_in_a_row >= limit:
+                raise RuntimeError(f"{self.nonfinite_in_a_row} consecutive updates had a non-finite loss or gradient "
+                                   f"norm (config.train.max_nonfinite_skips = {limit}); last: {where}")
+        metrics["train/skipped_nonfinite_total"] = float(self.nonfinite_total)
+
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out success rate and return of the current params (sampler numerics)."""
         return evaluate(self.graphdef, self.model_config, self.numerics, self.state.params, step, self.config,
@@ -181,7 +215,7 @@ class RLCluster:
 
     def save(self, step: int, **meta) -> None:
         """Checkpoints the train state with `meta` (merged into the run's metadata)."""
-        self.meta.update(meta, staleness_window=self.route.window)
+        self.meta.update(meta, staleness_window=self.route.window, skipped_nonfinite_total=self.nonfinite_total)
         self.checkpoints.save(step, self.state, self.meta)
         self.runtime.checkpointed(step)
 

@@ -113,6 +113,7 @@ def base_config() -> config_dict.ConfigDict:
     c.train.eval_every = 25  # steps between evaluations on held-out seeds
     c.train.checkpoint_every = 25  # steps between Orbax checkpoints of the full train state
     c.train.keep_checkpoints = 2  # checkpoints kept on disk
+    c.train.max_nonfinite_skips = 3  # consecutive updates skipped for a non-finite loss or gradient before the run stops
 
     c.eval = config_dict.ConfigDict()
     c.eval.episodes = 256  # held-out episodes per evaluation
@@ -178,7 +179,7 @@ def validate(config) -> None:
     for f in ("model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.max_len",
               "rl.groups_per_step", "rl.group_size", "optim.num_minibatches", "optim.num_epochs",
               "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-              "train.keep_checkpoints", "eval.episodes", "sampler.chunk", "warmstart.episodes",
+              "train.keep_checkpoints", "train.max_nonfinite_skips", "eval.episodes", "sampler.chunk", "warmstart.episodes",
               "warmstart.steps", "warmstart.batch_size", "runtime.switch_after", "runtime.num_samplers",
               "runtime.sampler_groups"):
         positive(f)

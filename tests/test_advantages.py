@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jaxrl_async.core.advantages import broadcast_to_tokens, group_relative, rloo
+from jaxrl_async.core.advantages import broadcast_to_tokens, episode_advantages, group_relative, rloo
 
 # Rewards [G, n] with n >= 2: binary successes are common, so they are drawn half the time.
 rewards_strategy = st.tuples(st.integers(1, 4), st.integers(2, 6)).flatmap(
@@ -72,3 +72,51 @@ def test_broadcast_puts_advantages_on_generated_tokens_only():
     out = np.asarray(jax.jit(broadcast_to_tokens)(adv, mask))
     np.testing.assert_array_equal(out, np.where(mask, adv[:, None], 0.0))
     np.testing.assert_array_equal(broadcast_to_tokens(adv, mask.astype(np.int32)), out)
+
+
+# -- episode_advantages: the host version over a flat batch with group ids -------------------
+
+
+@pytest.mark.parametrize("estimator, normalize_std", [("grpo", True), ("grpo", False), ("rloo", True)])
+@given(rewards=rewards_strategy)
+def test_episode_advantages_match_the_grouped_estimators_in_group_order(estimator, normalize_std, rewards):
+    G, n = rewards.shape
+    ids = np.repeat(np.arange(G) * 7 + 3, n)  # in order, not 0..G-1: only equality of ids matters
+    out = episode_advantages(rewards.reshape(-1), ids, estimator, normalize_std)
+    if estimator == "grpo":
+        expected = group_relative(rewards, normalize_std=normalize_std)
+    else:
+        expected = rloo(rewards)
+    assert out.dtype == np.float32 and out.shape == (G * n,)
+    np.testing.assert_allclose(out, np.asarray(expected).reshape(-1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+@given(rewards=rewards_strategy, seed=st.integers(0, 2**16))
+def test_episode_advantages_are_invariant_to_permuting_the_episodes(estimator, rewards, seed):
+    G, n = rewards.shape
+    flat, ids = rewards.reshape(-1), np.repeat(np.arange(G), n)
+    base = episode_advantages(flat, ids, estimator)
+    perm = np.random.default_rng(seed).permutation(G * n)
+    shuffled = episode_advantages(flat[perm], ids[perm], estimator)
+    # Each episode keeps its advantage wherever it sits in the batch.
+    np.testing.assert_allclose(shuffled, base[perm], rtol=1e-6, atol=1e-6)
+
+
+def test_episode_advantages_interleaved_groups_by_hand():
+    # Groups a = {1, 0} and b = {5, 5, ...} interleaved: [a, b, a, b].
+    # grpo: a: mean 0.5, std 0.5 -> +1, -1 (up to eps); b constant -> 0.
+    out = episode_advantages([1.0, 5.0, 0.0, 5.0], ["a", "b", "a", "b"], "grpo")
+    np.testing.assert_allclose(out, [1.0, 0.0, -1.0, 0.0], atol=1e-5)
+    # rloo: a: 1 - 0 = 1, 0 - 1 = -1; b: 5 - 5 = 0.
+    out = episode_advantages([1.0, 5.0, 0.0, 5.0], [0, 1, 0, 1], "rloo")
+    np.testing.assert_allclose(out, [1.0, 0.0, -1.0, 0.0], atol=1e-6)
+
+
+def test_episode_advantages_reject_unequal_groups_and_unknown_estimators():
+    with pytest.raises(ValueError, match="same number of episodes"):
+        episode_advantages([1.0, 0.0, 1.0], [0, 0, 1])
+    with pytest.raises(ValueError, match="estimator"):
+        episode_advantages([1.0, 0.0], [0, 0], "ppo")
+    with pytest.raises(AssertionError):  # chex: rewards and ids of different lengths
+        episode_advantages([1.0, 0.0, 1.0], [0, 0])

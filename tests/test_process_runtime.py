@@ -17,22 +17,26 @@ from jaxrl_async.runtime.spool import TrajectoryQueue
 from jaxrl_async.runtime.base import queue_dir
 from jaxrl_async.train import train_and_evaluate
 
-from test_train import tiny_config
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
-def process_config(steps=6, bound=1, samplers=1):
-    c = tiny_config(steps)
-    c.runtime.mode = "process"
-    c.runtime.max_staleness = bound
-    c.runtime.num_samplers = samplers
-    c.runtime.sampler_groups = 2
-    c.warmstart.enabled = False
-    c.train.eval_every = steps
-    c.train.checkpoint_every = 2
-    return c
+@pytest.fixture
+def process_config(tiny_config):
+    """Factory: ``process_config(steps, bound, samplers)``, the tiny run in the process runtime."""
+
+    def make(steps=6, bound=1, samplers=1):
+        c = tiny_config(steps)
+        c.runtime.mode = "process"
+        c.runtime.max_staleness = bound
+        c.runtime.num_samplers = samplers
+        c.runtime.sampler_groups = 2
+        c.warmstart.enabled = False
+        c.train.eval_every = steps
+        c.train.checkpoint_every = 2
+        return c
+
+    return make
 
 
 def _training_rows(workdir):
@@ -52,7 +56,7 @@ def _alive_children():
             if p.pid != tracker and p.is_running() and p.status() != "zombie"]
 
 
-def test_slow_learner_respects_the_staleness_bound_and_leaves_no_children(tmp_path, monkeypatch):
+def test_slow_learner_respects_the_staleness_bound_and_leaves_no_children(tmp_path, monkeypatch, process_config):
     real = learner_lib.make_rl_update
 
     def slow_update(*args, **kwargs):
@@ -83,7 +87,7 @@ def test_slow_learner_respects_the_staleness_bound_and_leaves_no_children(tmp_pa
     assert not _alive_children()
 
 
-def test_sampler_sigkill_is_restarted_with_exact_accounting(tmp_path):
+def test_sampler_sigkill_is_restarted_with_exact_accounting(tmp_path, process_config):
     c = process_config(steps=8, bound=2, samplers=2)
     workdir = str(tmp_path)
     killed = []

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jaxrl_async.core.proximal import ewma_update, loglinear_logp, matched_beta
+from jaxrl_async import config as config_lib
+from jaxrl_async.core.proximal import Route, ewma_update, loglinear_logp, matched_beta
 
 
 def _logps(shape=(2, 5), seed=0):
@@ -107,3 +108,35 @@ def test_matched_beta_is_jittable():
 def test_matched_beta_validates_bounds(beta_min, beta_max):
     with pytest.raises(ValueError, match="0 <= beta_min <= beta_max < 1"):
         matched_beta(1.0, beta_min, beta_max)
+
+
+# -- Route: the values of proximal.source ------------------------------------------------------
+
+
+def test_route_values_are_the_config_choices():
+    assert tuple(r.value for r in Route) == config_lib.CHOICES["proximal.source"]
+    assert config_lib.base_config().proximal.source in config_lib.CHOICES["proximal.source"]
+    # A str enum: config strings compare and look up directly.
+    for r in Route:
+        assert Route(r.value) is r and r == r.value
+    with pytest.raises(ValueError):
+        Route("snapshots")
+
+
+# route: (exact, sampler_side, uses_ewma), from docs/design.md section 3.
+ROUTE_PROPERTIES = {
+    Route.SNAPSHOT: (True, False, False),
+    Route.DEDICATED: (True, True, False),
+    Route.INTERRUPT: (True, True, False),
+    Route.RECOMPUTE: (False, False, False),
+    Route.BYPASS: (False, False, False),
+    Route.LOGLINEAR: (False, False, False),
+    Route.EWMA: (False, False, True),
+    Route.REVISED_EWMA: (False, False, True),
+}
+
+
+@pytest.mark.parametrize("route", list(Route))
+def test_route_properties(route):
+    assert route in ROUTE_PROPERTIES, f"new route {route!r}: add it to ROUTE_PROPERTIES"
+    assert (route.exact, route.sampler_side, route.uses_ewma) == ROUTE_PROPERTIES[route]

@@ -1,6 +1,6 @@
 """The proximal routes on real trajectories: exactness, collapse at lag 0, EWMA state, costs."""
 
-import os
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,6 @@ from jaxrl_async.rollout.trajectory import collate
 from jaxrl_async.learner.route import ProximalRoute
 from jaxrl_async.train import train_and_evaluate
 from jaxrl_async.runtime.versions import VersionStore
-
-from test_train import _comparable, tiny_config
 
 MAX_LEN = 64
 B = 8
@@ -111,6 +109,23 @@ def test_snapshot_evicted_versions_drop_or_fail(world, tmp_path):
         ProximalRoute(c, graphdef, small, LossConfig(), [])(_state(world, 2), batch, 2)
 
 
+@pytest.mark.parametrize("source", ["snapshot", "recompute", "bypass", "interrupt", "revised_ewma"])
+def test_routes_leave_their_input_batch_unchanged(world, source):
+    batch = _batch(world, switch=True, old_logp="interrupt")
+    before = {f.name: None if getattr(batch, f.name) is None else np.array(getattr(batch, f.name), copy=True)
+              for f in dataclasses.fields(batch)}
+    assert before["old_logp"] is not None and before["prox_logp"] is None
+    out, _ = _route(world, source)(_state(world, 2, ewma=source == "revised_ewma"), batch, 2)
+    assert out is not batch and out.prox_logp is not None
+    for name, value in before.items():
+        now = getattr(batch, name)
+        if value is None:
+            assert now is None, name
+        else:
+            assert isinstance(now, np.ndarray), f"{name} became {type(now)}"
+            np.testing.assert_array_equal(now, value, err_msg=name)
+
+
 def test_lag_zero_fp32_routes_collapse_to_the_same_loss(world):
     batch = _batch(world, switch=False)
     _, graphdef, params, _ = world
@@ -154,7 +169,7 @@ def test_ewma_in_the_train_state_is_the_bias_corrected_average(world):
     assert float(state.ewma_count) == pytest.approx(1 + beta + beta ** 2)
 
 
-def test_bad_proximal_settings_fail_at_startup():
+def test_bad_proximal_settings_fail_at_startup(tiny_config):
     c = tiny_config()
     c.proximal.ewma_beta = 1.0
     with pytest.raises(ValueError, match="ewma_beta"):
@@ -172,7 +187,7 @@ def test_bad_proximal_settings_fail_at_startup():
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt", "recompute", "bypass", "loglinear", "ewma",
                                     "revised_ewma"])
-def test_every_route_trains_inline_with_staleness(tmp_path, source):
+def test_every_route_trains_inline_with_staleness(tmp_path, source, tiny_config):
     c = tiny_config(3)
     c.proximal.source = source
     c.runtime.lag, c.runtime.partial_rollout, c.runtime.switch_after, c.sampler.chunk = 1, True, 8, 4
@@ -195,7 +210,7 @@ def test_every_route_trains_inline_with_staleness(tmp_path, source):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt"])
-def test_exact_routes_train_in_process_runtime(tmp_path, source):
+def test_exact_routes_train_in_process_runtime(tmp_path, source, tiny_config):
     c = tiny_config(4)
     c.runtime.mode, c.runtime.max_staleness, c.runtime.sampler_groups = "process", 1, 2
     c.proximal.source = source
@@ -208,7 +223,7 @@ def test_exact_routes_train_in_process_runtime(tmp_path, source):
 
 
 @pytest.mark.slow
-def test_revised_ewma_resume_reproduces_uninterrupted_run(tmp_path):
+def test_revised_ewma_resume_reproduces_uninterrupted_run(tmp_path, tiny_config, comparable_metrics):
     def cfg(steps):
         c = tiny_config(steps)
         c.proximal.source = "revised_ewma"
@@ -219,4 +234,4 @@ def test_revised_ewma_resume_reproduces_uninterrupted_run(tmp_path):
     train_and_evaluate(cfg(4), full, progress=False)
     train_and_evaluate(cfg(2), part, progress=False)
     train_and_evaluate(cfg(4), part, progress=False)
-    assert _comparable(read_metrics(part)) == _comparable(read_metrics(full))
+    assert comparable_metrics(read_metrics(part)) == comparable_metrics(read_metrics(full))

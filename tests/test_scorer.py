@@ -20,7 +20,7 @@ from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.envs import make_env
 from jaxrl_async.envs.tokenizer import TOKENIZER
 from jaxrl_async.core.buckets import bucket
-from jaxrl_async.rollout.scorer import LogProbScorer, ScorerError
+from jaxrl_async.runtime.scorer import LogProbScorer, ScorerError
 from jaxrl_async.rollout.sampler import Sampler
 from jaxrl_async.rollout.trajectory import collate
 from jaxrl_async.runtime.versions import VersionStore
@@ -125,7 +125,7 @@ def test_stall_and_forward_pass_accounting(runs):
         # At least one request per decode step at which a segment ended, at most one per segment.
         turns = sum(t.num_turns for t in trajs)
         assert 1 < d_stats.old_logp_forward_passes <= turns + B
-        assert d_stats.old_logp_stall_s >= 0 and d_stats.old_logp_submit_s > 0
+        assert d_stats.old_logp_submit_s > 0
 
 
 @pytest.mark.parametrize("mode", ["interrupt", "dedicated"])
@@ -179,7 +179,7 @@ def _gone(pid):
 def test_scorer_exits_when_its_parent_is_killed(tmp_path):
     script = textwrap.dedent(f"""
         import time
-        from jaxrl_async.rollout.scorer import LogProbScorer
+        from jaxrl_async.runtime.scorer import LogProbScorer
         s = LogProbScorer().start({str(tmp_path)!r}, 2, {CFG.__dict__!r}, seed=0)
         s.wait_ready()
         print(s.pid, flush=True)

@@ -8,28 +8,15 @@ import sys
 import pytest
 
 from jaxrl_async import config as config_lib
+from jaxrl_async.cluster import ConfigError, check_startup
 from jaxrl_async.metrics_log import read_metrics
 from jaxrl_async.train import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(steps=4):
-    c = config_lib.base_config()
-    c.task.name = "search"
-    c.task.kwargs.n = 8
-    c.task.kwargs.max_turns = 4
-    c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 1, 2, 64
-    c.rl.groups_per_step, c.rl.group_size = 4, 4
-    c.warmstart.episodes, c.warmstart.steps, c.warmstart.batch_size = 64, 5, 16
-    c.train.steps = steps
-    c.train.eval_every = 2
-    c.train.checkpoint_every = 2
-    c.eval.episodes = 16
-    return c
-
-
-def test_validation_names_the_field():
+def test_validation_names_the_field(tiny_config, tmp_path):
+    workdir = tmp_path / "never_created"
     c = tiny_config()
     c.numerics.dtype = "fp8"
     with pytest.raises(ValueError, match=r"numerics\.dtype.*fp32"):
@@ -37,7 +24,7 @@ def test_validation_names_the_field():
     c = tiny_config()
     c.loss.is_mode = "tokens"
     with pytest.raises(ValueError, match="is_mode"):
-        train_and_evaluate(c, "/tmp/never_created_workdir_x")
+        train_and_evaluate(c, str(workdir))
     c = tiny_config()
     c.optim.num_minibatches = 3
     with pytest.raises(ValueError, match="num_minibatches"):
@@ -45,13 +32,36 @@ def test_validation_names_the_field():
     c = tiny_config()
     c.model.max_len = 16
     with pytest.raises(ValueError, match="max_len"):
-        train_and_evaluate(c, "/tmp/never_created_workdir_x")
+        train_and_evaluate(c, str(workdir))
     c = tiny_config()
     with c.unlocked():
         c.train.stepz = 3
     with pytest.raises(ValueError, match="stepz"):
         config_lib.validate(c)
-    assert not os.path.exists("/tmp/never_created_workdir_x")
+    assert not workdir.exists()  # config errors are raised before the workdir is created
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("loss.is_mode", "tokens", "is_mode"),  # checked by LossConfig
+    ("proximal.source", "snapshots", r"proximal\.source"),  # checked by config.validate
+    ("model.max_len", 16, "max_len"),  # checked against the task's longest episode
+    ("task.name", "chess", "chess"),  # checked by building the task once
+])
+def test_check_startup_names_the_field_and_creates_no_workdir(tiny_config, tmp_path, field, value, match):
+    c = tiny_config()
+    section, key = field.split(".")
+    c[section][key] = value
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=match):
+        check_startup(c, str(workdir))
+    assert not workdir.exists()
+
+
+def test_check_startup_accepts_a_good_config_and_probes_the_workdir(tiny_config, tmp_path):
+    workdir = tmp_path / "run"
+    check_startup(tiny_config(), str(workdir))
+    assert workdir.is_dir() and os.listdir(workdir) == []  # the write probe is removed again
+    assert issubclass(ConfigError, ValueError)  # callers catching ValueError keep working
 
 
 def test_cli_rejects_unknown_override_and_bad_value(tmp_path):
@@ -63,12 +73,7 @@ def test_cli_rejects_unknown_override_and_bad_value(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def _comparable(rows):
-    # Timings differ between runs; everything else must match exactly.
-    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "rollout/tokens_per_s"} for r in rows]
-
-
-def test_outputs_and_resume_reproduces_uninterrupted_run(tmp_path):
+def test_outputs_and_resume_reproduces_uninterrupted_run(tmp_path, tiny_config, comparable_metrics):
     full = str(tmp_path / "full")
     summary = train_and_evaluate(tiny_config(4), full, progress=False)
     for name in ("metrics.jsonl", "summary.json", "learning_curve.png", "config.json", "demonstrations.npz"):
@@ -85,11 +90,11 @@ def test_outputs_and_resume_reproduces_uninterrupted_run(tmp_path):
     train_and_evaluate(tiny_config(2), part, progress=False)
     resumed = train_and_evaluate(tiny_config(4), part, progress=False)  # same workdir: resumes at step 2
     assert resumed["steps"] == 4
-    assert _comparable(read_metrics(part)) == _comparable(rows)
+    assert comparable_metrics(read_metrics(part)) == comparable_metrics(rows)
     assert resumed["final_success_rate"] == summary["final_success_rate"]
 
 
-def test_inline_lag_and_partial_rollouts_set_staleness(tmp_path):
+def test_inline_lag_and_partial_rollouts_set_staleness(tmp_path, tiny_config):
     c = tiny_config(4)
     c.runtime.lag, c.runtime.partial_rollout, c.runtime.switch_after = 2, True, 8
     c.sampler.chunk = 4
@@ -116,7 +121,7 @@ def test_short_run_improves_success_on_easy_task(tmp_path):
     assert s["final_success_rate"] >= s["initial_success_rate"] + 0.2
 
 
-def test_warmstart_cache_is_shared_across_runs(tmp_path):
+def test_warmstart_cache_is_shared_across_runs(tmp_path, tiny_config):
     c = tiny_config(1)
     c.warmstart.cache_dir = str(tmp_path / "cache")
     c.train.eval_every = 1
@@ -134,7 +139,7 @@ def test_warmstart_cache_is_shared_across_runs(tmp_path):
     assert len(os.listdir(c.warmstart.cache_dir)) == 2
 
 
-def test_unwritable_workdir_fails_at_startup(tmp_path):
+def test_unwritable_workdir_fails_at_startup(tmp_path, tiny_config):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match="not writable"):

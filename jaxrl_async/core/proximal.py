@@ -4,7 +4,7 @@ This module holds the `Route` enum (the values of `proximal.source`) and the pur
 of the approximate repairs: the loglinear interpolation of the proximal log-probability,
 the bias-corrected EWMA of the learner's weights, and the staleness-matched EWMA decay of
 the revised EWMA. The routes' system side lives above: `learner.route` (the learner's
-routes, the snapshot recomputation), `rollout.sampler` and `rollout.scorer` (the
+routes, the snapshot recomputation), `rollout.sampler` and `runtime.scorer` (the
 sampler-side exact routes).
 """
 

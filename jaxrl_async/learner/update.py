@@ -85,6 +85,12 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
     (they depend on `pi_theta`, docs/design.md section 3). When the state carries an EWMA it is updated after
     every optimizer step with decay `ewma_beta`. Metrics are averaged over all gradient
     steps of the update.
+
+    Non-finite guard: if the loss or the gradient norm of any gradient step is not finite
+    (NaN behaviour log-probs from a broken sampler, an overflow, a corrupt batch), the whole
+    update is skipped: params, optimizer state, EWMA and step counter come back unchanged,
+    only `version` advances (the runtime's schedule stays the same; the new version holds
+    the old weights), and `train/skipped_nonfinite` is 1.
     """
 
     def loss_fn(params, mb, version):
@@ -110,8 +116,13 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
             return jax.lax.scan(lambda s, mb: grad_step(s, mb, ewma_beta), state,
                                 _minibatches(batch, key, num_minibatches))
 
-        state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, num_epochs))
-        return state.replace(version=state.version + 1), jax.tree.map(jnp.mean, metrics)
+        new, metrics = jax.lax.scan(epoch, state, jax.random.split(key, num_epochs))
+        finite = jnp.isfinite(metrics["loss/policy"]).all() & jnp.isfinite(metrics["perf/grad_norm"]).all()
+        # A select, not a branch: the finite path's values pass through bit for bit.
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics["train/skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        return new.replace(version=state.version + 1), metrics
 
     return jax.jit(update, donate_argnums=0 if donate else ())
 

@@ -1,0 +1,1 @@
+"""Rollouts: trajectories and the typed batch, the batched multi-turn sampler, evaluation."""

@@ -23,7 +23,7 @@ learner needs no extra forward pass:
   switch) in one learner forward over `[B, max_len]`; the rest is scored once at the end.
   Cost: a stall at each switch (`RolloutStats.old_logp_stall_s`).
 * `exact_route=Route.DEDICATED` (dedicated old-log-prob model): each segment is submitted to a
-  `scorer.LogProbScorer` process as soon as it ends (the agent turn ends, the episode
+  `runtime.scorer.LogProbScorer` process as soon as it ends (the agent turn ends, the episode
   ends, or a weight switch cuts it), all segments ending at one decode step in one
   request; the answers are collected before `generate` returns. Cost: a second model in
   another process; the sampler only blocks in the final collect.
@@ -156,14 +156,14 @@ class Sampler:
     def __init__(self, graphdef, model_config: model_lib.ModelConfig, numerics: model_lib.Numerics,
                  temperature: float = 1.0, exact_route: Optional[Route] = None, scorer=None):
         """exact_route: None (no `Trajectory.old_logp`), `Route.INTERRUPT` or `Route.DEDICATED`
-        (see the module docstring). scorer: a started `scorer.LogProbScorer` reading the same
+        (see the module docstring). scorer: a started `runtime.scorer.LogProbScorer` reading the same
         ring buffer the sampler's versions come from; required by `Route.DEDICATED`."""
         if exact_route is not None:
             exact_route = Route(exact_route)
             if not exact_route.sampler_side:
                 raise ValueError(f"Sampler exact_route must be None, 'interrupt' or 'dedicated', got {exact_route.value!r}")
         if exact_route == Route.DEDICATED and scorer is None:
-            raise ValueError("Sampler exact_route='dedicated' needs a scorer (a rollout.scorer.LogProbScorer)")
+            raise ValueError("Sampler exact_route='dedicated' needs a scorer (a runtime.scorer.LogProbScorer)")
         self.graphdef = graphdef
         self.model_config = model_config
         self.numerics = numerics

@@ -19,7 +19,7 @@ from typing import Optional, Protocol
 from jaxrl_async import config as config_lib
 from jaxrl_async.core.proximal import Route
 from jaxrl_async.rollout.sampler import RolloutStats, Sampler
-from jaxrl_async.rollout.scorer import LogProbScorer
+from jaxrl_async.runtime.scorer import LogProbScorer
 from jaxrl_async.rollout.trajectory import Trajectory
 
 

@@ -16,7 +16,7 @@ bucket, not once per row count; the token axis is never padded (the sampler alwa
 `max_len` columns).
 
 The process is a fresh interpreter (`subprocess.Popen` of `python -m
-jaxrl_async.rollout.scorer`): the equivalent of multiprocessing's 'spawn', never a fork of a
+jaxrl_async.runtime.scorer`): the equivalent of multiprocessing's 'spawn', never a fork of a
 JAX process, and unlike `multiprocessing.Process` it may be started from a daemonic
 process (the runtime's sampler processes are daemonic). The two talk over a pair of OS
 pipes with pickled messages. The scorer drains its request pipe on a reader thread, so
@@ -145,11 +145,12 @@ class LogProbScorer:
         child_env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         child_env.update(env or {})
         # The package must be importable from the child whatever its working directory.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # The directory that holds the jaxrl_async package (this file is jaxrl_async/runtime/scorer.py).
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "jaxrl_async.rollout.scorer", str(req_r), str(rep_w), json.dumps(spec)],
+                [sys.executable, "-m", "jaxrl_async.runtime.scorer", str(req_r), str(rep_w), json.dumps(spec)],
                 pass_fds=(req_r, rep_w), env=child_env, close_fds=True)
         finally:
             os.close(req_r)

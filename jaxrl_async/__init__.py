@@ -11,6 +11,10 @@ Sub-packages, lowest first (each imports only from the ones listed before it):
 - `cluster`: `RLCluster`, every component of a run built from a config in one call.
 - `train`: the entry point; `experiments`: sweeps and reports.
 
+Two top-level modules sit beside the list: `config` (the schema and its typed views; it
+imports `core`, `models` and `envs`, and is imported from `rollout` up) and `metrics_log`
+(metrics files and figures; imports nothing of the package).
+
 See docs/design.md for the design.
 """
 

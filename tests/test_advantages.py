@@ -120,3 +120,8 @@ def test_episode_advantages_reject_unequal_groups_and_unknown_estimators():
         episode_advantages([1.0, 0.0], [0, 0], "ppo")
     with pytest.raises(AssertionError):  # chex: rewards and ids of different lengths
         episode_advantages([1.0, 0.0, 1.0], [0, 0])
+
+
+def test_episode_advantages_rejects_an_empty_batch():
+    with pytest.raises(ValueError, match="at least one episode"):
+        episode_advantages([], [])

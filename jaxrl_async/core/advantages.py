@@ -110,6 +110,8 @@ def episode_advantages(rewards, group_ids, estimator: str = "grpo", normalize_st
     chex.assert_equal_shape([rewards, ids])
     if estimator not in ("grpo", "rloo"):
         raise ValueError(f"estimator must be 'grpo' or 'rloo'; got {estimator!r}")
+    if rewards.size == 0:
+        raise ValueError("episode_advantages needs at least one episode")
     _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
     if (counts != counts[0]).any():
         raise ValueError(f"every group needs the same number of episodes; group sizes {sorted(set(counts.tolist()))}")

@@ -3,12 +3,11 @@
 Each section prints a table with the machine and settings and a ratio against a baseline
 measured in the same run; `--json` writes everything to a file.
 
-    .venv/bin/python -m benchmarks.kernels [--json=runs/bench_kernels.json]
+    .venv/bin/python -m benchmarks.kernels [--json=runs/bench_kernels.json] [--sections=loss,decode]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -124,14 +123,14 @@ def bench_decode(b: int, steps: int) -> dict:
 
     # The real sampler: default task and model, `b` episodes batched, fp32 numerics.
     from configs.default import get_config
-    from jaxrl_async.train import env_factory, model_config_from
+    from jaxrl_async import config as config_lib
 
     c = get_config()
-    task_cfg = model_config_from(c)
+    task_cfg = config_lib.model_config_from(c)
     task_graphdef, task_params = M.init_model(task_cfg, 0)
     sampler = Sampler(task_graphdef, task_cfg, num)
     sampler.update_params(task_params, 0)
-    make = env_factory(c)
+    make = config_lib.env_factory(c)
 
     def rollout(seed):
         return sampler.generate([make() for _ in range(b)], list(range(seed, seed + b)), list(range(b)),
@@ -147,32 +146,34 @@ def bench_decode(b: int, steps: int) -> dict:
 
 
 LEARNER_SCRIPT = r"""
-import json, sys, time
-import jax, jax.numpy as jnp, numpy as np
-from jaxrl_async.learner import mesh as parallel, update as L
-from jaxrl_async.models import transformer as M
+# One run's learner, set up as training sets it up (RLCluster, no warm start), timed on
+# random batches of the default shape: the shipped update, state donated, rows sharded.
+import json, sys, tempfile, time
+import jax, numpy as np
+from jaxrl_async.cluster import RLCluster
 from jaxrl_async.config import base_config
-from jaxrl_async.core.losses import LossConfig
-from jaxrl_async.train import model_config_from
+from jaxrl_async.learner.mesh import shard_rows
+from jaxrl_async.rollout.trajectory import Batch
 n = int(sys.argv[1])
 c = base_config()
-cfg = model_config_from(c)
-graphdef, params = M.init_model(cfg, 0)
-B, T = c.rl.groups_per_step * c.rl.group_size, cfg.max_len
-rng = np.random.default_rng(0)
-batch = {"tokens": rng.integers(4, cfg.vocab_size, (B, T)).astype(np.int32), "loss_mask": np.ones((B, T), bool),
-         "behav_logp": np.full((B, T), -2.0, np.float32), "prox_logp": np.full((B, T), -2.0, np.float32),
-         "advantages": rng.normal(0, 1, (B, T)).astype(np.float32), "versions": np.zeros((B, T), np.int32)}
-mesh = parallel.make_mesh(n)
-opt = L.make_optimizer(1e-4, 1.0)
-state = parallel.replicate(L.create_train_state(params, opt), mesh)
-update = L.make_rl_update(graphdef, opt, LossConfig(), c.optim.num_minibatches, c.optim.num_epochs)
-sb = parallel.shard_rows(batch, mesh)
-state, m = update(state, sb, jax.random.key(0)); jax.block_until_ready(m)
-times = []
-for i in range(10):
-    t0 = time.perf_counter(); state, m = update(state, sb, jax.random.key(i)); jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
+c.parallel.num_devices = n
+c.warmstart.enabled = False
+with tempfile.TemporaryDirectory() as workdir:
+    cluster = RLCluster(c, workdir, log=lambda *a: None)
+    B, T = c.rl.groups_per_step * c.rl.group_size, cluster.model_config.max_len
+    rng = np.random.default_rng(0)
+    batch = Batch(tokens=rng.integers(4, cluster.model_config.vocab_size, (B, T)).astype(np.int32),
+                  loss_mask=np.ones((B, T), bool), behav_logp=np.full((B, T), -2.0, np.float32),
+                  versions=np.zeros((B, T), np.int32), advantages=rng.normal(0, 1, (B, T)).astype(np.float32),
+                  prox_logp=np.full((B, T), -2.0, np.float32))
+    sb = shard_rows(batch, cluster.mesh)
+    state, update = cluster.state, cluster.update
+    state, m = update(state, sb, jax.random.key(0)); jax.block_until_ready(m)
+    times = []
+    for i in range(10):
+        t0 = time.perf_counter(); state, m = update(state, sb, jax.random.key(i)); jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    cluster.close()
 t = float(np.median(times))
 print("RESULT" + json.dumps({"devices": n, "step_s": t, "tokens_per_s": B * T * c.optim.num_epochs / t,
                              "compiles": update._cache_size()}))
@@ -205,14 +206,14 @@ def bench_learner_variants(batches: int = 12) -> list[dict]:
     the same without donation (XLA allocates a fresh state every step); and batches trimmed
     to their longest episode (less compute per step, but a compilation per new length).
     """
-    from jaxrl_async.learner import update as L
-from jaxrl_async.models import transformer as M
-    from jaxrl_async.config import base_config
+    from jaxrl_async import config as config_lib
     from jaxrl_async.core.losses import LossConfig
-    from jaxrl_async.train import model_config_from
+    from jaxrl_async.learner import update as L
+    from jaxrl_async.models import transformer as M
+    from jaxrl_async.rollout.trajectory import Batch
 
-    c = base_config()
-    cfg = model_config_from(c)
+    c = config_lib.base_config()
+    cfg = config_lib.model_config_from(c)
     graphdef, params = M.init_model(cfg, 0)
     b, t_max = c.rl.groups_per_step * c.rl.group_size, cfg.max_len
     rng = np.random.default_rng(0)
@@ -235,7 +236,7 @@ from jaxrl_async.models import transformer as M
         state = L.create_train_state(jax.tree.map(jnp.copy, params), opt)
         times = []
         for i, (batch, n) in enumerate(zip(data, lengths)):
-            batch = {k: jnp.asarray(v[:, :n] if trim else v) for k, v in batch.items()}
+            batch = Batch(**{k: jnp.asarray(v[:, :n] if trim else v) for k, v in batch.items()})
             t0 = time.perf_counter()
             state, m = update(state, batch, jax.random.key(i))
             jax.block_until_ready(m)
@@ -275,7 +276,7 @@ def bench_async_vs_sync(steps: int) -> dict:
     return out
 
 
-def _print_loss(res, args):
+def _print_loss(res):
     res["loss"] = r = bench_loss(256, 512)
     print(f"policy_loss forward+backward, jitted, [B, T] = {r['shape']}; baseline rlax.clipped_surrogate_pg_loss")
     print("| loss | ms | vs rlax |\n|---|---|---|")
@@ -285,7 +286,7 @@ def _print_loss(res, args):
     print(f"| policy_loss, every mode on | {r['ours_all_modes_ms']:.3f} | {r['all_modes_vs_rlax']:.2f} |\n")
 
 
-def _print_decode(res, args):
+def _print_decode(res):
     res["decode"] = r = bench_decode(64, 64)
     print(f"decoding, default model, batch {r['batch']}, {r['tokens']} tokens; baseline full re-forward per token")
     print("| decoding | tokens/s | ms per decode step | vs re-forward |\n|---|---|---|---|")
@@ -295,7 +296,7 @@ def _print_decode(res, args):
           f"{r['sampler_ms_per_step']:.3f} | |\n")
 
 
-def _print_learner(res, args):
+def _print_learner(res):
     res["learner"] = rows = bench_learner()
     kind = ("forced host-platform devices (on a CPU they share the same cores)" if jax.default_backend() == "cpu"
             else f"{jax.default_backend()} devices")
@@ -307,7 +308,7 @@ def _print_learner(res, args):
     print()
 
 
-def _print_learner_variants(res, args):
+def _print_learner_variants(res):
     res["learner_variants"] = rows = bench_learner_variants()
     print(f"learner performance work, before/after: the same {rows[0]['batches']} RL batches (default model, "
           f"128 rows, longest episode varying over {rows[0]['distinct_lengths']} lengths), 1 device")
@@ -319,9 +320,9 @@ def _print_learner_variants(res, args):
     print()
 
 
-def _print_async(res, args):
-    res["async_vs_sync"] = r = bench_async_vs_sync(args.async_steps)
-    print(f"end to end, default task, {args.async_steps} RL steps, no warm start; baseline inline (synchronous)")
+def _print_async(res, steps: int):
+    res["async_vs_sync"] = r = bench_async_vs_sync(steps)
+    print(f"end to end, default task, {steps} RL steps, no warm start; baseline inline (synchronous)")
     print("| runtime | episodes/s | vs sync |\n|---|---|---|")
     print(f"| inline (sync) | {r['inline']['episodes_per_s']:.1f} | 1.00 |")
     print(f"| process (async, 1 sampler) | {r['process']['episodes_per_s']:.1f} | {r['async_vs_sync']:.2f} |")
@@ -333,26 +334,45 @@ SECTIONS = {"loss": _print_loss, "decode": _print_decode, "learner": _print_lear
             "learner_variants": _print_learner_variants, "async": _print_async}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", default="runs/bench_kernels.json")
-    p.add_argument("--async-steps", type=int, default=20)
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    args = p.parse_args(argv)
-    sections = args.sections.split(",")
-    if set(sections) - set(SECTIONS):
-        raise SystemExit(f"error: --sections: unknown {sorted(set(sections) - set(SECTIONS))}; allowed: {', '.join(SECTIONS)}")
+def run(json_path: str = "runs/bench_kernels.json", async_steps: int = 20, sections=tuple(SECTIONS)) -> dict:
+    """Runs `sections` (names in SECTIONS) in order, printing their tables; writes and returns the results."""
+    sections = list(sections)
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"--sections: unknown {unknown}; allowed: {', '.join(SECTIONS)}")
     print(f"machine: {machine()}\n")
     res = {"machine": machine(), "sections": sections}
-    for name in SECTIONS:
-        if name in sections:
-            SECTIONS[name](res, args)
+    for name, section in SECTIONS.items():
+        if name == "async" and name in sections:
+            section(res, async_steps)
+        elif name in sections:
+            section(res)
     res["peak_rss_mib"] = peak_rss_mib()
     print(f"peak resident memory of this process: {res['peak_rss_mib']:.0f} MiB")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
+    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    with open(json_path, "w") as f:
         json.dump(res, f, indent=2)
+    return res
+
+
+def main(argv):
+    """`python -m benchmarks.kernels`: the flags are defined below, in `__main__`."""
+    from absl import app, flags, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)  # as before absl: no INFO lines from XLA and Orbax
+    try:
+        run(FLAGS.json, FLAGS["async-steps"].value, FLAGS.sections)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app, flags
+
+    flags.DEFINE_string("json", "runs/bench_kernels.json", "Where the results go (JSON).")
+    flags.DEFINE_integer("async-steps", 20, "RL steps of each runtime in the async section.", lower_bound=1)
+    flags.DEFINE_list("sections", list(SECTIONS), f"Comma-separated subset of {', '.join(SECTIONS)}.")
+    app.run(main)

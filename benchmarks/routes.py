@@ -15,7 +15,6 @@ means. `vs_recompute` is a route's `train_s` over that of `recompute`, the usual
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,10 +23,12 @@ import time
 
 import numpy as np
 
-ROUTES = ("snapshot", "dedicated", "interrupt", "recompute", "bypass", "loglinear", "ewma", "revised_ewma")
+from jaxrl_async.core.proximal import Route
+
+ROUTES = tuple(r.value for r in Route)  # every proximal.source, exact first
 
 
-def _train_one(source: str, args) -> None:
+def _train_one(source: str, settings: dict) -> None:
     """Runs one route in this process and records its peak memory in `<workdir>/memory.json`."""
     import jax
 
@@ -35,15 +36,15 @@ def _train_one(source: str, args) -> None:
     from configs.default import get_config
     from jaxrl_async.train import train_and_evaluate
 
-    workdir = os.path.join(args.out, source)
+    workdir = os.path.join(settings["out"], source)
     c = get_config()
     c.proximal.source = source
-    c.train.steps = args.steps
-    c.train.eval_every = c.train.checkpoint_every = args.steps
-    c.runtime.lag, c.runtime.partial_rollout = args.lag, args.partial
-    c.numerics.dtype = args.numerics
-    c.seed = args.seed
-    c.warmstart.cache_dir = os.path.join(args.out, "warmstart_cache")  # one warm start serves every route
+    c.train.steps = settings["steps"]
+    c.train.eval_every = c.train.checkpoint_every = settings["steps"]
+    c.runtime.lag, c.runtime.partial_rollout = settings["lag"], settings["partial"]
+    c.numerics.dtype = settings["numerics"]
+    c.seed = settings["seed"]
+    c.warmstart.cache_dir = os.path.join(settings["out"], "warmstart_cache")  # one warm start serves every route
     train_and_evaluate(c, workdir, progress=False)
     stats = jax.devices()[0].memory_stats() or {}  # None on the CPU backend
     with open(os.path.join(workdir, "memory.json"), "w") as f:
@@ -51,16 +52,16 @@ def _train_one(source: str, args) -> None:
                    "peak_device_mib": stats.get("peak_bytes_in_use", float("nan")) / 2**20}, f)
 
 
-def run_route(source: str, args) -> dict:
+def run_route(source: str, settings: dict) -> dict:
     from jaxrl_async.metrics_log import read_metrics
 
-    workdir = os.path.join(args.out, source)
+    workdir = os.path.join(settings["out"], source)
     summary_path = os.path.join(workdir, "summary.json")
     if not os.path.exists(summary_path):
         # Its own process: peak memory is per route, and no route inherits another's caches.
-        cmd = [sys.executable, "-m", "benchmarks.routes", f"--only={source}", f"--steps={args.steps}",
-               f"--lag={args.lag}", f"--partial={int(args.partial)}", f"--numerics={args.numerics}",
-               f"--seed={args.seed}", f"--out={args.out}"]
+        cmd = [sys.executable, "-m", "benchmarks.routes", f"--only={source}", f"--steps={settings['steps']}",
+               f"--lag={settings['lag']}", f"--partial={int(settings['partial'])}",
+               f"--numerics={settings['numerics']}", f"--seed={settings['seed']}", f"--out={settings['out']}"]
         subprocess.run(cmd, check=True)
     summary = json.load(open(summary_path))
     memory_path = os.path.join(workdir, "memory.json")
@@ -112,42 +113,65 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lag", type=int, default=2)
-    p.add_argument("--partial", type=int, default=1, help="1: partial rollouts (mid-episode weight switch)")
-    p.add_argument("--numerics", default="bf16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--routes", default=",".join(ROUTES))
-    p.add_argument("--out", default="runs/bench_routes")
-    p.add_argument("--only", help=argparse.SUPPRESS)  # internal: train this one route in this process
-    args = p.parse_args(argv)
-    args.partial = bool(args.partial)
-    unknown = set(args.routes.split(",")) - set(ROUTES)
-    if unknown:
-        raise SystemExit(f"error: --routes: unknown {sorted(unknown)}; allowed: {', '.join(ROUTES)}")
-    if args.only:
-        _train_one(args.only, args)
-        return
+def run(steps: int = 100, lag: int = 2, partial: bool = True, numerics: str = "bf16", seed: int = 0,
+        routes=ROUTES, out: str = "runs/bench_routes") -> list[dict]:
+    """Trains (or reads back) each route of `routes`, prints the table, writes routes.json and routes.md."""
     from benchmarks.kernels import machine
 
+    routes = list(routes)
+    unknown = set(routes) - set(ROUTES)
+    if unknown:
+        raise ValueError(f"--routes: unknown {sorted(unknown)}; allowed: {', '.join(ROUTES)}")
+    settings = {"steps": steps, "lag": lag, "partial": bool(partial), "numerics": numerics, "seed": seed,
+                "routes": ",".join(routes), "out": out, "only": None}
     t0 = time.perf_counter()
-    results = [run_route(r, args) for r in args.routes.split(",")]
+    results = [run_route(r, settings) for r in routes]
     base = {r["route"]: r["train_s"] for r in results}.get("recompute", float("nan"))
     for r in results:
         r["vs_recompute"] = r["train_s"] / base
-    header = (f"machine: {machine()}; settings: default config, {args.steps} RL steps, lag {args.lag}, "
-              f"partial rollouts {args.partial}, sampler numerics {args.numerics}, seed {args.seed}; "
+    header = (f"machine: {machine()}; settings: default config, {steps} RL steps, lag {lag}, "
+              f"partial rollouts {bool(partial)}, sampler numerics {numerics}, seed {seed}; "
               f"one process per route (the first one also computes the shared warm start)")
     text = header + "\n\n" + table(results)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "routes.json"), "w") as f:
-        json.dump({"settings": vars(args), "results": results, "wall_s": time.perf_counter() - t0}, f, indent=2)
-    with open(os.path.join(args.out, "routes.md"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "routes.json"), "w") as f:
+        json.dump({"settings": settings, "results": results, "wall_s": time.perf_counter() - t0}, f, indent=2)
+    with open(os.path.join(out, "routes.md"), "w") as f:
         f.write(text + "\n")
+    return results
+
+
+def main(argv):
+    """`python -m benchmarks.routes`: the flags are defined below, in `__main__`."""
+    from absl import app, flags, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    if FLAGS.only:  # internal: one route's training run, in this process
+        if FLAGS.only not in ROUTES:
+            raise app.UsageError(f"--only: unknown route {FLAGS.only!r}; allowed: {', '.join(ROUTES)}")
+        _train_one(FLAGS.only, {"steps": FLAGS.steps, "lag": FLAGS.lag, "partial": bool(FLAGS.partial),
+                                "numerics": FLAGS.numerics, "seed": FLAGS.seed, "out": FLAGS.out})
+        return
+    try:
+        run(FLAGS.steps, FLAGS.lag, bool(FLAGS.partial), FLAGS.numerics, FLAGS.seed, FLAGS.routes, FLAGS.out)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app, flags
+
+    flags.DEFINE_integer("steps", 100, "RL steps per route.", lower_bound=1)
+    flags.DEFINE_integer("lag", 2, "Inline runtime lag: the sampler's weights are this many versions old.",
+                         lower_bound=0)
+    flags.DEFINE_integer("partial", 1, "1: partial rollouts (mid-episode weight switch); 0: off.")
+    flags.DEFINE_string("numerics", "bf16", "Sampler numerics (config.numerics.dtype).")
+    flags.DEFINE_integer("seed", 0, "Config seed.")
+    flags.DEFINE_list("routes", list(ROUTES), "Comma-separated proximal.source values to run.")
+    flags.DEFINE_string("out", "runs/bench_routes", "One workdir per route, routes.json and routes.md go here.")
+    flags.DEFINE_string("only", None, "Internal: train this one route in this process.")
+    app.run(main)

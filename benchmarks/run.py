@@ -7,22 +7,44 @@
 
 The small setting (default) finishes in under 10 minutes on 2 CPU cores; `--full`
 (`make bench BENCH_ARGS=--full`) runs 100 RL steps per route and 50 end-to-end steps,
-the setting of the README's route table.
+the setting of the README's route table. `--sections` runs a subset: any of the kernel
+sections (loss, decode, learner, learner_variants, async) and `routes`.
+
+    .venv/bin/python -m benchmarks.run [--full] [--sections=loss,decode,routes]
 """
 
-import argparse
+from absl import app, flags, logging
 
 from benchmarks import kernels, routes
 
+SECTIONS = (*kernels.SECTIONS, "routes")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("full", False, "Longer runs: 100 RL steps per route, 50 async steps.")
+flags.DEFINE_list("sections", list(SECTIONS), f"Comma-separated subset of {', '.join(SECTIONS)}.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # as before absl: no INFO lines from XLA and Orbax
+    unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
+    if unknown:
+        raise app.UsageError(f"--sections: unknown {unknown}; allowed: {', '.join(SECTIONS)}")
+    kernel_sections = [s for s in kernels.SECTIONS if s in FLAGS.sections]
+    if kernel_sections:
+        if FLAGS.full:
+            kernels.run("runs/bench_kernels_full.json", async_steps=50, sections=kernel_sections)
+        else:
+            kernels.run("runs/bench_kernels.json", sections=kernel_sections)
+    if "routes" in FLAGS.sections:
+        if kernel_sections:
+            print()
+        if FLAGS.full:
+            routes.run(steps=100, out="runs/bench_routes")
+        else:
+            routes.run(steps=30, out="runs/bench_routes_small")
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true", help="longer runs: 100 RL steps per route, 50 async steps")
-    args = p.parse_args()
-    if args.full:
-        kernels.main(["--json=runs/bench_kernels_full.json", "--async-steps=50"])
-        print()
-        routes.main(["--steps=100", "--out=runs/bench_routes"])
-    else:
-        kernels.main(["--json=runs/bench_kernels.json"])
-        print()
-        routes.main(["--steps=30", "--out=runs/bench_routes_small"])
+    app.run(main)

@@ -5,10 +5,11 @@ tables it writes, the rerun that skips finished cells, the resume of an unfinish
 the report, and the three notebooks, which CI executes top to bottom against it.
 """
 
-import argparse
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ NOTEBOOKS = ("01_ratio_decomposition", "02_routes_and_costs", "03_learning_curve
 def smoke(tmp_path_factory):
     base = tmp_path_factory.mktemp("experiments")
     out, cache = str(base / "smoke"), str(base / "warmstart_cache")
-    experiments.main([f"--sweep={SMOKE}", f"--out={out}", f"--warmstart_cache={cache}", "--workers=2"])
+    experiments.run_sweep(SMOKE, out, workers=2, warmstart_cache=cache)
     return out, cache
 
 
@@ -58,12 +59,16 @@ def test_bad_axis_fails_before_anything_runs(tmp_path):
     sweep_file.write_text(f"exec(open({SMOKE!r}).read())\n"
                           "def get_sweep():\n    return [{'loss.not_a_field': (1,), 'seed': (0,)}]\n")
     with pytest.raises(SystemExit, match="loss.not_a_field"):
-        experiments.main([f"--sweep={sweep_file}", f"--out={tmp_path / 'out'}"])
+        experiments.run_sweep(str(sweep_file), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     sweep_file.write_text(f"exec(open({SMOKE!r}).read())\n"
                           "def get_sweep():\n    return [{'numerics.dtype': ('fp8',), 'seed': (0,)}]\n")
     with pytest.raises(SystemExit, match=r"numerics\.dtype"):
-        experiments.main([f"--sweep={sweep_file}", f"--out={tmp_path / 'out'}"])
+        experiments.run_sweep(str(sweep_file), str(tmp_path / "out"))
+    sweep_file.write_text(f"exec(open({SMOKE!r}).read())\n"  # a subtree is not a field
+                          "def get_sweep():\n    return [{'loss': ({},), 'seed': (0,)}]\n")
+    with pytest.raises(SystemExit, match="'loss' is not a config field"):
+        experiments.run_sweep(str(sweep_file), str(tmp_path / "out"))
 
 
 def test_steps_to_target_interpolates_between_evaluations():
@@ -73,6 +78,46 @@ def test_steps_to_target_interpolates_between_evaluations():
     assert report.steps_to_target(curve, 0.8, "learner_wall_s") == pytest.approx(7.0)
     assert report.steps_to_target(curve, 0.1) == 0.0
     assert np.isnan(report.steps_to_target(curve, 1.1))
+
+
+def test_report_reproduces_the_committed_report(tmp_path):
+    # The committed tables (docs/results) give the committed report.md, table for table.
+    results = os.path.join(ROOT, report.COMMITTED_RESULTS)
+    text = report.report(os.path.join(results, "routes"), os.path.join(results, "thresholds"), str(tmp_path))
+    expected = open(os.path.join(results, "report.md")).read()
+    for name in ("routes", "thresholds"):
+        expected = expected.replace(f"`runs/experiments/{name}`", f"`{os.path.join(results, name)}`")
+    assert text == expected
+    assert os.path.getsize(tmp_path / "entanglement.png") > 0
+
+
+def test_read_table_keeps_axes_as_text(tmp_path):
+    path = tmp_path / "runs.csv"
+    path.write_text("cell,source,staleness,token_mask,is_cap,success_final,is/ess\n"
+                    "a,snapshot,4,None,2.0,0.5,nan\nb,recompute,4,0.5-2.0,5.0,0.25,\n")
+    runs = report.read_table(str(path))
+    assert list(runs["token_mask"]) == ["None", "0.5-2.0"]
+    assert list(runs["staleness"]) == ["4", "4"] and list(runs["is_cap"]) == ["2.0", "5.0"]
+    assert runs["success_final"].tolist() == [0.5, 0.25] and runs["is/ess"].isna().all()
+    assert len(report.select(runs, staleness=4, token_mask="None")) == 1
+    stats = report.seed_stats(runs, ["staleness"], ["success_final", "is/ess"])
+    assert stats.loc["4", ("success_final", "mean")] == pytest.approx(0.375)
+    assert stats.loc["4", ("is/ess", "n")] == 0 and stats.loc["4", ("rows", "")] == 2
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("jaxrl_async.experiments.sweep", ("--sweep", "--out", "--workers", "--warmstart_cache", "--collect_only")),
+    ("jaxrl_async.experiments.report", ("--routes", "--thresholds", "--out", "--target")),
+    ("benchmarks.run", ("--full", "--sections")),
+    ("benchmarks.kernels", ("--json", "--async-steps", "--sections")),
+    ("benchmarks.routes", ("--steps", "--lag", "--partial", "--numerics", "--seed", "--routes", "--out")),
+])
+def test_cli_help_lists_the_flags_the_makefile_and_docs_use(module, flags):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr
+    for flag in flags:
+        assert f"  {flag}:" in r.stdout or f"  --[no]{flag[2:]}:" in r.stdout, (flag, r.stdout)
 
 
 def test_results_dir_prefers_env_then_own_sweep_then_committed(tmp_path, monkeypatch):
@@ -134,8 +179,7 @@ def test_sweep_writes_one_row_per_cell_with_its_config(smoke):
 def test_rerun_skips_finished_cells_and_resumes_unfinished(smoke):
     out, cache = smoke
     before = open(os.path.join(out, "runs.csv")).read()
-    ns = argparse.Namespace(sweep=SMOKE, out=out, warmstart_cache=cache, workers=2)
-    result = experiments.run_sweep(ns)
+    result = experiments.run_sweep(SMOKE, out, workers=2, warmstart_cache=cache)
     assert (result["ran"], result["failed"]) == (0, [])
     assert open(os.path.join(out, "runs.csv")).read() == before
     # An unfinished cell (no summary) is rerun and resumes from its last checkpoint: the
@@ -144,7 +188,7 @@ def test_rerun_skips_finished_cells_and_resumes_unfinished(smoke):
     workdir = os.path.join(out, "cells", cid)
     metrics_before = open(os.path.join(workdir, "metrics.jsonl")).read()
     os.remove(os.path.join(workdir, "summary.json"))
-    result = experiments.run_sweep(ns)
+    result = experiments.run_sweep(SMOKE, out, workers=2, warmstart_cache=cache)
     assert (result["ran"], result["failed"]) == (1, [])
     assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics_before
     assert os.path.exists(os.path.join(workdir, "summary.json"))
@@ -163,6 +207,48 @@ def test_report_tables_cover_every_route(smoke, tmp_path):
 
 
 @pytest.mark.slow
+def test_report_cli(smoke, tmp_path):
+    out, _ = smoke
+    r = subprocess.run([sys.executable, "-m", "jaxrl_async.experiments.report", f"--routes={out}",
+                        f"--thresholds={tmp_path / 'none'}", f"--out={tmp_path / 'report'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (tmp_path / "report" / "report.md").read_text().strip()
+    assert "| snapshot |" in r.stdout
+
+
+def _text(cell) -> str:
+    return "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
+def _figures(cell) -> int:
+    return sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+
+
+# What each notebook must show, by cell tag: (text the cell prints, figures it draws).
+EXPECTED_OUTPUTS = {
+    "01_ratio_decomposition": {
+        "token-table": (("token", "stale", "log r", "log w", "lp-behav"), 0),
+        "split-table": (("exact", "recompute", "ratio/clip_frac", "is/truncated_frac", "mask/token_frac",
+                         "ratio/effective_clip_frac", "mismatch/kl_k1"), 0),
+        "split-figure": ((), 1),
+    },
+    "02_routes_and_costs": {
+        "cost-table": (("| route | step s (sample + train) |",) + tuple(f"| {r} |" for r in report.ROUTE_ORDER), 0),
+        "cost-figure": ((), 1),
+    },
+    "03_learning_curves": {
+        "learning-table": (("sampler bf16:", "| route | s=0: final success | s=2: final success |",
+                            "| snapshot |", "| recompute |"), 0),
+        "curves-step": ((), 1),
+        "curves-wall": ((), 1),
+        "entanglement": (("| staleness | snapshot trunc / mask |",), 1),
+        "threshold-table": (("no threshold-sweep results found",), 0),
+    },
+}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, smoke, tmp_path, monkeypatch):
     import nbclient
@@ -178,6 +264,11 @@ def test_notebook_executes(name, smoke, tmp_path, monkeypatch):
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
     # The notebook's own first cell moves to the repository root.
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": ROOT}}).execute()
-    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
+                            resources={"metadata": {"path": ROOT}}).execute()  # raises on a cell's error
+    cells = {tag: c for c in nb.cells for tag in c.metadata.get("tags", [])}
+    for tag, (texts, figures) in EXPECTED_OUTPUTS[name].items():
+        assert tag in cells, f"no cell tagged {tag!r} in {name}"
+        text = _text(cells[tag])
+        for expected in texts:
+            assert expected in text, f"{name} [{tag}]: {expected!r} not in its output:\n{text}"
+        assert _figures(cells[tag]) == figures, f"{name} [{tag}]: {_figures(cells[tag])} figures, expected {figures}"

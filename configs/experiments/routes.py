@@ -17,10 +17,11 @@ every route, `dedicated`, `interrupt` and plain `ewma` included, at one setting 
 """
 
 from jaxrl_async.config import base_config
+from jaxrl_async.core.proximal import Route
 
 # Plain `ewma` runs only in the second block: on 2 cores the full grid with it did not fit a session.
 SOURCES = ("snapshot", "recompute", "bypass", "loglinear", "revised_ewma")
-ALL_SOURCES = ("snapshot", "dedicated", "interrupt", "recompute", "bypass", "loglinear", "ewma", "revised_ewma")
+ALL_SOURCES = tuple(r.value for r in Route)  # every proximal.source, exact first
 SEEDS = (0, 1, 2)
 
 

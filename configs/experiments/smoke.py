@@ -8,6 +8,7 @@ The second block runs every route once, for the cost table of notebook 02.
 """
 
 from jaxrl_async.config import base_config
+from jaxrl_async.core.proximal import Route
 
 
 def get_config():
@@ -30,6 +31,5 @@ def get_sweep():
     return [
         {"proximal.source": ("snapshot", "recompute"), "staleness": (0, 2), "numerics.dtype": ("bf16",),
          "seed": (0, 1)},
-        {"proximal.source": ("snapshot", "dedicated", "interrupt", "recompute", "bypass", "loglinear", "ewma",
-                             "revised_ewma"), "staleness": (2,), "numerics.dtype": ("bf16",), "seed": (0,)},
+        {"proximal.source": tuple(r.value for r in Route), "staleness": (2,), "numerics.dtype": ("bf16",), "seed": (0,)},
     ]

@@ -1,0 +1,1 @@
+"""Experiments: sweeps of configs run in subprocesses, and the report (tables and figures) over their results."""

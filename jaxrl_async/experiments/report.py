@@ -20,7 +20,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-ROUTE_ORDER = ("snapshot", "dedicated", "interrupt", "recompute", "bypass", "loglinear", "ewma", "revised_ewma")
+from jaxrl_async.core.proximal import Route
+
+ROUTE_ORDER = tuple(r.value for r in Route)  # every proximal.source, exact first
 AXES = ("source", "staleness", "dtype", "seed", "is_cap", "token_mask")
 TEXT_COLUMNS = AXES + ("cell", "config")  # read as strings, so `staleness == "4"` and `token_mask == "None"` work
 
@@ -362,11 +364,12 @@ def report(routes_dir: str, thresholds_dir: str | None, out: str, target: float 
 
 def main(argv):
     """`python -m jaxrl_async.experiments.report`: the flags are defined below, in `__main__`."""
-    from absl import app, flags
+    from absl import app, flags, logging
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)
     print(report(FLAGS.routes, FLAGS.thresholds, FLAGS.out, FLAGS.target))
 
 

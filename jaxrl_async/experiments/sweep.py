@@ -295,11 +295,12 @@ def collect(out: str, cells: list[tuple[str, dict]]):
 
 def main(argv):
     """`python -m jaxrl_async.experiments.sweep`: the flags are defined below, in `__main__`."""
-    from absl import app, flags
+    from absl import app, flags, logging
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     if FLAGS.cell:
         if FLAGS.core >= 0 and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, {FLAGS.core})  # before JAX starts its thread pools

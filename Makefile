@@ -9,12 +9,12 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup train test test-fast bench experiments clean
+.PHONY: setup train test test-fast bench experiments soak clean
 
 $(STAMP): setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,reference]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -47,6 +47,14 @@ experiments: $(STAMP)
 	$(PY) -m jaxrl_async.experiments.sweep --sweep=configs/experiments/routes.py --out=runs/experiments/routes --workers=$(EXP_WORKERS)
 	$(PY) -m jaxrl_async.experiments.sweep --sweep=configs/experiments/thresholds.py --out=runs/experiments/thresholds --workers=$(EXP_WORKERS)
 	$(PY) -m jaxrl_async.experiments.report --routes=runs/experiments/routes --thresholds=runs/experiments/thresholds --out=runs/experiments/report
+
+# Chaos soak of the process runtime (benchmarks/soak.py): trains SOAK_SECONDS under seeded random
+# faults (sampler/learner SIGKILL, truncated ring-buffer versions, stalled samplers) and prints the
+# accounting table. Not part of `make test`.
+SOAK_SECONDS ?= 600
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak --seconds=$(SOAK_SECONDS) --workdir=runs/soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -21,6 +21,10 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
     "pandas==3.1.1",
+    # Hugging Face checkpoints (jaxrl_async.models.hf): weights, tokenizers, chat templates.
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
+    "jinja2==3.1.6",
 ]
 
 EXTRAS_REQUIRE = {
@@ -31,6 +35,12 @@ EXTRAS_REQUIRE = {
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
         "psutil==7.2.2",
+    ],
+    # Numerical reference for the HF model families (tests/test_hf_*.py). torch stays pinned:
+    # an unpinned torch pulls a multi-GB CUDA build.
+    "reference": [
+        "torch==2.13.0",
+        "transformers==5.24.0",
     ],
     # `make bench`: rlax is the baseline of the loss benchmark (it pulls in distrax and a
     # TensorFlow Probability nightly, so it stays out of the library's own dependencies).

@@ -86,6 +86,25 @@ def batch_from(trajs: list[Trajectory], config, max_len: int) -> Batch:
     return batch.replace(advantages=np.where(batch.loss_mask, adv[:, None], np.float32(0.0)).astype(np.float32))
 
 
+def _epoch_file(workdir: str) -> str:
+    return os.path.join(workdir, "epoch")
+
+
+def _read_epoch(workdir: str) -> int:
+    try:
+        with open(_epoch_file(workdir)) as f:
+            return int(f.read().strip())
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def _write_epoch(workdir: str, epoch: int) -> None:
+    tmp = _epoch_file(workdir) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(epoch))
+    os.replace(tmp, _epoch_file(workdir))
+
+
 class RLCluster:
     """Every component of one run, built from `config` in `workdir`.
 
@@ -110,6 +129,8 @@ class RLCluster:
         self.model_config = config_lib.model_config_from(config)
         self.numerics = config_lib.numerics_from(config)
         route = Route(config.proximal.source)
+        anchor = config_lib.proximal_anchor(config)  # the three-term loss's PPO anchor, or None
+        ewma = route.uses_ewma or (anchor is not None and anchor.uses_ewma)
 
         self.graphdef, init_params = model_lib.init_model(self.model_config, config.seed)
         self.optimizer = learner_lib.make_optimizer(config.optim.learning_rate, config.optim.grad_clip,
@@ -117,17 +138,26 @@ class RLCluster:
         if not resume:  # a fresh run: the workdir's old checkpoints are void (Orbax would skip saving over them)
             shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
         self.checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
-        start: Optional[int] = self.checkpoints.latest_step() if resume else None
-        state = learner_lib.create_train_state(init_params, self.optimizer, ewma=route.uses_ewma)
+        state = learner_lib.create_train_state(init_params, self.optimizer, ewma=ewma)
+        # The newest intact checkpoint: corrupt newer ones are reported and set aside; if checkpoints
+        # exist but none is intact this raises CheckpointCorrupt (a fresh start needs resume=False).
+        restored = self.checkpoints.restore_latest(state, warn=log) if resume else None
+        start: Optional[int] = restored[0] if restored is not None else None
         if start is None:
             runtime_base.reset_dirs(workdir)
         self.store = VersionStore(runtime_base.versions_dir(workdir), runtime_base.ring_capacity(config),
                                   init_params, writer=True)
         if start is not None:
-            state, meta = self.checkpoints.restore(start, state)
+            _, state, meta = restored
             # Versions published after the checkpoint belong to the lost future; the ring buffer
             # keeps versions up to the checkpoint, which the sampler reads as before.
             self.store.truncate_after(start)
+            for version, problem in self.store.remove_corrupt():
+                log(f"warning: removed corrupt parameter version {version}: {problem}")
+            if self.store.latest_version() != int(state.version):
+                # The checkpoint's own version was evicted (or corrupt): publish it again, so the
+                # samplers have the weights the learner continues from.
+                self.store.publish(int(state.version), state.params)
             log(f"resumed from checkpoint at step {start}")
         else:
             start, meta = 0, {"epoch": -1}
@@ -135,16 +165,19 @@ class RLCluster:
                 params, ws_metrics = warmstart_params(config, self.graphdef, init_params, self.model_config,
                                                       workdir, log)
                 meta.update(ws_metrics)
-                state = learner_lib.create_train_state(params, self.optimizer, ewma=route.uses_ewma)
+                state = learner_lib.create_train_state(params, self.optimizer, ewma=ewma)
             self.store.publish(0, state.params)
-        meta["epoch"] += 1  # one more (re)start of this run
+        # One more (re)start of this run. The counter file also counts restarts that resumed from the
+        # same checkpoint (a learner killed before its next save), so queue keys never repeat.
+        meta["epoch"] = max(meta["epoch"], _read_epoch(workdir) if restored is not None else -1) + 1
+        _write_epoch(workdir, meta["epoch"])
         self.meta, self.start_step = meta, start
         self.mesh = mesh_lib.make_mesh(config.parallel.num_devices)
         self.state = mesh_lib.replicate(state, self.mesh)
 
         self.update = learner_lib.make_rl_update(self.graphdef, self.optimizer, self.loss_config,
                                                  config.optim.num_minibatches, config.optim.num_epochs,
-                                                 loglinear=route == Route.LOGLINEAR)
+                                                 loglinear=route == Route.LOGLINEAR, three_term=anchor is not None)
         self.route = ProximalRoute(config, self.graphdef, self.store, self.loss_config,
                                    meta.get("staleness_window", []), self.mesh, missing=(VersionEvicted,))
         self.k_sample, self.k_update, self.k_eval = jax.random.split(jax.random.key(config.seed), 3)
@@ -158,7 +191,7 @@ class RLCluster:
             rows = config.rl.groups_per_step * config.rl.group_size
             sampler, scorer = runtime_base.make_sampler(config, self.graphdef, self.workdir, rows)
             return InlineRuntime(config, sampler, self.store, config_lib.env_factory(config), self.k_sample, scorer)
-        return ProcessRuntime(config, self.workdir, self.meta["epoch"], self.start_step or None)
+        return ProcessRuntime(config, self.workdir, self.meta["epoch"], self.start_step or None, log=self.log)
 
     def train_step(self, step: int) -> dict:
         """One RL step: a batch from the runtime, its proximal log-probs, the update, the new version.

@@ -63,6 +63,11 @@ def base_config() -> config_dict.ConfigDict:
     c.loss.catastrophic_thr = config_dict.placeholder(float)  # drop a sequence if any token ratio is below this; None = off
     c.loss.aggregation = "token_mean"  # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum_norm"
     c.loss.norm_length = config_dict.placeholder(int)  # normaliser for seq_mean_token_sum_norm
+    # The staleness weight s = pi_prox / pi_old of the three-term form (only with proximal.anchor set):
+    c.loss.staleness_is_mode = "token"  # "none" | "token" | "sequence" | "geometric", as is_mode
+    c.loss.staleness_is_floor = 0.0  # lower truncation of the staleness weight
+    c.loss.staleness_is_cap = 2.0  # upper truncation of the staleness weight
+    c.loss.staleness_token_mask = config_dict.placeholder(tuple)  # (lo, hi) token rejection band on pi_prox/pi_old; None = off
 
     c.proximal = config_dict.ConfigDict()  # where prox_logp (pi_old or its stand-in) comes from, docs/design.md section 3
     # exact: "snapshot" (ring-buffer versions, recomputed by the learner) | "dedicated" (old-logit process beside
@@ -76,6 +81,9 @@ def base_config() -> config_dict.ConfigDict:
     c.proximal.beta_max = 0.95  # revised_ewma: upper bound of the staleness-matched decay (< 1)
     c.proximal.staleness_window = 8  # revised_ewma: recent batches whose mean token staleness sets the decay
     c.proximal.audit = True  # exact routes: also log the mask/truncation fractions `recompute` would have given
+    # Three-term loss (docs/design.md section 2.6): with an exact source, prox_logp becomes this anchor and the
+    # exact pi_old goes to the loss as old_logp: None/"" = off (two-term loss) | "recompute" | "ewma" | "revised_ewma"
+    c.proximal.anchor = config_dict.placeholder(str)
 
     c.optim = config_dict.ConfigDict()
     c.optim.learning_rate = 3e-4  # AdamW learning rate of the RL phase
@@ -103,6 +111,9 @@ def base_config() -> config_dict.ConfigDict:
     c.runtime.sampler_groups = 4  # process: groups (task instances x group_size) per sampler generate call
     c.runtime.queue_capacity = config_dict.placeholder(int)  # process: groups the queue holds; None = (max_staleness + 1) * groups_per_step
     c.runtime.ring_capacity = config_dict.placeholder(int)  # versions K kept in the ring buffer; None = the fewest the runtime needs
+    c.runtime.hang_timeout_s = 120.0  # process: a sampler with no sign of progress this long while the learner waits is killed and restarted
+    c.runtime.sampler_startup_s = 300.0  # process: a new sampler may take this long (imports, compilation) before hang_timeout_s applies to it
+    c.runtime.wait_log_s = 30.0  # process: while the learner waits for groups, a status line (queue, samplers) this often
 
     c.parallel = config_dict.ConfigDict()
     c.parallel.num_devices = 0  # learner data parallelism: devices on the `data` mesh axis (0 = all JAX sees)
@@ -128,6 +139,7 @@ CHOICES = {
     "rl.advantage": ("grpo", "rloo"),
     "proximal.source": tuple(r.value for r in Route),
     "proximal.on_evicted": ("drop", "fail"),
+    "proximal.anchor": (None, "", Route.RECOMPUTE.value, Route.EWMA.value, Route.REVISED_EWMA.value),
     "runtime.mode": ("inline", "process"),
 }
 
@@ -183,7 +195,8 @@ def validate(config) -> None:
               "warmstart.steps", "warmstart.batch_size", "runtime.switch_after", "runtime.num_samplers",
               "runtime.sampler_groups"):
         positive(f)
-    for f in ("optim.learning_rate", "optim.grad_clip", "warmstart.learning_rate"):
+    for f in ("optim.learning_rate", "optim.grad_clip", "warmstart.learning_rate", "runtime.hang_timeout_s",
+              "runtime.sampler_startup_s", "runtime.wait_log_s"):
         positive(f, integer=False)
     if given["rl.advantage"] == "rloo" and given["rl.group_size"] < 2:
         raise ValueError("config.rl.group_size must be >= 2 with rl.advantage='rloo' (leave-one-out needs a peer)")
@@ -214,6 +227,11 @@ def validate(config) -> None:
         if ring < need:
             raise ValueError(f"config.runtime.ring_capacity ({ring}) must be at least {why} = {need}: "
                              f"older versions would be evicted while tokens of them are still in use")
+    if given["proximal.anchor"] and not Route(given["proximal.source"]).exact:
+        raise ValueError(f"config.proximal.anchor ({given['proximal.anchor']!r}) needs an exact proximal.source "
+                         f"({', '.join(r.value for r in Route if r.exact)}), which supplies pi_old; "
+                         f"got proximal.source={given['proximal.source']!r} (unset proximal.anchor for the "
+                         f"two-term loss)")
     if not 0.0 <= given["proximal.ewma_beta"] < 1.0:
         raise ValueError(f"config.proximal.ewma_beta must be in [0, 1); got {given['proximal.ewma_beta']!r}")
     if not 0.0 <= given["proximal.beta_min"] <= given["proximal.beta_max"] < 1.0:
@@ -243,10 +261,16 @@ def validate(config) -> None:
 def loss_config_from(config) -> LossConfig:
     """The LossConfig of `config.loss` (which validates the loss fields)."""
     fields = config.loss.to_dict()
-    for band in ("token_mask", "seq_mask"):
+    for band in ("token_mask", "seq_mask", "staleness_token_mask"):
         if fields[band] is not None:
             fields[band] = tuple(float(x) for x in fields[band])
     return LossConfig(**fields)
+
+
+def proximal_anchor(config) -> Route | None:
+    """The PPO anchor of the three-term loss (`proximal.anchor`), or None for the two-term loss."""
+    anchor = config.proximal.get("anchor")
+    return Route(anchor) if anchor else None
 
 
 def model_config_from(config) -> model_lib.ModelConfig:

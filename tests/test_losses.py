@@ -44,6 +44,14 @@ METRIC_KEYS = {
     "mask/valid_tokens",
     "staleness/kl",
 }
+# The three-term form (old_logp given) adds the staleness weight's metrics.
+STALENESS_KEYS = {
+    "staleness/is_weight_mean",
+    "staleness/is_weight_max",
+    "staleness/is_truncated_frac",
+    "staleness/mask_frac",
+    "staleness/kl_k1",
+}
 
 # Every rule switched on, with sequence-level weights and per-sequence aggregation.
 ALL_ON = LossConfig(
@@ -60,10 +68,10 @@ TOKEN_RULES = LossConfig(
 )
 
 
-def loss_and_grad(logp, prox_logp, behav_logp, advantages, mask, config):
+def loss_and_grad(logp, prox_logp, behav_logp, advantages, mask, config, old_logp=None):
     """``(loss, metrics, d loss / d logp)``; module level so jit caches are shared."""
     (loss, metrics), grad = jax.value_and_grad(policy_loss, has_aux=True)(
-        logp, prox_logp, behav_logp, advantages, mask, config
+        logp, prox_logp, behav_logp, advantages, mask, config, old_logp
     )
     return loss, metrics, grad
 
@@ -301,16 +309,33 @@ class PolicyLossPropertiesTest(chex.TestCase):
 # Float64 reference: loops over sequences and tokens, straight from docs/design.md section 2.
 
 
-def reference_policy_loss(lp, prox, beh, adv, mask, cfg):
-    """Returns ``(loss, metrics, d loss / d lp)``; the gradient from the active branch."""
-    lp, prox, beh, adv = (np.asarray(x, np.float64) for x in (lp, prox, beh, adv))
+def _reference_weight(mode, log_ratio, seq_sum, seq_mean, floor, cap):
+    """``(raw, w)`` of one token: the truncated IS weight of docs/design.md section 2."""
+    if mode == "none":
+        return 1.0, 1.0  # no truncation either
+    raw = {"token": math.exp(log_ratio), "sequence": math.exp(seq_sum),
+           "geometric": math.exp(seq_mean)}[mode]
+    return raw, min(max(raw, floor), cap)
+
+
+def reference_policy_loss(lp, prox, beh, adv, mask, cfg, old=None):
+    """Returns ``(loss, metrics, d loss / d lp)``; the gradient from the active branch.
+
+    With ``old`` the three-term form: ``w`` and its masks on ``old - beh``, the staleness
+    weight ``s`` and its band on ``prox - old``.
+    """
+    three_term = old is not None
+    if old is None:
+        old = prox
+    lp, prox, beh, adv, old = (np.asarray(x, np.float64) for x in (lp, prox, beh, adv, old))
     mask = np.asarray(mask, bool)
     B, T = lp.shape
     lower, upper = 1 - cfg.clip_low, 1 + cfg.clip_high
     per_token = np.zeros((B, T))
     dper_token = np.zeros((B, T))  # d per_token / d lp, same position
     stats = {
-        k: [] for k in ("r", "w", "trunc", "lw", "clip_low", "clip_high", "dual", "tok_rej", "kept", "cut")
+        k: [] for k in ("r", "w", "trunc", "lw", "clip_low", "clip_high", "dual", "tok_rej", "kept", "cut",
+                        "s", "s_trunc", "s_rej", "ls")
     }
     seq_rejected, cat_rejected, n_tokens = [], [], np.zeros(B)
     for b in range(B):
@@ -318,9 +343,12 @@ def reference_policy_loss(lp, prox, beh, adv, mask, cfg):
         if not toks:
             continue
         n_tokens[b] = len(toks)
-        log_ws = {t: min(max(prox[b, t] - beh[b, t], -20.0), 20.0) for t in toks}
+        log_ws = {t: min(max(old[b, t] - beh[b, t], -20.0), 20.0) for t in toks}
         seq_sum = sum(log_ws.values())
         seq_mean = seq_sum / len(toks)
+        log_ss = {t: min(max(prox[b, t] - old[b, t], -20.0), 20.0) for t in toks}
+        s_sum = sum(log_ss.values())
+        s_mean = s_sum / len(toks)
         keep_seq = True
         if cfg.seq_mask_mode != "none":
             s = math.exp(seq_sum if cfg.seq_mask_mode == "sum" else seq_mean)
@@ -332,32 +360,34 @@ def reference_policy_loss(lp, prox, beh, adv, mask, cfg):
         cat_rejected.append(not keep_cat)
         for t in toks:
             lw = log_ws[t]
-            if cfg.is_mode == "none":
-                raw = w = 1.0  # no truncation either
-            else:
-                raw = {
-                    "token": math.exp(lw),
-                    "sequence": math.exp(seq_sum),
-                    "geometric": math.exp(seq_mean),
-                }[cfg.is_mode]
-                w = min(max(raw, cfg.is_floor), cfg.is_cap)
+            raw, w = _reference_weight(cfg.is_mode, lw, seq_sum, seq_mean, cfg.is_floor, cfg.is_cap)
             keep_tok = (
                 cfg.token_mask is None or cfg.token_mask[0] <= math.exp(lw) <= cfg.token_mask[1]
             )
-            k = float(keep_tok and keep_seq and keep_cat)
-            r, a = math.exp(lp[b, t] - prox[b, t]), adv[b, t]
+            ls = log_ss[t]
+            s_raw, s = 1.0, 1.0
+            keep_s = True
+            if three_term:
+                s_raw, s = _reference_weight(cfg.staleness_is_mode, ls, s_sum, s_mean,
+                                             cfg.staleness_is_floor, cfg.staleness_is_cap)
+                band = cfg.staleness_token_mask
+                keep_s = band is None or band[0] <= math.exp(ls) <= band[1]
+            k = float(keep_tok and keep_seq and keep_cat and keep_s)
+            log_r = lp[b, t] - prox[b, t]
+            r, a = math.exp(min(max(log_r, -20.0), 20.0)), adv[b, t]
+            dr = r if abs(log_r) < 20 else 0.0  # d r / d lp: the clamp cuts the gradient
             pg = -min(r * a, min(max(r, lower), upper) * a)
             c_low, c_high = a < 0 and r < lower, a > 0 and r > upper
-            dpg = 0.0 if (c_low or c_high) else -a * r
+            dpg = 0.0 if (c_low or c_high) else -a * dr
             dual = cfg.dual_clip is not None and a < 0 and pg > -cfg.dual_clip * a
             if dual:
                 pg, dpg = -cfg.dual_clip * a, 0.0
-            per_token[b, t] = w * k * pg
-            dper_token[b, t] = w * k * dpg
+            per_token[b, t] = w * s * k * pg
+            dper_token[b, t] = w * s * k * dpg
             truncated = raw != w
             for key, value in zip(
                 stats, (r, w, truncated, lw, c_low, c_high, dual, not keep_tok, k,
-                        c_low or c_high or dual or k == 0)
+                        c_low or c_high or dual or k == 0, s, s_raw != s, not keep_s, ls)
             ):
                 stats[key].append(float(value))
     n_seq = len(seq_rejected)
@@ -390,8 +420,9 @@ def reference_policy_loss(lp, prox, beh, adv, mask, cfg):
         "is/ess": (
             float(w.sum() ** 2 / (len(w) * (w**2).sum())) if len(w) and (w**2).sum() > 0 else 0.0
         ),
-        "mismatch/kl_k1": mean(lw),
-        "mismatch/kl_k3": mean(np.exp(-lw) - 1 + lw),
+        # Tokens sampled by mu: estimators of KL(mu || pi_X), X = prox (old in the three-term form).
+        "mismatch/kl_k1": mean(-lw),  # mean(beh - X)
+        "mismatch/kl_k3": mean(np.exp(lw) - 1 - lw),  # mean(exp(X - beh) - 1 - (X - beh))
         "mask/token_frac": mean(stats["tok_rej"]),
         "mask/seq_frac": mean(seq_rejected),
         "mask/catastrophic_frac": mean(cat_rejected),
@@ -399,6 +430,14 @@ def reference_policy_loss(lp, prox, beh, adv, mask, cfg):
         "mask/valid_tokens": float(n_tokens.sum()),
         "staleness/kl": mean([0.5 * math.log(r) ** 2 for r in stats["r"]]),
     }
+    if three_term:
+        metrics.update({
+            "staleness/is_weight_mean": mean(stats["s"]),
+            "staleness/is_weight_max": max(stats["s"], default=0.0),
+            "staleness/is_truncated_frac": mean(stats["s_trunc"]),
+            "staleness/mask_frac": mean(stats["s_rej"]),
+            "staleness/kl_k1": mean(-np.array(stats["ls"])),  # mean(old - prox)
+        })
     return loss, metrics, grad
 
 
@@ -554,6 +593,228 @@ def test_reference_configs_cover_every_mode():
 
 
 # ---------------------------------------------------------------------------------------
+# The three-term form (old_logp given): reference, reductions to the two-term form, clamps.
+
+# Every staleness mode, with and without the staleness band, beside varied discrepancy rules.
+THREE_TERM_CONFIGS = [
+    LossConfig(staleness_is_mode="token", staleness_is_floor=0.5, staleness_is_cap=1.5,
+               staleness_token_mask=(0.4, 2.5), token_mask=(0.5, 2.0), dual_clip=3.0),
+    LossConfig(staleness_is_mode="sequence", staleness_is_cap=3.0, is_mode="geometric",
+               seq_mask_mode="sum", seq_mask=(0.25, 4.0), aggregation="seq_mean_token_mean"),
+    LossConfig(staleness_is_mode="geometric", staleness_is_floor=0.8, staleness_is_cap=1.2,
+               is_mode="sequence", catastrophic_thr=0.1, aggregation="seq_mean_token_sum_norm",
+               norm_length=8.0),
+    LossConfig(staleness_is_mode="none", staleness_token_mask=(0.5, 2.0), is_mode="none",
+               token_mask=(0.5, 2.0), clip_low=0.1, clip_high=0.28),
+]
+
+
+def near_a_staleness_kink(prox, old, mask, cfg, margin=1e-3):
+    """As :func:`near_a_kink`, for the staleness weight's thresholds on ``prox - old``."""
+    log_s = np.clip(np.asarray(prox, np.float64) - old, -20, 20)
+    n = mask.sum(axis=1)
+    seq_sum = np.where(mask, log_s, 0).sum(axis=1)[n > 0]
+    stat = {"none": np.zeros(0), "token": log_s[mask], "sequence": seq_sum,
+            "geometric": seq_sum / n[n > 0]}[cfg.staleness_is_mode]
+    edges = [cfg.staleness_is_floor, cfg.staleness_is_cap]
+    band_edges = list(cfg.staleness_token_mask or ())
+    close = lambda values, es: any(  # noqa: E731
+        np.any(np.abs(values - math.log(e)) < margin) for e in es if 0 < e < math.inf)
+    return close(stat, edges) or close(log_s[mask], band_edges)
+
+
+def draw_three_term_case(seed, densities, cfg):
+    """``(lp, prox, beh, adv, mask, old)``: :func:`draw_case` with pi_old between pi_prox and mu."""
+    rng = np.random.default_rng(seed)
+    while True:
+        lp, old, beh, adv, mask = draw_case(int(rng.integers(2**32)), densities, cfg)
+        # draw_case's prox plays pi_old here (old - beh is the discrepancy log-ratio it drew);
+        # the anchor sits a staleness step away, with a few extremes for the +-20 clamp.
+        log_s = rng.normal(0, 0.4, mask.shape)
+        log_s = np.where(rng.random(mask.shape) < 0.03, rng.choice([-30.0, 30.0], mask.shape), log_s)
+        prox = np.where(mask, old + log_s, rng.uniform(-1e3, 1e3, mask.shape)).astype(np.float32)
+        lp = np.where(mask, prox + (lp - old), lp).astype(np.float32)  # keep lp - prox small
+        if not (near_a_kink(lp, prox, old, adv, mask, cfg) or near_a_staleness_kink(prox, old, mask, cfg)):
+            return lp, prox, beh, adv, mask, old
+
+
+class ThreeTermLossTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        (f"{i}_{c.staleness_is_mode}", c) for i, c in enumerate(THREE_TERM_CONFIGS))
+    @settings(max_examples=6)
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        densities=st.lists(
+            st.sampled_from([0.0, 0.4, 0.8, 1.0]), min_size=REF_SHAPE[0], max_size=REF_SHAPE[0]
+        ),
+    )
+    def test_matches_numpy_reference(self, config, seed, densities):
+        lp, prox, beh, adv, mask, old = draw_three_term_case(seed, densities, config)
+        loss, metrics, grad = self.variant(loss_and_grad, static_argnames="config")(
+            lp, prox, beh, adv, mask, config, old
+        )
+        ref_loss, ref_metrics, ref_grad = reference_policy_loss(lp, prox, beh, adv, mask, config, old)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+        self.assertEqual(set(metrics), METRIC_KEYS | STALENESS_KEYS)
+        self.assertEqual(set(metrics), set(ref_metrics))
+        for key, value in ref_metrics.items():
+            np.testing.assert_allclose(metrics[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("default", LossConfig()), ("all_on", ALL_ON), ("token_rules", TOKEN_RULES),
+        *((f"three_term_{i}", c) for i, c in enumerate(THREE_TERM_CONFIGS) if c.staleness_is_floor <= 1)
+    )
+    def test_old_equal_to_prox_is_the_two_term_loss(self, config):
+        # s = 1 (within [floor, cap] and the band) and pi_old / mu = pi_prox / mu.
+        for seed in range(3):
+            lp, prox, beh, adv, mask = random_batch(20 + seed, log_r_scale=1.0, log_w_scale=1.0)
+            fn = self.variant(loss_and_grad, static_argnames="config")
+            loss, metrics, grad = fn(lp, prox, beh, adv, mask, config)
+            loss3, metrics3, grad3 = fn(lp, prox, beh, adv, mask, config, prox)
+            np.testing.assert_allclose(loss3, loss, rtol=1e-6)
+            np.testing.assert_allclose(grad3, grad, rtol=1e-6, atol=1e-9)
+            self.assertEqual(set(metrics3), METRIC_KEYS | STALENESS_KEYS)
+            for key in METRIC_KEYS:
+                np.testing.assert_allclose(metrics3[key], metrics[key], rtol=1e-6, err_msg=key)
+            self.assertEqual(float(metrics3["staleness/is_weight_mean"]), 1.0)
+            self.assertEqual(float(metrics3["staleness/is_truncated_frac"]), 0.0)
+            self.assertEqual(float(metrics3["staleness/mask_frac"]), 0.0)
+            self.assertEqual(float(metrics3["staleness/kl_k1"]), 0.0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("all_on", ALL_ON), ("three_term_0", THREE_TERM_CONFIGS[0]))
+    def test_none_is_the_two_term_loss_bit_for_bit(self, config):
+        lp, prox, beh, adv, mask = random_batch(11, log_r_scale=1.0)
+        fn = self.variant(loss_and_grad, static_argnames="config")
+        loss, metrics, grad = fn(lp, prox, beh, adv, mask, config)
+        loss_none, metrics_none, grad_none = fn(lp, prox, beh, adv, mask, config, None)
+        np.testing.assert_array_equal(loss_none, loss)
+        np.testing.assert_array_equal(grad_none, grad)
+        self.assertEqual(set(metrics_none), METRIC_KEYS)  # no staleness/ weight metrics
+        for key in METRIC_KEYS:
+            np.testing.assert_array_equal(metrics_none[key], metrics[key], err_msg=key)
+        # The staleness settings act only in the three-term form.
+        other = LossConfig(**{**{f: getattr(config, f) for f in config.__dataclass_fields__},
+                              "staleness_is_mode": "sequence", "staleness_is_floor": 0.0, "staleness_is_cap": 0.1,
+                              "staleness_token_mask": (5.0, 6.0)})
+        np.testing.assert_array_equal(fn(lp, prox, beh, adv, mask, other)[0], loss)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gradient_flows_only_through_logp(self):
+        lp, prox, beh, adv, mask = random_batch(12, log_r_scale=1.0)
+        old = prox - np.random.default_rng(0).normal(0, 0.3, prox.shape).astype(np.float32)
+        config = THREE_TERM_CONFIGS[0]
+
+        def loss(*args):
+            return policy_loss(*args[:4], mask, config, args[4])[0]
+
+        grads = self.variant(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(lp, prox, beh, adv, old)
+        self.assertGreater(float(jnp.abs(grads[0]).sum()), 0.0)
+        for grad in grads[1:]:
+            np.testing.assert_array_equal(grad, 0.0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_discrepancy_masks_see_numerics_only(self):
+        # A stale batch whose sampler is exact (mu == pi_old): the discrepancy term is 1 and
+        # its band keeps every token; the staleness band alone rejects the far-off tokens.
+        lp, prox, _, adv, mask = random_batch(13)
+        log_s = np.resize(np.array([0.0, 0.3, -0.3, 1.5, -1.5], np.float32), prox.shape)
+        old = prox - log_s
+        config = LossConfig(token_mask=(0.5, 2.0), catastrophic_thr=0.3,
+                            staleness_token_mask=(0.5, 2.0), staleness_is_cap=10.0)
+        _, metrics = self.variant(policy_loss, static_argnames="config")(
+            lp, prox, old, adv, mask, config, old)
+        rejected = mask & (np.abs(log_s) > np.log(2.0))
+        self.assertEqual(float(metrics["mask/token_frac"]), 0.0)
+        self.assertEqual(float(metrics["mask/catastrophic_frac"]), 0.0)
+        self.assertEqual(float(metrics["is/weight_mean"]), 1.0)
+        np.testing.assert_allclose(metrics["staleness/mask_frac"], rejected.sum() / mask.sum(), rtol=1e-6)
+        np.testing.assert_allclose(metrics["mask/kept_frac"], 1 - rejected.sum() / mask.sum(), rtol=1e-6)
+        # The two-term loss with the same anchor would put all of it into the discrepancy term.
+        _, two = policy_loss(lp, prox, old, adv, mask, config)
+        np.testing.assert_allclose(two["mask/token_frac"], rejected.sum() / mask.sum(), rtol=1e-6)
+
+    def test_old_logp_shape_is_checked(self):
+        x = np.zeros((2, 3), np.float32)
+        with pytest.raises(AssertionError):
+            policy_loss(x, x, x, x, x > 0, LossConfig(), np.zeros((2, 4), np.float32))
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_extreme_ppo_log_ratio_is_clamped(old):
+    # lp - prox far outside +-20 (pi_prox near 0, or -inf): before the clamp, exp() gave an
+    # infinite ratio and 0 * inf a NaN gradient.
+    lp, prox, beh, adv, mask = random_batch(14)
+    offsets = np.resize(np.array([1e4, -1e4, 30.0, -30.0, np.inf, 0.1], np.float32), lp.shape)
+    prox = (lp - offsets).astype(np.float32)  # lp - prox = offsets; prox = -inf where offset = inf
+    beh = lp.copy()
+    old_logp = lp.copy() if old else None
+    for config in (LossConfig(), ALL_ON, LossConfig(dual_clip=3.0, is_mode="none")):
+        (loss, metrics), grad = jax.jit(jax.value_and_grad(
+            lambda x: policy_loss(x, prox, beh, adv, mask, config, old_logp), has_aux=True))(lp)
+        assert np.isfinite(loss)
+        assert np.all(np.isfinite(grad))
+        for key, value in metrics.items():
+            assert np.isfinite(value), key
+        terms = policy_loss_terms(lp, prox, beh, adv, mask, config, old_logp)
+        np.testing.assert_allclose(np.asarray(terms.log_r)[mask], np.clip(lp - prox, -20, 20)[mask], rtol=1e-6)
+        assert np.all(np.abs(np.asarray(terms.log_r)) <= 20)
+        # Clamped tokens pass no gradient; the rest do.
+        np.testing.assert_array_equal(np.asarray(grad)[mask & (np.abs(offsets) > 20)], 0.0)
+
+
+def _categorical_samples(seed, shape=(64, 64), vocab=6, spread=1.0):
+    """Tokens drawn from mu, and ``(log mu, log pi)`` of them, plus the exact KL(mu || pi)."""
+    rng = np.random.default_rng(seed)
+
+    def log_softmax(x):  # float64, so the probabilities sum to 1 for rng.choice
+        return x - np.log(np.sum(np.exp(x - x.max()))) - x.max()
+
+    log_mu = log_softmax(rng.normal(0, spread, vocab))
+    log_pi = log_softmax(log_mu + rng.normal(0, 0.5, vocab))
+    tokens = rng.choice(vocab, size=shape, p=np.exp(log_mu))
+    kl = float(np.sum(np.exp(log_mu) * (log_mu - log_pi)))
+    return log_mu[tokens].astype(np.float32), log_pi[tokens].astype(np.float32), kl
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("three_term", [False, True])
+def test_mismatch_kl_estimates_are_nonnegative_on_samples_from_mu(seed, three_term):
+    # Tokens sampled by mu: k1 = mean(beh - X) and k3 = mean(exp(X - beh) - 1 - (X - beh))
+    # are unbiased for KL(mu || pi_X) > 0 (X = prox, or old in the three-term form).
+    beh, x, kl = _categorical_samples(seed)
+    mask = np.ones(beh.shape, bool)
+    adv = np.zeros(beh.shape, np.float32)
+    if three_term:  # the anchor is elsewhere; the discrepancy term sees old = x
+        prox = x + np.float32(0.7)
+        _, metrics = policy_loss(prox, prox, beh, adv, mask, LossConfig(), x)
+    else:
+        _, metrics = policy_loss(x, x, beh, adv, mask, LossConfig())
+    n = beh.size
+    log_w = (x - beh).astype(np.float64)
+    for key, per_token in (("mismatch/kl_k1", -log_w), ("mismatch/kl_k3", np.exp(log_w) - 1 - log_w)):
+        stderr = per_token.std() / math.sqrt(n)
+        assert float(metrics[key]) > 0, key
+        assert abs(float(metrics[key]) - kl) < 5 * stderr + 1e-6, (key, float(metrics[key]), kl, stderr)
+    if three_term:  # mean(old - prox) = -0.7 here: the staleness log-ratio, exactly
+        np.testing.assert_allclose(metrics["staleness/kl_k1"], -0.7, rtol=1e-5)
+
+
+def test_staleness_kl_k1_is_nonnegative_when_pi_old_sampled():
+    # mu == pi_old (an exact sampler): staleness/kl_k1 = mean(old - prox) estimates KL(pi_old || pi_prox).
+    old, prox, kl = _categorical_samples(7)
+    mask = np.ones(old.shape, bool)
+    _, metrics = policy_loss(prox, prox, old, np.zeros_like(old), mask, LossConfig(), old)
+    per_token = (old - prox).astype(np.float64)
+    assert float(metrics["staleness/kl_k1"]) > 0
+    assert abs(float(metrics["staleness/kl_k1"]) - kl) < 5 * per_token.std() / math.sqrt(old.size)
+    assert float(metrics["mismatch/kl_k1"]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------
 # Config validation and helpers.
 
 
@@ -575,6 +836,11 @@ def test_reference_configs_cover_every_mode():
         ({"catastrophic_thr": 0.0}, "catastrophic_thr"),
         ({"aggregation": "seq_mean_token_sum_norm"}, "norm_length"),
         ({"aggregation": "seq_mean_token_sum_norm", "norm_length": 0}, "norm_length"),
+        ({"staleness_is_mode": "tokens"}, "staleness_is_mode"),
+        ({"staleness_is_floor": -0.5}, "staleness_is_floor"),
+        ({"staleness_is_floor": 3.0, "staleness_is_cap": 2.0}, "staleness_is_cap"),
+        ({"staleness_token_mask": (2.0, 0.5)}, "staleness_token_mask"),
+        ({"staleness_token_mask": (1.0,)}, "staleness_token_mask"),
     ],
 )
 def test_config_rejects_invalid_values(kwargs, field):
@@ -590,8 +856,11 @@ def test_config_error_lists_allowed_values():
 
 
 def test_config_bands_become_hashable_tuples():
-    config = LossConfig(token_mask=[0.5, 2], seq_mask=[0.1, 10])
+    config = LossConfig(token_mask=[0.5, 2], seq_mask=[0.1, 10], staleness_token_mask=[0.2, 5])
     assert config.token_mask == (0.5, 2.0) and config.seq_mask == (0.1, 10.0)
+    assert config.staleness_token_mask == (0.2, 5.0)
+    hash(config)
+    config = LossConfig(token_mask=[0.5, 2], seq_mask=[0.1, 10])
     assert hash(config) == hash(LossConfig(token_mask=(0.5, 2.0), seq_mask=(0.1, 10.0)))
 
 

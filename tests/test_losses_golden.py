@@ -13,6 +13,8 @@ so a reader can check them with pencil and paper (rlax style). Per valid token::
 
 The inputs are built from the ratios themselves (``lp = log(p * r)``, ``prox = log p``,
 ``beh = log(p / w)`` with ``p = 0.1``), so the hand values only need ``r`` and ``w``.
+The three-term form adds ``s = pi_prox / pi_old`` (``old = log(p / s)``,
+``beh = log(p / (s * w))``, so ``w = pi_old / mu``): ``loss_t = s * w * k * ks * pg``.
 """
 
 import numpy as np
@@ -94,11 +96,15 @@ def test_truncated_token_is_weight_on_the_discrepancy_term():
     _close(m["is/truncated_frac"], 1 / 3)
     # ess = (sum w)^2 / (n * sum w^2) = 4^2 / (3 * (0.25 + 2.25 + 4)) = 16 / 19.5 = 32/39
     _close(m["is/ess"], 32 / 39)
-    # kl_k1 = mean(log(pi_prox/mu)) = (ln 0.5 + ln 1.5 + ln 4) / 3 = ln(0.5 * 1.5 * 4) / 3 = ln(3) / 3
-    _close(m["mismatch/kl_k1"], np.log(3.0) / 3)
-    # kl_k3 = mean(mu/pi_prox - 1 - ln(mu/pi_prox))
-    #       = [(2 - 1 + ln 0.5) + (2/3 - 1 + ln 1.5) + (1/4 - 1 + ln 4)] / 3 = (ln 3 - 1/12) / 3
-    _close(m["mismatch/kl_k3"], (np.log(3.0) - 1 / 12) / 3)
+    # The tokens were sampled by mu, so both estimate KL(mu || pi_prox); with x = pi_prox/mu:
+    # kl_k1 = mean(beh - prox) = mean(-ln x) = -(ln 0.5 + ln 1.5 + ln 4) / 3 = -ln(0.5 * 1.5 * 4) / 3 = -ln(3) / 3
+    #   (negative here: three tokens are far too few for the estimate to reach its expectation >= 0)
+    _close(m["mismatch/kl_k1"], -np.log(3.0) / 3)
+    # kl_k3 = mean(exp(prox - beh) - 1 - (prox - beh)) = mean(x - 1 - ln x), each term >= 0:
+    #       = [(0.5 - 1 - ln 0.5) + (1.5 - 1 - ln 1.5) + (4 - 1 - ln 4)] / 3
+    #       = [(0.5 + 1.5 + 4) - 3 - ln(0.5 * 1.5 * 4)] / 3 = (3 - ln 3) / 3 = 1 - ln(3) / 3
+    #       (terms: 0.1931 + 0.0945 + 1.6137 = 1.9014; / 3 = 0.6338)
+    _close(m["mismatch/kl_k3"], 1 - np.log(3.0) / 3)
     # The PPO ratio is exactly 1: no clipping anywhere.
     _close(m["ratio/clip_frac"], 0.0)
     _close(m["ratio/mean"], 1.0)
@@ -209,3 +215,56 @@ def test_sequence_mask_and_catastrophic_rule_drop_whole_sequences():
     _close(m["mask/seq_frac"], 2 / 3)  # rows 0 and 1
     _close(m["mask/catastrophic_frac"], 1 / 3)  # row 1
     _close(m["mask/kept_frac"], 2 / 6)  # the two tokens of row 2
+
+
+def _loss3(r, s, w, adv, mask, config):
+    """The three-term loss on ratios r = pi_theta/pi_prox, s = pi_prox/pi_old, w = pi_old/mu."""
+    r, s, w = (np.asarray(x, np.float64) for x in (r, s, w))
+    lp, prox = np.log(P * r), np.full(r.shape, np.log(P))
+    old, beh = np.log(P / s), np.log(P / (s * w))
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    loss, metrics = policy_loss(f32(lp), f32(prox), f32(beh), f32(adv), np.asarray(mask, bool), config, f32(old))
+    return float(loss), {k: float(v) for k, v in metrics.items()}
+
+
+def test_three_term_staleness_weight_and_band():
+    # token IS on w = pi_old/mu (cap 2); token IS on s = pi_prox/pi_old (cap 1.5) with band [0.2, 3]; clip 0.2.
+    #   token   r    A    s                    w              PPO pg                      s * w * ks * pg
+    #   0       1.0  +1   1.2                  0.5            -1                          1.2 * 0.5 * -1  = -0.6
+    #   1       1.5  +1   2.0 -> 1.5 (capped)  1.0            -min(1.5, 1.2) = -1.2       1.5 * 1 * -1.2  = -1.8
+    #   2       0.9  -2   4.0 -> rejected      1.0            -(0.9 * -2) = 1.8           0 (4 > 3: outside the band)
+    #   3       1.0  -1   0.5                  4.0 -> 2.0     +1                          0.5 * 2 * 1     =  1.0
+    # loss = (-0.6 - 1.8 + 0 + 1.0) / 4 = -1.4 / 4 = -0.35 (the rejected token still counts)
+    config = LossConfig(is_mode="token", is_cap=2.0, staleness_is_mode="token", staleness_is_cap=1.5,
+                        staleness_token_mask=(0.2, 3.0))
+    r, s, w = [[1.0, 1.5, 0.9, 1.0]], [[1.2, 2.0, 4.0, 0.5]], [[0.5, 1.0, 1.0, 4.0]]
+    adv = [[1.0, 1.0, -2.0, -1.0]]
+    loss, m = _loss3(r, s, w, adv, np.ones((1, 4)), config)
+    _close(loss, -0.35)
+    # staleness weights (1.2, 1.5, 1.5, 0.5): mean 4.7 / 4 = 1.175, max 1.5; tokens 1 and 2 truncated
+    _close(m["staleness/is_weight_mean"], 1.175)
+    _close(m["staleness/is_weight_max"], 1.5)
+    _close(m["staleness/is_truncated_frac"], 2 / 4)
+    _close(m["staleness/mask_frac"], 1 / 4)  # token 2
+    # staleness/kl_k1 = mean(old - prox) = mean(-ln s) = -ln(1.2 * 2 * 4 * 0.5) / 4 = -ln(4.8) / 4
+    _close(m["staleness/kl_k1"], -np.log(4.8) / 4)
+    # discrepancy weights (0.5, 1, 1, 2): mean 4.5 / 4 = 1.125; token 3 truncated
+    _close(m["is/weight_mean"], 1.125)
+    _close(m["is/truncated_frac"], 1 / 4)
+    # The mismatch KLs see pi_old / mu only: kl_k1 = mean(-ln w) = -(ln 0.5 + ln 4) / 4 = -ln(2) / 4
+    _close(m["mismatch/kl_k1"], -np.log(2.0) / 4)
+    # kl_k3 = mean(w - 1 - ln w) = [(0.5 - 1 + ln 2) + 0 + 0 + (4 - 1 - 2 ln 2)] / 4 = (2.5 - ln 2) / 4
+    _close(m["mismatch/kl_k3"], (2.5 - np.log(2.0)) / 4)
+    _close(m["mask/token_frac"], 0.0)  # no discrepancy band
+    _close(m["mask/kept_frac"], 3 / 4)  # the staleness band rejected token 2
+    _close(m["ratio/clip_frac_high"], 1 / 4)  # token 1 (A > 0, r = 1.5 > 1.2)
+    _close(m["ratio/effective_clip_frac"], 2 / 4)  # token 1 clipped, token 2 rejected
+
+
+def test_three_term_with_old_equal_to_prox_is_the_two_term_loss():
+    # s = 1 on every token: the golden case of the truncated discrepancy weight above, loss 0.5.
+    loss, m = _loss3(np.ones((1, 3)), np.ones((1, 3)), [[0.5, 1.5, 4.0]], [[1.0, -2.0, 0.5]], np.ones((1, 3)),
+                     LossConfig(is_mode="token", is_cap=2.0))
+    _close(loss, 0.5)
+    _close(m["staleness/is_weight_mean"], 1.0)
+    _close(m["mismatch/kl_k3"], 1 - np.log(3.0) / 3)

@@ -155,7 +155,8 @@ def test_ewma_in_the_train_state_is_the_bias_corrected_average(world):
     cfg, graphdef, params, _ = world
     optimizer = learner_lib.make_optimizer(1e-2, 1.0)
     update = learner_lib.make_rl_update(graphdef, optimizer, LossConfig(), num_minibatches=1, num_epochs=1)
-    state = learner_lib.create_train_state(params[0], optimizer, ewma=True)
+    # A copy: the update donates the state, and the module's `world` params must outlive this test.
+    state = learner_lib.create_train_state(jax.tree.map(jnp.copy, params[0]), optimizer, ewma=True)
     batch = _batch(world, switch=False)
     jb = jax.tree.map(jnp.asarray, batch.replace(prox_logp=batch.behav_logp))
     beta, history = 0.7, []
@@ -235,3 +236,96 @@ def test_revised_ewma_resume_reproduces_uninterrupted_run(tmp_path, tiny_config,
     train_and_evaluate(cfg(2), part, progress=False)
     train_and_evaluate(cfg(4), part, progress=False)
     assert comparable_metrics(read_metrics(part)) == comparable_metrics(read_metrics(full))
+
+
+# The three-term loss: `proximal.anchor` beside an exact source (docs/design.md sections 2.6 and 3.1).
+
+
+@pytest.mark.parametrize("source, anchor", [("snapshot", "recompute"), ("snapshot", "ewma"),
+                                            ("interrupt", "revised_ewma")])
+def test_anchor_route_fills_old_and_prox(world, source, anchor):
+    _, graphdef, params, _ = world
+    batch = _batch(world, switch=True, old_logp="interrupt")
+    uses_ewma = anchor != "recompute"
+    state = _state(world, 2, ewma=uses_ewma)  # a fresh EWMA is a copy of params[2]
+    out, m = _route(world, source, anchor=anchor)(state, batch, 2)
+    gen = batch.loss_mask
+    # old_logp: the exact pi_old of each token's version; prox_logp: the anchor (version 2's weights).
+    np.testing.assert_allclose(np.asarray(out.old_logp)[gen], _reference(world, batch)[gen], atol=1e-5)
+    now = np.asarray(learner_lib.token_logprobs(graphdef, params[2], jnp.asarray(batch.tokens)))
+    np.testing.assert_allclose(np.asarray(out.prox_logp)[gen], now[gen], atol=1e-5)
+    # One more forward for the anchor (snapshot: one per version, 2 here; interrupt: none of its own).
+    assert m["proximal/forward_passes"] == (2 if source == "snapshot" else 0) + 1
+    assert m["proximal/param_copies"] == (2 if source == "snapshot" else 1) + uses_ewma
+    assert ("proximal/ewma_beta" in m) == (anchor == "revised_ewma")
+    # The audit still compares the exact pi_old (not the anchor) with what recompute would give.
+    assert abs(m["audit/exact/mismatch/kl_k1"]) < 1e-5  # fp32 sampler: pi_old == mu
+    assert m["audit/recompute/mismatch/kl_k1"] != m["audit/exact/mismatch/kl_k1"]
+    assert batch.prox_logp is None  # the input batch is unchanged
+
+
+def test_update_reads_old_logp_only_in_the_three_term_form(world):
+    cfg, graphdef, params, _ = world
+    optimizer = learner_lib.make_optimizer(1e-3, 1.0)
+    batch = _batch(world, switch=True, old_logp="interrupt")
+    now = np.asarray(learner_lib.token_logprobs(graphdef, params[2], jnp.asarray(batch.tokens)))
+    jb = jax.tree.map(jnp.asarray, batch.replace(prox_logp=now))  # old_logp: exact; prox_logp: the anchor
+
+    def run(three_term, b):
+        update = learner_lib.make_rl_update(graphdef, optimizer, LossConfig(), num_minibatches=1,
+                                            three_term=three_term, donate=False)
+        return update(learner_lib.create_train_state(params[2], optimizer), b, jax.random.key(0))[1]
+
+    two, three = run(False, jb), run(True, jb)
+    assert not any(k.startswith("staleness/is_") for k in two)
+    assert {"staleness/is_weight_mean", "staleness/kl_k1", "staleness/mask_frac"} <= set(three)
+    assert float(three["staleness/is_weight_mean"]) != 1.0  # stale tokens carry a weight
+    # The two-term update ignores old_logp entirely.
+    for k, v in run(False, jb.replace(old_logp=None)).items():
+        np.testing.assert_array_equal(v, two[k], err_msg=k)
+    # old_logp == prox_logp: the three-term update is the two-term one.
+    same = run(True, jb.replace(old_logp=jb.prox_logp))
+    np.testing.assert_allclose(same["loss/policy"], two["loss/policy"], rtol=1e-6)
+    np.testing.assert_allclose(same["perf/grad_norm"], two["perf/grad_norm"], rtol=1e-5)
+    with pytest.raises(ValueError, match="old_logp"):
+        run(True, jb.replace(old_logp=None))
+
+
+def test_anchor_needs_an_exact_source(tiny_config):
+    for source in ("recompute", "bypass", "loglinear", "ewma"):
+        c = tiny_config()
+        c.proximal.source, c.proximal.anchor = source, "recompute"
+        with pytest.raises(ValueError, match=r"proximal\.anchor.*exact proximal\.source"):
+            config_lib.validate(c)
+    c = tiny_config()
+    c.proximal.source, c.proximal.anchor = "snapshot", "bypass"
+    with pytest.raises(ValueError, match=r"proximal\.anchor"):
+        config_lib.validate(c)
+    for anchor in ("recompute", "ewma", "revised_ewma", "", None):
+        c = tiny_config()
+        c.proximal.source, c.proximal.anchor = "dedicated", anchor
+        config_lib.validate(c)
+        assert (config_lib.proximal_anchor(c) is None) == (not anchor)
+    c = tiny_config()
+    c.loss.staleness_is_mode = "tokens"
+    with pytest.raises(ValueError, match="staleness_is_mode"):
+        config_lib.loss_config_from(c)
+
+
+@pytest.mark.slow
+def test_snapshot_with_recompute_anchor_trains(tmp_path, tiny_config):
+    c = tiny_config(2)
+    c.proximal.source, c.proximal.anchor = "snapshot", "recompute"
+    c.runtime.lag, c.runtime.partial_rollout, c.runtime.switch_after, c.sampler.chunk = 1, True, 8, 4
+    c.warmstart.enabled = False
+    c.train.eval_every = c.train.checkpoint_every = 2
+    train_and_evaluate(c, str(tmp_path), progress=False)
+    rows = [r for r in read_metrics(str(tmp_path)) if "loss/policy" in r]
+    assert len(rows) == 2 and all(np.isfinite(r["loss/policy"]) for r in rows)
+    last = rows[-1]
+    assert last["staleness/max"] >= 1  # stale tokens: the anchor (version now) differs from pi_old
+    assert np.isfinite(last["staleness/is_weight_mean"]) and "staleness/kl_k1" in last
+    # One forward per version in the batch (param_copies counts them; the recompute anchor adds no copy),
+    # plus one for the anchor.
+    assert all(r["proximal/forward_passes"] == r["proximal/param_copies"] + 1 for r in rows)
+    assert abs(last["mismatch/kl_k1"]) < 1e-5  # fp32 sampler: the discrepancy term sees pi_old == mu

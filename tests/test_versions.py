@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxrl_async.models import transformer as M
-from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
+from jaxrl_async.runtime.versions import VersionCorrupt, VersionEvicted, VersionStore
 
 
 def _tree(v: float):
@@ -169,9 +169,13 @@ def test_eviction_during_read_is_translated(tmp_path, monkeypatch):
         raise OSError("disk on fire")
 
     monkeypatch.setattr(reader._checkpointer, "restore", broken)
-    with pytest.raises(OSError, match="disk on fire"):  # a retained version's real error is not masked
+    # A retained version Orbax cannot read is reported as corrupt (a VersionEvicted, so callers fall
+    # back to an older version), with the real error in the message and as the cause.
+    with pytest.raises(VersionCorrupt, match="disk on fire") as info:
         reader.get(2)
-    assert reader.stats["disk_reads"] == 0
+    assert isinstance(info.value.__cause__, OSError)
+    assert reader.stats["disk_reads"] == 0 and reader.stats["corrupt"] == 1
+    assert reader.versions() == []  # skipped from now on by this reader
 
 
 def test_stale_temp_dirs_ignored_and_cleaned_by_writer(tmp_path):

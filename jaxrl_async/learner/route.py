@@ -2,7 +2,8 @@
 
 `ProximalRoute` turns a host batch into the device batch the update reads, with
 `prox_logp` from the configured `proximal.source` (`core.proximal.Route`) and the route's
-cost metrics. `snapshot_logp` is the exact snapshot recomputation from the parameter-version
+cost metrics. With `proximal.anchor` (the three-term loss) an exact source fills
+`old_logp` instead, and `prox_logp` holds the anchor. `snapshot_logp` is the exact snapshot recomputation from the parameter-version
 ring buffer.
 """
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_async import config as config_lib
 from jaxrl_async.core.buckets import bucket
 from jaxrl_async.core.losses import policy_loss
 from jaxrl_async.core.proximal import Route, matched_beta
@@ -79,6 +81,11 @@ class ProximalRoute:
     `revised_ewma` (a forward pass with the EWMA weights of the train state). With
     `proximal.audit`, exact routes also log what `recompute` would have given, so the
     entanglement of staleness and mismatch is visible in every exact run.
+
+    With `proximal.anchor` (`recompute`, `ewma` or `revised_ewma`, only beside an exact
+    source) the exact pi_old goes to `old_logp` and `prox_logp` holds the anchor, computed
+    as the approximate route of that name computes it (one more forward pass, counted in
+    `proximal/forward_passes`): the update then runs the three-term loss.
     """
 
     AUDIT_KEYS = ("mask/token_frac", "mask/seq_frac", "mask/catastrophic_frac", "is/truncated_frac",
@@ -92,6 +99,7 @@ class ProximalRoute:
         self.config = config
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(1)
         self.route = Route(config.proximal.source)
+        self.anchor = config_lib.proximal_anchor(config)  # None: two-term loss
         self.graphdef = graphdef
         self.store = store
         self.loss_config = loss_config
@@ -106,7 +114,9 @@ class ProximalRoute:
     def __call__(self, state, batch: Batch, version: int) -> tuple[Batch, dict]:
         """batch: a host (numpy) Batch with advantages; returns (the device Batch with `prox_logp`, metrics).
 
-        The input is not changed; every array crosses to the device once.
+        With `proximal.anchor`, the device Batch also has `old_logp` (the exact pi_old) and
+        `prox_logp` is the anchor. The input is not changed; every array crosses to the
+        device once.
         """
         route, m = self.route, {}
         passes, copies = 0, 0
@@ -114,30 +124,43 @@ class ProximalRoute:
             prox, batch, passes, copies = self._snapshot(batch, m)
         # Every array but prox_logp goes to the learner's mesh once (rows over the `data` axis).
         dev = mesh_lib.shard_rows(batch.replace(old_logp=None, prox_logp=None), self.mesh)
-        if route == Route.RECOMPUTE:
-            prox, passes = self._logp(state.params, dev.tokens), 1
+        if route in (Route.RECOMPUTE, Route.EWMA, Route.REVISED_EWMA):
+            prox, passes, copies = self._learner_prox(route, state, batch, version, dev, m)
         elif route in (Route.BYPASS, Route.LOGLINEAR):
             prox = dev.behav_logp  # loglinear: replaced inside the loss at every gradient step
-        elif route.uses_ewma:
-            prox, passes, copies = self._logp(state.ewma, dev.tokens), 1, 1
-            if route == Route.REVISED_EWMA:
-                self._match_beta(batch, version)
-                m["proximal/ewma_beta"] = self.ewma_beta
         elif route.sampler_side:
             if batch.old_logp is None:
                 raise RuntimeError(f"proximal.source={route.value!r} but the trajectories arrived without old_logp")
             prox, copies = batch.old_logp, 1
-        m["proximal/forward_passes"] = float(passes)
-        m["proximal/param_copies"] = float(copies)
         if not isinstance(prox, jax.Array):  # host arrays cross once; device ones are only resharded
             prox = np.asarray(prox, np.float32)
-        dev = dev.replace(prox_logp=mesh_lib.shard_rows(prox, self.mesh))
+        prox = mesh_lib.shard_rows(prox, self.mesh)
+        anchor = None
+        if self.anchor is None:
+            dev = dev.replace(prox_logp=prox)
+        else:  # three-term loss: the exact pi_old is old_logp, the anchor is prox_logp
+            anchor, anchor_passes, anchor_copies = self._learner_prox(self.anchor, state, batch, version, dev, m)
+            passes, copies = passes + anchor_passes, copies + anchor_copies
+            dev = dev.replace(old_logp=prox, prox_logp=anchor)
+        m["proximal/forward_passes"] = float(passes)
+        m["proximal/param_copies"] = float(copies)
         if route.exact and self.config.proximal.audit:
-            recompute = self._logp(state.params, dev.tokens)
-            for name, p in (("exact", dev.prox_logp), ("recompute", recompute)):
+            # The recompute anchor is exactly what the audit compares against: no second forward for it.
+            recompute = anchor if self.anchor == Route.RECOMPUTE else self._logp(state.params, dev.tokens)
+            for name, p in (("exact", prox), ("recompute", recompute)):
                 audit = _discrepancy_metrics(p, dev.behav_logp, dev.advantages, dev.loss_mask, self.loss_config)
                 m.update({f"audit/{name}/{k}": float(audit[k]) for k in self.AUDIT_KEYS})
         return dev, m
+
+    def _learner_prox(self, route: Route, state, batch: Batch, version: int, dev: Batch, m: dict):
+        """`(prox, forward_passes, param_copies)` of a learner-side approximate route (`recompute`, `ewma`,
+        `revised_ewma`): the route itself, or the anchor of the three-term loss."""
+        if route == Route.RECOMPUTE:
+            return self._logp(state.params, dev.tokens), 1, 0
+        if route == Route.REVISED_EWMA:
+            self._match_beta(batch, version)
+            m["proximal/ewma_beta"] = self.ewma_beta
+        return self._logp(state.ewma, dev.tokens), 1, 1
 
     def _snapshot(self, batch: Batch, m: dict):
         """Exact pi_old from the ring buffer; episodes whose versions were evicted train nothing."""

@@ -74,7 +74,8 @@ def _minibatches(batch: Batch, key, num_minibatches: int) -> Batch:
 
 
 def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
-                   num_minibatches: int = 1, num_epochs: int = 1, loglinear: bool = False, donate: bool = True):
+                   num_minibatches: int = 1, num_epochs: int = 1, loglinear: bool = False, donate: bool = True,
+                   three_term: bool = False):
     """Builds `update(state, batch, key, ewma_beta=0.0) -> (state, metrics)`, jitted with the state donated.
 
     (`donate=False` keeps the input state alive: only for the before/after benchmark.)
@@ -82,8 +83,10 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
     batch: a `Batch` of `[B, T]` arrays with `advantages` and `prox_logp` filled by the
     proximal route (`learner.route`), except with `loglinear`, where the proximal log-probs
     are interpolated inside the loss from the current log-probs at every gradient step
-    (they depend on `pi_theta`, docs/design.md section 3). When the state carries an EWMA it is updated after
-    every optimizer step with decay `ewma_beta`. Metrics are averaged over all gradient
+    (they depend on `pi_theta`, docs/design.md section 3). With `three_term` (`proximal.anchor`),
+    the loss also reads `old_logp` (the exact pi_old; `prox_logp` is then the anchor) and takes
+    the three-term form (docs/design.md section 2.6); otherwise `old_logp` is ignored. When the
+    state carries an EWMA it is updated after every optimizer step with decay `ewma_beta`. Metrics are averaged over all gradient
     steps of the update.
 
     Non-finite guard: if the loss or the gradient norm of any gradient step is not finite
@@ -96,7 +99,8 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
     def loss_fn(params, mb, version):
         logp = model_lib.token_logprobs(graphdef, params, mb.tokens)
         prox = proximal.loglinear_logp(logp, mb.behav_logp, mb.versions, version) if loglinear else mb.prox_logp
-        return policy_loss(logp, prox, mb.behav_logp, mb.advantages, mb.loss_mask, loss_config)
+        old = mb.old_logp if three_term else None
+        return policy_loss(logp, prox, mb.behav_logp, mb.advantages, mb.loss_mask, loss_config, old)
 
     def grad_step(state: TrainState, mb, ewma_beta):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, state.version)
@@ -110,7 +114,11 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
         return state, metrics
 
     def update(state: TrainState, batch: Batch, key, ewma_beta=0.0):
-        batch = batch.replace(old_logp=None)  # read through prox_logp only
+        if three_term:
+            if batch.old_logp is None:
+                raise ValueError("three_term update: the batch has no old_logp (the route fills it with proximal.anchor)")
+        else:
+            batch = batch.replace(old_logp=None)  # read through prox_logp only
 
         def epoch(state, key):
             return jax.lax.scan(lambda s, mb: grad_step(s, mb, ewma_beta), state,

@@ -3,12 +3,23 @@
 Sampler processes (`sampler_process`) write complete groups into the spool queue
 (`spool`); the learner takes the oldest `G` per step, dropping (and counting) any older
 than `max_staleness`, which the samplers' staleness gate should make impossible.
+
+While it waits for groups the learner restarts samplers that died or hung (no heartbeat for
+`runtime.hang_timeout_s`) and logs a status line every `runtime.wait_log_s` (queue depth, and
+per sampler: alive, groups in flight, batches done, newest version loaded). Each batch's
+group keys are appended to `WORKDIR/queue/ledger/learner.jsonl` (for the soak accounting).
+Queue items are released only once the oldest retained checkpoint includes them, so a
+resume that falls back past a corrupt newest checkpoint still gets its groups back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import os
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -16,14 +27,20 @@ from jaxrl_async.runtime import sampler_process
 from jaxrl_async.runtime.base import queue_dir, ring_capacity
 from jaxrl_async.runtime.spool import TrajectoryQueue
 
+_log = logging.getLogger(__name__)
+
 
 class ProcessRuntime:
     """`Runtime` of sampler processes on this host, a spool queue between them and the learner."""
 
-    def __init__(self, config, workdir: str, epoch: int, resume_step: int | None):
+    def __init__(self, config, workdir: str, epoch: int, resume_step: int | None, log: Callable = print):
         """epoch: (re)starts of the run in this workdir (keeps queue keys unique); resume_step:
-        the checkpoint step a resumed run continues from (the queue recovers what it held)."""
+        the checkpoint step a resumed run continues from (the queue recovers what it held);
+        log: where wait-status and hang lines go (also sent to `logging` as warnings)."""
         self.config = config
+        self.workdir = workdir
+        self.epoch = epoch
+        self.log = log
         self.bound = config.runtime.max_staleness
         g = config.rl.groups_per_step
         capacity = config.runtime.queue_capacity or (self.bound + 1) * g
@@ -31,6 +48,24 @@ class ProcessRuntime:
         self.recovered = self.queue.recover(resume_step) if resume_step is not None else 0
         self.pool = sampler_process.SamplerPool(config, workdir, epoch, ring_capacity(config), capacity)
         self.dropped_stale = 0
+        os.makedirs(sampler_process.ledger_dir(workdir), exist_ok=True)
+        self._ledger = open(os.path.join(sampler_process.ledger_dir(workdir), "learner.jsonl"), "a")
+
+    def _warn(self, msg: str) -> None:
+        _log.warning(msg)
+        self.log(msg)
+
+    def wait_status(self, step: int, waited_s: float, have: int) -> str:
+        """One line on why the learner is waiting: queue depth and every sampler's state."""
+        parts = []
+        for st in self.pool.status():
+            state = ("DEAD" if not st["alive"] else "alive, starting" if st["starting"] else "alive")
+            parts.append(f"sampler {st['id']} (pid {st['pid']}): {state}, "
+                         f"{st['inflight']} groups in flight, {st['batches_done']} batches done, "
+                         f"loaded version {st['loaded_version']}, last heartbeat {st['silent_s']:.1f} s ago")
+        return (f"learner waiting {waited_s:.0f} s for step {step}: {have}/{self.config.rl.groups_per_step} groups, "
+                f"queue depth {self.queue.depth()}, newest version wanted {self.pool.shared.next_version.value}; "
+                + "; ".join(parts))
 
     def start(self, version: int) -> None:
         self.pool.shared.next_version.value = int(version)
@@ -41,12 +76,22 @@ class ProcessRuntime:
         g = self.config.rl.groups_per_step
         self.queue.set_step(step)
         t0 = time.perf_counter()
-        items, dropped = [], 0
+        items, dropped, dropped_items = [], 0, []
         shared = self.pool.shared
+        rt = self.config.runtime
+        next_log = t0 + rt.wait_log_s
         while len(items) < g:
             self.pool.check()
             want = min(g - len(items), self.queue.depth())
             if want == 0:
+                for i in self.pool.check_hung(rt.hang_timeout_s, rt.sampler_startup_s):
+                    self._warn(f"sampler {i} showed no sign of life for more than runtime.hang_timeout_s = "
+                               f"{rt.hang_timeout_s:g} s while the learner waited for step {step}: killed and "
+                               f"restarted ({self.pool.hung_restarts} hung restarts so far)")
+                now = time.perf_counter()
+                if now >= next_log:
+                    self._warn(self.wait_status(step, now - t0, len(items)))
+                    next_log = now + rt.wait_log_s
                 time.sleep(0.01)
                 continue
             # Counted as taken before they leave the queue, so the samplers' gate never under-counts.
@@ -54,6 +99,7 @@ class ProcessRuntime:
             for item in self.queue.take(want, timeout=0):
                 if version - item.start_version > self.bound:
                     dropped += 1  # should not happen under the gate; never trained on
+                    dropped_items.append(item)
                 else:
                     items.append(item)
             shared.taken.value = len(items)
@@ -61,6 +107,11 @@ class ProcessRuntime:
         shared.next_version.value = version + 1
         shared.taken.value = 0
         self.dropped_stale += dropped
+        self._ledger.write(json.dumps({
+            "epoch": self.epoch, "step": int(step), "version": int(version), "t": time.time(),
+            "trained": [[it.key, int(it.start_version)] for it in items],
+            "dropped": [[it.key, int(it.start_version)] for it in dropped_items]}) + "\n")
+        self._ledger.flush()
         wait = time.perf_counter() - t0
         # Groups are numbered 0..G-1 within the batch (a sampler numbers them within its own call).
         trajs = [dataclasses.replace(t, group_id=j) for j, item in enumerate(items) for t in item.trajectories]
@@ -77,6 +128,7 @@ class ProcessRuntime:
             "queue/taken_total": float(self.queue.stats["taken"]),
             "queue/recovered": float(self.recovered),
             "samplers/restarts_total": float(self.pool.restarts),
+            "samplers/hung_restarts": float(self.pool.hung_restarts),
             **{k: float(np.mean([m[k] for m in metas])) for k in metas[0] if k.startswith("proximal/")},
         }
 
@@ -84,7 +136,14 @@ class ProcessRuntime:
         del version  # samplers poll the ring buffer themselves
 
     def checkpointed(self, step: int) -> None:
-        self.queue.release(step)
+        # Release only what the oldest retained checkpoint includes: if the newest turns out corrupt
+        # on resume, the learner falls back to an older one and `recover` must still find its groups.
+        ckdir = os.path.join(self.workdir, "checkpoints")
+        retained = [int(d) for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(ckdir) else []
+        self.queue.release(min(retained + [step]))
 
     def close(self) -> None:
-        self.pool.close()
+        try:
+            self.pool.close()
+        finally:
+            self._ledger.close()

@@ -15,6 +15,15 @@ any group that arrives older than the bound, so none reaches the loss.
 
 Processes are started with the `spawn` method (never fork with JAX). A sampler exits
 when the learner process that started it is gone, so a killed learner leaves no orphans.
+
+Hang detection: a sampler writes a heartbeat (wall-clock seconds) into shared memory when
+it is set up, at every turn of its gate loop, between decode chunks and while it waits to
+queue a group. `SamplerPool.check_hung` SIGKILLs (never SIGCONTs) a live sampler whose
+heartbeat, or spawn time if later, is older than `runtime.hang_timeout_s`, and restarts
+it like a crashed one; a sampler that has not yet reached its first decode chunk (imports,
+set-up, compilation) gets `runtime.sampler_startup_s` from its spawn instead; the learner calls it only while it waits for groups. Each sampler
+also appends one line per group it queues to `WORKDIR/queue/ledger/` (key, start version,
+whether the queue already had it), which the soak driver's accounting reads.
 """
 
 from __future__ import annotations
@@ -65,7 +74,15 @@ class Shared:
         # orders that make every interleaving over-count outstanding groups, never under-count.
         self.taken = _CTX.Value("i", 0, lock=False)
         self.batches_done = _CTX.Array("i", num_samplers, lock=False)  # batches each sampler has fully queued
+        self.heartbeat = _CTX.Array("d", num_samplers, lock=False)  # time.time() of each sampler's last sign of life
+        self.loaded_version = _CTX.Array("i", [-1] * num_samplers, lock=False)  # newest version each has loaded
+        self.ready = _CTX.Array("i", num_samplers, lock=False)  # 1 once a sampler has decoded its first chunk
         self.stop = _CTX.Event()
+
+
+def ledger_dir(workdir: str) -> str:
+    """Append-only records of groups queued (per sampler) and taken (by the learner)."""
+    return os.path.join(queue_dir(workdir), "ledger")
 
 
 def _group_key(spec: SamplerSpec, batch: int, group: int) -> str:
@@ -83,6 +100,7 @@ def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
     queue = TrajectoryQueue(queue_dir(spec.workdir), spec.queue_capacity)
     rows = config.runtime.sampler_groups * config.rl.group_size
     sampler, scorer = make_sampler(config, graphdef, spec.workdir, rows)
+    shared.heartbeat[spec.sampler_id] = time.time()
     try:
         _sample_loop(spec, shared, config, sampler, store, queue, config_lib.env_factory(config))
     finally:
@@ -98,16 +116,24 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
     i = spec.sampler_id
 
     def learner_alive() -> bool:
+        shared.heartbeat[i] = time.time()
         return os.getppid() == spec.parent_pid and not shared.stop.is_set()
 
     def newer_weights(_step):
+        shared.heartbeat[i] = time.time()
+        shared.ready[i] = 1
         latest = store.latest_version()
         if latest is None or latest <= sampler.version:
             return None
         try:
-            return store.get(latest), latest
-        except VersionEvicted:  # overtaken while reading; the next chunk sees a newer one
+            params = store.get(latest)
+        except VersionEvicted:  # overtaken while reading (or corrupt: skipped from now on); try next chunk
             return None
+        shared.loaded_version[i] = latest
+        return params, latest
+
+    os.makedirs(ledger_dir(spec.workdir), exist_ok=True)
+    ledger = open(os.path.join(ledger_dir(spec.workdir), f"put-e{spec.epoch}-s{i}.jsonl"), "a")
 
     batch = spec.start_batch
     while learner_alive():
@@ -130,10 +156,11 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
         gate_wait = time.perf_counter() - t_gate
         try:
             params = store.get(v_s)
-        except VersionEvicted:
+        except VersionEvicted:  # evicted, or corrupt (then skipped: the gate falls back to an older version)
             shared.inflight[i] = 0
             continue
         sampler.update_params(params, v_s)
+        shared.loaded_version[i] = v_s
         rng = np.random.default_rng([config.seed, spec.epoch, i, batch])
         seeds = rng.integers(0, config.eval.seed_offset, k)
         key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
@@ -146,9 +173,14 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
         for g in range(k):
             group = trajs[g * n:(g + 1) * n]
             # The version the episodes started with: every token of the group is at least as new.
-            while not queue.put(Item(_group_key(spec, batch, g), group, v_s, meta), timeout=0.5):
+            key = _group_key(spec, batch, g)
+            dups = queue.stats["duplicates_dropped"]
+            while not queue.put(Item(key, group, v_s, meta), timeout=0.5):
                 if not learner_alive():
                     return
+            new = queue.stats["duplicates_dropped"] == dups
+            ledger.write(json.dumps({"key": key, "sv": int(v_s), "new": new, "t": time.time()}) + "\n")
+            ledger.flush()
         shared.inflight[i] = 0
         batch += 1
         shared.batches_done[i] = batch
@@ -166,12 +198,16 @@ class SamplerPool:
         self.num = config.runtime.num_samplers
         self.shared = Shared(self.num)
         self.procs: list[Optional[mp.Process]] = [None] * self.num
+        self.spawned_at = [0.0] * self.num
         self.restarts = 0
+        self.hung_restarts = 0
 
     def _start(self, i: int) -> None:
         spec = SamplerSpec(self.config_json, self.workdir, i, self.epoch, self.shared.batches_done[i],
                            self.ring_capacity, self.queue_capacity, os.getpid())
         p = _CTX.Process(target=sampler_main, args=(spec, self.shared), name=f"sampler-{i}", daemon=True)
+        self.spawned_at[i] = time.time()
+        self.shared.ready[i] = 0
         p.start()
         self.procs[i] = p
 
@@ -190,6 +226,42 @@ class SamplerPool:
                 restarted += 1
         self.restarts += restarted
         return restarted
+
+    def check_hung(self, timeout_s: float, startup_s: float) -> list[int]:
+        """SIGKILLs and restarts every live sampler with no sign of life (heartbeat or spawn) for
+        `timeout_s` seconds, or, before its first decode chunk, `startup_s` seconds since its spawn
+        (a stopped process is killed, not continued); returns their ids."""
+        hung = []
+        now = time.time()
+        for i, p in enumerate(self.procs):
+            if p is None or p.exitcode is not None:
+                continue  # `check` restarts dead ones
+            if self.shared.ready[i]:
+                silent = now - max(self.shared.heartbeat[i], self.spawned_at[i]) > timeout_s
+            else:
+                silent = now - self.spawned_at[i] > startup_s
+            if silent:
+                p.kill()  # SIGKILL works on a SIGSTOPped process too
+                p.join(10.0)
+                self.shared.inflight[i] = 0
+                self._start(i)
+                hung.append(i)
+        self.hung_restarts += len(hung)
+        self.restarts += len(hung)
+        return hung
+
+    def status(self) -> list[dict]:
+        """Per sampler: alive, groups in flight, batches done, newest version loaded, seconds since
+        its last heartbeat."""
+        now = time.time()
+        out = []
+        for i, p in enumerate(self.procs):
+            last = max(self.shared.heartbeat[i], self.spawned_at[i])
+            out.append({"id": i, "alive": p is not None and p.exitcode is None, "pid": None if p is None else p.pid,
+                        "inflight": int(self.shared.inflight[i]), "batches_done": int(self.shared.batches_done[i]),
+                        "loaded_version": int(self.shared.loaded_version[i]), "silent_s": now - last,
+                        "starting": not self.shared.ready[i]})
+        return out
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p is not None]

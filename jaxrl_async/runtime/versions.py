@@ -17,11 +17,20 @@ disappears by being renamed away before its files are deleted (final -> evicting
 A finished directory is never modified in place, so a reader that sees the same
 directory (same inode and ctime) at `v_XXXXXXXX` before and after its read has read one
 whole version; otherwise the read raises `VersionEvicted`.
+
+Integrity: the writer records the size and SHA-256 of every file of a version in its
+`integrity.json` (inside the temp directory, before the rename). A disk read verifies it
+first and also treats an Orbax error on an unchanged directory as corruption; a corrupt
+version raises `VersionCorrupt` (a `VersionEvicted`, so callers "choose again") and is
+left out of `versions()` from then on in that process, so readers fall back to the
+previous retained version. The writer's `remove_corrupt()` (run by a resuming learner)
+deletes corrupt versions.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import re
 import shutil
@@ -33,6 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxrl_async.learner.checkpoints import check_manifest, write_manifest
+
+_log = logging.getLogger(__name__)
 _FINAL = re.compile(r"^v_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _EVICT_PREFIX = ".evicting-"
@@ -43,6 +55,10 @@ class VersionEvicted(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class VersionCorrupt(VersionEvicted):
+    """A retained version whose files fail the integrity check (or that Orbax cannot read)."""
 
 
 def _abstract(target) -> Any:
@@ -96,7 +112,10 @@ class VersionStore:
         # version -> (directory identity, params); see _identity for why the identity.
         self._cache: collections.OrderedDict[int, tuple[tuple[int, int], Any]] = collections.OrderedDict()
         self._checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())  # synchronous
-        self.stats = {"disk_reads": 0, "cache_hits": 0, "bytes_read": 0, "bytes_written": 0, "evictions": 0}
+        # version -> directory identity of versions found corrupt (skipped by `versions()`).
+        self._corrupt: dict[int, tuple[int, int]] = {}
+        self.stats = {"disk_reads": 0, "cache_hits": 0, "bytes_read": 0, "bytes_written": 0, "evictions": 0,
+                      "corrupt": 0}
         os.makedirs(self.directory, exist_ok=True)
         if writer:
             for name in os.listdir(self.directory):
@@ -108,10 +127,17 @@ class VersionStore:
     def _path(self, version: int) -> str:
         return os.path.join(self.directory, f"v_{version:08d}")
 
-    def versions(self) -> list[int]:
-        """Retained, fully written versions on disk, ascending (re-lists the directory)."""
+    def _all_versions(self) -> list[int]:
         found = (_FINAL.match(name) for name in os.listdir(self.directory))
         return sorted(int(m.group(1)) for m in found if m)
+
+    def versions(self) -> list[int]:
+        """Retained, fully written versions on disk, ascending (re-lists the directory); versions
+        this instance found corrupt are left out."""
+        vs = self._all_versions()
+        if self._corrupt:
+            vs = [v for v in vs if v not in self._corrupt or self._identity_or_none(v) != self._corrupt[v]]
+        return vs
 
     def latest_version(self) -> Optional[int]:
         vs = self.versions()
@@ -150,6 +176,13 @@ class VersionStore:
                 self.stats["cache_hits"] += 1
                 return hit[1]
             del self._cache[version]  # a different publication under the same number
+        if self._corrupt.get(version) == ident:
+            raise VersionCorrupt(f"parameter version {version} in {self.directory} is corrupt (found earlier)")
+        problem = check_manifest(self._path(version))
+        if problem is not None:
+            if self._identity_or_none(version) != ident:
+                raise self._evicted(version)
+            raise self._mark_corrupt(version, ident, problem)
         try:
             params = self._checkpointer.restore(self._path(version), args=ocp.args.StandardRestore(self._target))
         except Exception as e:
@@ -157,13 +190,39 @@ class VersionStore:
             # directory really went away (or was replaced) under us.
             if self._identity_or_none(version) != ident:
                 raise self._evicted(version) from e
-            raise
+            raise self._mark_corrupt(version, ident, f"Orbax could not read {self._path(version)}: "
+                                                     f"{type(e).__name__}: {e}") from e
         if self._identity_or_none(version) != ident:
             raise self._evicted(version)  # renamed away mid-read: the tree may mix files
         self.stats["disk_reads"] += 1
         self.stats["bytes_read"] += _nbytes(params)
         self._remember(version, ident, params)
         return params
+
+    def _mark_corrupt(self, version: int, ident, problem: str) -> VersionCorrupt:
+        if self._corrupt.get(version) != ident:
+            self._corrupt[version] = ident
+            self.stats["corrupt"] += 1
+            _log.warning("parameter version %d is corrupt, falling back to an older retained version: %s",
+                         version, problem)
+        return VersionCorrupt(f"parameter version {version} in {self.directory} is corrupt: {problem}")
+
+    def verify(self, version: int) -> Optional[str]:
+        """None if `version`'s files match its integrity manifest, else what is wrong (naming the file)."""
+        return check_manifest(self._path(version))
+
+    def remove_corrupt(self) -> list[tuple[int, str]]:
+        """Writer only: deletes every retained version that fails verification; returns
+        [(version, problem)] for them."""
+        self._check_writer("remove_corrupt")
+        bad = []
+        for v in self._all_versions():
+            problem = self.verify(v)
+            if problem is not None:
+                bad.append((v, problem))
+                self._remove(v)
+        self._corrupt.clear()
+        return bad
 
     def _identity_or_none(self, version: int):
         try:
@@ -204,7 +263,8 @@ class VersionStore:
         if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 0:
             raise ValueError(f"version must be an int >= 0, got {version!r}")
         version = int(version)
-        latest = self.latest_version()
+        every = self._all_versions()  # corrupt ones included: their names are taken
+        latest = every[-1] if every else None
         if latest is not None and version <= latest:
             raise ValueError(f"versions must strictly increase: got {version} after {latest}")
         if jax.tree.structure(params) != self._treedef:
@@ -219,11 +279,12 @@ class VersionStore:
 
         tmp = os.path.join(self.directory, f"{_TMP_PREFIX}v_{version:08d}-{uuid.uuid4().hex[:8]}")
         self._checkpointer.save(tmp, args=ocp.args.StandardSave(params))
+        write_manifest(tmp)  # before the rename: a version appears with its manifest
         os.rename(tmp, self._path(version))  # the one step that makes the version visible
         self.stats["bytes_written"] += _nbytes(params)
         self._remember(version, self._identity(version), params)
 
-        for old in self.versions():
+        for old in self._all_versions():
             if old <= version - self.capacity:
                 self._remove(old)
                 self.stats["evictions"] += 1
@@ -232,12 +293,13 @@ class VersionStore:
         """Removes retained versions > `version` (a learner resuming from an older
         checkpoint discards the future it is about to recompute)."""
         self._check_writer("truncate_after")
-        for v in self.versions():
+        for v in self._all_versions():
             if v > version:
                 self._remove(v)
 
     def _remove(self, version: int) -> None:
         self._cache.pop(version, None)
+        self._corrupt.pop(version, None)
         gone = os.path.join(self.directory, f"{_EVICT_PREFIX}v_{version:08d}-{uuid.uuid4().hex[:8]}")
         os.rename(self._path(version), gone)  # atomic: readers see all of it or none
         # A failed delete (e.g. NFS busy files) leaves a hidden dir the next writer cleans.

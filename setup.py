@@ -59,6 +59,8 @@ setup(
     description="Asynchronous RL for language-model agents in JAX/Flax, with decomposed off-policy correction.",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["jaxrl_async", "jaxrl_async.*"]),
+    # The shipped chat tokenizer (scripts/make_chat_tokenizer.py writes it).
+    package_data={"jaxrl_async": ["assets/chat_tokenizer/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -136,3 +136,65 @@ def test_episodes_never_exceed_the_context_when_a_forced_end_of_turn_lands_at_ma
     assert max(t.length for t in trajs) == 14
     assert all(t.num_turns == 2 for t in trajs)
     collate(trajs, 14)  # fits the context
+
+
+# The device-side decode loop: many decode steps per device call, known context fed in the
+# loop or prefilled in one batched forward.
+
+
+@pytest.mark.parametrize("prefill_min", [None, 2, 16])
+def test_switch_rereads_and_logs_each_versions_logp_whether_context_is_prefilled_or_fed(setup, prefill_min):
+    cfg, graphdef, p0, p1 = setup
+    sampler = Sampler(graphdef, cfg, model_lib.Numerics("fp32"), prefill_min=prefill_min)
+    sampler.update_params(p0, 0)
+    trajs, stats = sampler.generate(_envs(), list(range(B)), [i // 2 for i in range(B)], jax.random.key(3),
+                                    weight_source=lambda step: (p1, 1) if step >= 8 else None, chunk=8)
+    assert stats.weight_switches == 1
+    # Host round trips only at turn ends and chunk boundaries, not per decode step.
+    assert stats.loop_calls < stats.loop_steps <= stats.decode_steps
+    if prefill_min is None:
+        assert stats.prefill_calls == 0 and stats.decode_steps == stats.loop_steps
+    elif prefill_min == 2:
+        assert stats.prefill_calls > 0 and stats.prefill_tokens > 0
+    batch = collate(trajs, MAX_LEN)
+    gen, versions = batch.loss_mask, batch.versions
+    assert set(np.unique(versions[gen])) == {0, 1}
+    tokens = jnp.asarray(batch.tokens)
+    for v, p in ((0, p0), (1, p1)):
+        sel = gen & (versions == v)
+        lp = np.asarray(learner_lib.token_logprobs(graphdef, p, tokens))
+        np.testing.assert_allclose(batch.behav_logp[sel], lp[sel], atol=1e-5)
+
+
+def test_same_key_same_rollout(setup):
+    a, sa = _generate(setup, model_lib.Numerics("bf16"), weight_source=lambda s: None, chunk=4)
+    b, sb = _generate(setup, model_lib.Numerics("bf16"), weight_source=lambda s: None, chunk=4)
+    assert sa.decode_steps == sb.decode_steps
+    for x, y in zip(a, b):
+        for k in ("tokens", "loss_mask", "behav_logp", "versions"):
+            np.testing.assert_array_equal(getattr(x, k), getattr(y, k))
+    # The chunk only decides where the host looks for weights: without a switch it does not change sampling.
+    c, _ = _generate(setup, model_lib.Numerics("bf16"))
+    for x, y in zip(a, c):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+
+
+def test_prefill_then_decode_matches_decoding_token_by_token(setup):
+    cfg, graphdef, p0, _ = setup
+    num = model_lib.Numerics("fp32")
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(4, cfg.vocab_size, (2, 12)), jnp.int32)
+    key = jax.random.key(0)
+    cache = model_lib.init_cache(cfg, 2, num)
+    for t in range(12):
+        ref, cache = model_lib.decode_step(graphdef, p0, cache, tokens[:, t], jnp.full((2,), t, jnp.int32), num, key)
+    # Row 0 prefills 11 tokens, row 1 only 5 (then 6 more); padding positions (>= max_len) write nothing.
+    cache = model_lib.init_cache(cfg, 2, num)
+    pos = np.tile(np.arange(11), (2, 1))
+    pos[1, 5:] = MAX_LEN
+    cache = model_lib.prefill(graphdef, p0, cache, tokens[:, :11], jnp.asarray(pos, jnp.int32), num)
+    for t in range(5, 11):
+        tok = jnp.stack([jnp.asarray(0, jnp.int32), tokens[1, t]])
+        _, cache = model_lib.decode_step(graphdef, p0, cache, tok, jnp.asarray([MAX_LEN, t], jnp.int32), num, key)
+    out, _ = model_lib.decode_step(graphdef, p0, cache, tokens[:, 11], jnp.full((2,), 11, jnp.int32), num, key)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)

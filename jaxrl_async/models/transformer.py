@@ -457,3 +457,40 @@ def sample_token(logp: Array, key: Array, temperature: float = 1.0) -> tuple[Arr
     if logp.ndim != 2:
         raise ValueError(f"logp must be [B, V], got shape {logp.shape}")
     return _sample(logp, key, jnp.asarray(temperature, jnp.float32))
+
+
+def _prefill(
+    graphdef: nnx.GraphDef,
+    inf_params: nnx.State,
+    cache: Cache,
+    tokens: Array,
+    positions: Array,
+    numerics: Numerics,
+) -> Cache:
+    """Writes known tokens into the KV cache in one batched forward (inference numerics).
+
+    The multi-token counterpart of `decode_step` for context the sampler already knows
+    (a prompt, an env observation, a re-read after a weight switch). tokens, positions:
+    [B, T] int32; rows may start at different positions and hold different numbers of
+    tokens: a position >= max_len marks padding, whose cache write is dropped (and whose
+    output is ignored). Each real token attends to its row's slots 0..its position,
+    those written by this call included, as if fed one at a time by `decode_step`.
+    DONATES the cache; returns the updated cache (the logits are not computed).
+    """
+    model = _merge(graphdef, inf_params)
+    _check_tokens(tokens, rank=2)
+    if positions.shape != tokens.shape:
+        raise ValueError(f"tokens {tokens.shape} and positions {positions.shape} must both be [B, T]")
+    dtype = numerics.compute_dtype
+    if cache["k"].dtype != dtype or model.embed[...].dtype != dtype:
+        raise ValueError(
+            f"numerics {numerics.dtype!r} computes in {jnp.dtype(dtype).name}, but the cache is "
+            f"{cache['k'].dtype} and the params are {model.embed[...].dtype}: build them with "
+            "init_cache / inference_params for the same numerics"
+        )
+    _, cache = model(tokens, positions.astype(jnp.int32), cache)
+    return cache
+
+
+# One compiled function per (graphdef, numerics, batch size, T): callers bucket T.
+prefill = jax.jit(_prefill, static_argnums=(0, 5), donate_argnums=2)

@@ -1,11 +1,17 @@
 """Batched multi-turn generation with per-token versions and partial rollouts.
 
 The sampler keeps one KV-cache slot per episode and advances every slot by one token per
-decode step (a single compiled function for the whole rollout). A slot is either
-*prefilling* (feeding prompt or observation tokens it already knows) or *generating*
-(sampling the next agent token from the inference distribution). Agent turns end at the
-end-of-turn token or at the env's per-turn budget; the env's observation is then appended
-as non-trainable context.
+decode step. The decode steps run on the device (`_decode_loop`, a `lax.while_loop` over a
+fixed-shape batch state: context tokens, lengths, cursors, active flags, the KV cache and the
+PRNG key), many per call: the host takes over only when some slot ends its agent turn (the
+env must answer), at a chunk boundary (weights may switch) and when every slot is done. A
+slot is either *prefilling* (feeding prompt or observation tokens it already knows, inside
+the loop; or, when some slot has a long context to (re-)read, all of it in one batched
+forward, `model_lib.prefill`, before the loop) or *generating* (sampling the next agent
+token from the inference distribution). Agent turns end at the end-of-turn token or at the
+env's per-turn budget; the env's observation is then appended as non-trainable context.
+`decode_steps` counts decode steps plus, for each prefill, the steps its longest row would
+have taken in the loop: the clock of `chunk` and `weight_source` is the same either way.
 
 Weights may change between decode chunks (partial rollouts). After a switch every slot
 re-reads its context under the new weights, as inference engines do after a weight
@@ -64,81 +70,171 @@ class RolloutStats:
     old_logp_forward_passes: int = 0
     # dedicated only: seconds spent submitting requests (padding, pickling, pipe writes).
     old_logp_submit_s: float = 0.0
+    # Device calls of the decode loop (host round trips), batched prefills of known context
+    # (prompts, observations, re-reads after a switch) and the tokens they wrote.
+    loop_calls: int = 0
+    loop_steps: int = 0  # decode steps the device ran (decode_steps also counts prefilled context)
+    prefill_calls: int = 0
+    prefill_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / max(self.wall_s, 1e-9)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "numerics", "temperature"), donate_argnames=("cache",))
-def _decode_and_sample(graphdef, inf_params, cache, tokens, positions, key, numerics, temperature):
-    """One decode step for every slot, then a sample from the inference distribution.
+def _sample_inverse_cdf(logp, key, temperature: float):
+    """One token per row from softmax(logp / temperature), by inverse-CDF sampling.
 
-    tokens, positions: `[B]`. Returns (cache, the next key, sampled `[B]` float32 token
-    ids and their logp, stacked as `[2, B]` so they reach the host in one transfer).
-    The key is split here rather than on the host: on an accelerator every host-side
-    dispatch costs about as much as this whole step (benchmarks/kernels.py).
+    The same distribution (and the same `token_logp`) as `model_lib.sample_token`, but one
+    uniform draw per row instead of a Gumbel draw per vocabulary entry: on a CPU the
+    threefry bits for [B, V] Gumbels cost about as much as the decode step itself.
     """
-    key, sub = jax.random.split(key)
-    noise_key, sample_key = jax.random.split(sub)
-    logp, cache = model_lib.decode_step(graphdef, inf_params, cache, tokens, positions, numerics, noise_key)
-    if temperature == 0.0:
-        sampled = jnp.argmax(logp, axis=-1).astype(jnp.int32)
-        sampled_logp = jnp.take_along_axis(logp, sampled[:, None], axis=-1)[:, 0]
-    else:
-        sampled, sampled_logp = model_lib.sample_token(logp, sample_key, temperature)
-    # Token ids < 2**24 are exact in float32.
-    return cache, key, jnp.stack([sampled.astype(jnp.float32), sampled_logp])
+    sample_logp = jax.nn.log_softmax(logp / temperature, axis=-1)
+    cdf = jnp.cumsum(jnp.exp(sample_logp), axis=-1)  # [B, V]
+    u = jax.random.uniform(key, (logp.shape[0], 1), jnp.float32) * cdf[:, -1:]
+    tokens = jnp.minimum(jnp.sum(cdf <= u, axis=-1), logp.shape[-1] - 1).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(sample_logp, tokens[:, None], axis=-1)[:, 0]
 
 
-class _Slot:
-    """Host-side state of one episode in a KV-cache slot."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "numerics", "temperature"), donate_argnames=("cache",))
+def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, turn_start, budget, step, limit,
+                 numerics, temperature):
+    """Many decode steps in one device call, until the host is needed.
 
-    def __init__(self, env: Env, task_seed: int, group_id: int):
-        self.env = env
-        self.task_seed = task_seed
-        self.group_id = group_id
-        prompt = env.reset(task_seed)
-        self.tokens: list[int] = list(prompt)
-        self.loss_mask: list[bool] = [False] * len(prompt)
-        self.behav: list[float] = [0.0] * len(prompt)
-        self.versions: list[int] = [-1] * len(prompt)
-        self.cursor = 0  # number of context tokens already in the KV cache
-        self.reread_until = 0  # after a weight switch: context length the slot must re-read first
-        self.turn_tokens: list[int] = []
-        self.num_turns = 0
-        self.reward = 0.0
-        self.success = False
-        self.done = False
-        self.latency = 0.0
+    Fixed-shape batch state, one row per slot: ctx [B, max_len] int32 (each slot's known
+    context, prompt, generated tokens and observations, PAD after it), length [B] (tokens in
+    ctx), cursor [B] (tokens already in the KV cache), active [B] bool (slots that advance;
+    finished ones idle at position 0 and their output is ignored), turn_start [B] (where the
+    current agent turn began), budget [B] (the env's per-turn token budget), step and limit
+    (int32 scalars: decode steps so far and the step to stop at, a chunk boundary).
+
+    Each step feeds every active slot its token at `cursor` (known context not prefilled yet,
+    or the last generated token), then appends a sample from the inference distribution to
+    the slots whose whole context is now in the cache. A slot stops (goes inactive) when it
+    samples the end-of-turn token, spends its turn budget or fills the context: the env (or
+    the host's bookkeeping) must answer, so the loop returns after that step. It also returns
+    at `limit` and when no slot is active.
+
+    Returns (cache, key, ctx, length, cursor, active, behav [B, max_len] float32 (the
+    log-prob of each token generated in this call at its position, 0 elsewhere), step).
+    The key is split per step exactly as the one-step-per-call loop did.
+    """
+    b, max_len = ctx.shape
+    rows = jnp.arange(b)
+
+    def cond(st):
+        return (st["step"] < limit) & jnp.any(st["active"]) & ~st["stopped"]
+
+    def body(st):
+        key, sub = jax.random.split(st["key"])
+        noise_key, sample_key = jax.random.split(sub)
+        act, cur, ln = st["active"], st["cursor"], st["length"]
+        feed = jnp.where(act, st["ctx"][rows, jnp.minimum(cur, max_len - 1)], TOKENIZER.PAD)
+        pos = jnp.where(act, cur, 0)
+        logp, cache = model_lib.decode_step(graphdef, inf_params, st["cache"], feed, pos, numerics, noise_key)
+        if temperature == 0.0:
+            sampled = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+            sampled_logp = jnp.take_along_axis(logp, sampled[:, None], axis=-1)[:, 0]
+        else:
+            sampled, sampled_logp = _sample_inverse_cdf(logp, sample_key, temperature)
+        gen = act & (cur + 1 >= ln)  # the whole context is in the cache: this sample is the next token
+        at = jnp.where(gen, ln, max_len)  # out of range: the write is dropped
+        ctx = st["ctx"].at[rows, at].set(sampled)
+        behav = st["behav"].at[rows, at].set(sampled_logp)
+        ln = ln + gen
+        stop = gen & ((sampled == TOKENIZER.EOT) | (ln - turn_start >= budget) | (ln >= max_len))
+        return {"cache": cache, "key": key, "ctx": ctx, "behav": behav, "length": ln,
+                "cursor": jnp.where(act, cur + 1, cur), "active": act & ~stop, "stopped": jnp.any(stop),
+                "step": st["step"] + 1}
+
+    st = {"cache": cache, "key": key, "ctx": ctx, "behav": jnp.zeros(ctx.shape, jnp.float32), "length": length,
+          "cursor": cursor, "active": active, "stopped": jnp.asarray(False), "step": step}
+    st = jax.lax.while_loop(cond, body, st)
+    return st["cache"], st["key"], st["ctx"], st["length"], st["cursor"], st["active"], st["behav"], st["step"]
+
+
+def _bucket(n: int, cap: int) -> int:
+    """The prefill width for `n` tokens: the next power of two (at least 4), at most `cap`."""
+    return min(max(4, 1 << max(n - 1, 0).bit_length()), cap)
+
+
+class _Slots:
+    """Host-side state of every episode, one row per KV-cache slot (numpy, fixed shape).
+
+    Columns 0..max_len: a forced end-of-turn token can land at index max_len before the
+    episode is cut back to the context (it is never fed to the model).
+    """
+
+    def __init__(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], max_len: int,
+                 old_logp: bool):
+        b = len(envs)
+        self.envs, self.task_seeds, self.group_ids = list(envs), list(task_seeds), list(group_ids)
+        self.max_len = max_len
+        self.tokens = np.full((b, max_len + 1), TOKENIZER.PAD, np.int32)
+        self.loss_mask = np.zeros((b, max_len + 1), bool)
+        self.behav = np.zeros((b, max_len + 1), np.float32)
+        self.versions = np.full((b, max_len + 1), -1, np.int32)
+        self.length = np.zeros(b, np.int32)  # tokens in the episode so far
+        self.cursor = np.zeros(b, np.int32)  # context tokens already in the KV cache
+        self.reread_until = np.zeros(b, np.int32)  # after a weight switch: context the slot must re-read first
+        self.turn_start = np.zeros(b, np.int32)  # index of the current agent turn's first token
+        self.budget = np.asarray([e.max_turn_tokens for e in envs], np.int32)
+        self.done = np.zeros(b, bool)
+        self.num_turns = np.zeros(b, np.int32)
+        self.reward = np.zeros(b, np.float64)
+        self.success = np.zeros(b, bool)
+        self.latency = np.zeros(b, np.float64)
         # Old-logit bookkeeping (used only when the sampler computes old_logp).
-        self.old: Optional[np.ndarray] = None  # [max_len + 1] float32 once enabled
-        self.unscored = 0  # tokens before this index are scored (or submitted)
-        self.segment_ended = False  # a segment ended at this decode step (dedicated route)
+        self.old = np.zeros((b, max_len + 1), np.float32) if old_logp else None
+        self.unscored = np.zeros(b, np.int32)  # tokens before this index are scored (or submitted)
+        self.segment_ended = np.zeros(b, bool)  # a segment ended at this decode step (dedicated route)
+        for i, (env, seed) in enumerate(zip(envs, task_seeds)):
+            self.append(i, env.reset(seed))
+            self.turn_start[i] = self.length[i]
 
-    def append(self, token: int, generated: bool, logp: float = 0.0, version: int = -1):
-        self.tokens.append(int(token))
-        self.loss_mask.append(generated)
-        self.behav.append(float(logp) if generated else 0.0)
-        self.versions.append(int(version) if generated else -1)
+    def __len__(self) -> int:
+        return len(self.envs)
 
-    def to_trajectory(self) -> Trajectory:
+    def append(self, i: int, tokens: Sequence[int]) -> None:
+        """Appends context (not trainable) tokens to slot i; what falls beyond the columns is
+        dropped (the episode is then cut to max_len anyway)."""
+        lo = int(self.length[i])
+        n = len(tokens)
+        keep = max(0, min(n, self.max_len + 1 - lo))
+        self.tokens[i, lo:lo + keep] = np.asarray(tokens[:keep], np.int32)
+        self.length[i] = lo + n
+
+    def context(self, i: int) -> np.ndarray:
+        return self.tokens[i, :min(int(self.length[i]), self.max_len)]
+
+    def truncate(self, i: int) -> None:
+        """Cuts slot i back to the context: episodes never exceed max_len tokens."""
+        ln = int(self.length[i])
+        if ln > self.max_len:
+            self.length[i] = self.max_len
+            self.tokens[i, self.max_len:] = TOKENIZER.PAD
+            self.loss_mask[i, self.max_len:] = False
+            self.behav[i, self.max_len:] = 0.0
+            self.versions[i, self.max_len:] = -1
+
+    def has_unscored(self, i: int) -> bool:
+        return bool(self.loss_mask[i, self.unscored[i]:self.length[i]].any())
+
+    def to_trajectory(self, i: int) -> Trajectory:
+        ln = int(self.length[i])
         return Trajectory(
-            tokens=np.asarray(self.tokens, np.int32),
-            loss_mask=np.asarray(self.loss_mask, bool),
-            behav_logp=np.asarray(self.behav, np.float32),
-            versions=np.asarray(self.versions, np.int32),
-            reward=float(self.reward),
-            success=bool(self.success),
-            num_turns=self.num_turns,
-            group_id=self.group_id,
-            task_seed=self.task_seed,
-            old_logp=None if self.old is None else self.old[:len(self.tokens)].copy(),
-            tool_latency_s=self.latency,
+            tokens=self.tokens[i, :ln].copy(),
+            loss_mask=self.loss_mask[i, :ln].copy(),
+            behav_logp=self.behav[i, :ln].copy(),
+            versions=self.versions[i, :ln].copy(),
+            reward=float(self.reward[i]),
+            success=bool(self.success[i]),
+            num_turns=int(self.num_turns[i]),
+            group_id=self.group_ids[i],
+            task_seed=self.task_seeds[i],
+            old_logp=None if self.old is None else self.old[i, :ln].copy(),
+            tool_latency_s=float(self.latency[i]),
         )
-
-    def has_unscored(self) -> bool:
-        return any(self.loss_mask[self.unscored:])
 
 
 # Called every `chunk` decode steps with the number of steps so far; returns new
@@ -154,10 +250,17 @@ class Sampler:
     """
 
     def __init__(self, graphdef, model_config: model_lib.ModelConfig, numerics: model_lib.Numerics,
-                 temperature: float = 1.0, exact_route: Optional[Route] = None, scorer=None):
+                 temperature: float = 1.0, exact_route: Optional[Route] = None, scorer=None,
+                 prefill_min: Optional[int] = 16):
         """exact_route: None (no `Trajectory.old_logp`), `Route.INTERRUPT` or `Route.DEDICATED`
         (see the module docstring). scorer: a started `runtime.scorer.LogProbScorer` reading the same
-        ring buffer the sampler's versions come from; required by `Route.DEDICATED`."""
+        ring buffer the sampler's versions come from; required by `Route.DEDICATED`.
+        prefill_min: known context (prompts, observations, re-reads after a switch) is fed a
+        token per decode step inside the device loop, alongside the other slots' generation;
+        when some slot has at least `prefill_min` known tokens to (re-)read, all pending context
+        is instead written in one batched forward (`model_lib.prefill`) before the loop. Short
+        observations are cheaper in the loop; a re-read after a weight switch (every slot, its
+        whole context) is much cheaper prefilled. None: never prefill."""
         if exact_route is not None:
             exact_route = Route(exact_route)
             if not exact_route.sampler_side:
@@ -170,6 +273,9 @@ class Sampler:
         self.temperature = float(temperature)
         self.exact_route = exact_route
         self.scorer = scorer
+        if prefill_min is not None and prefill_min < 2:
+            raise ValueError(f"prefill_min must be None or >= 2, got {prefill_min!r}")
+        self.prefill_min = prefill_min
         self.inf_params = None
         self.learner_params = None  # float32 params of `version` (interrupt route only)
         self.version = -1
@@ -194,68 +300,148 @@ class Sampler:
         envs, task_seeds, group_ids: one entry per episode (B of them).
         weight_source: polled every `chunk` decode steps to switch weights mid-episode.
         Returns the trajectories in input order and rollout statistics.
+
+        The decode steps run on the device (`_decode_loop`), many per call; the host takes
+        over only when a slot's agent turn ends (the env answers), at a chunk boundary
+        (weights may switch) and at the end. Known context (prompt, observations, the
+        re-read after a switch) is fed inside the device loop, or prefilled in one batched
+        forward when long (`prefill_min`).
         """
         if self.inf_params is None:
             raise RuntimeError("Sampler.update_params must be called before generate")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         t0 = time.perf_counter()
         max_len = self.model_config.max_len
-        slots = [_Slot(e, s, g) for e, s, g in zip(envs, task_seeds, group_ids)]
+        mode = self.exact_route
+        slots = _Slots(envs, task_seeds, group_ids, max_len, old_logp=mode is not None)
         b = len(slots)
         cache = model_lib.init_cache(self.model_config, b, self.numerics)
         stats = RolloutStats(episodes=b)
-        mode = self.exact_route
-        if mode is not None:
-            for s in slots:
-                s.old = np.zeros(max_len + 1, np.float32)
         requests: list[tuple[int, list[tuple[int, int, int]]]] = []  # dedicated: (id, [(slot, lo, hi)] per row)
-        feed = np.zeros(b, np.int32)
-        pos = np.zeros(b, np.int32)
-        step = 0
-        while not all(s.done for s in slots):
-            # A switch waits until every slot has re-read its context after the last one, so
-            # frequent publishing can never stall generation in endless re-reads.
-            rereading = any(not s.done and s.cursor < s.reread_until for s in slots)
-            if weight_source is not None and step > 0 and step % chunk == 0 and not rereading:
-                update = weight_source(step)
+        budget = jnp.asarray(slots.budget)
+        far = 2**30
+        step = 0  # the schedule's clock: decode steps, plus the steps prefilled context would have taken
+        next_check = chunk
+        while not slots.done.all():
+            if weight_source is not None and step >= next_check:
+                # A switch waits until every slot has re-read its context after the last one, so
+                # frequent publishing can never stall generation in endless re-reads.
+                rereading = bool((~slots.done & (slots.cursor < slots.reread_until)).any())
+                update = None if rereading else weight_source(step)
                 if update is not None and update[1] != self.version:
                     if mode is not None:  # score what the outgoing version generated, then switch
-                        self._score_old(slots, [i for i, s in enumerate(slots) if s.has_unscored()],
-                                        requests, stats)
+                        self._score_old(slots, [i for i in range(b) if slots.has_unscored(i)], requests, stats)
                     self.update_params(*update)
                     stats.weight_switches += 1
-                    for s in slots:  # re-read the context under the new weights
-                        s.cursor, s.reread_until = 0, len(s.tokens)
-            for i, s in enumerate(slots):
-                if s.done:  # finished slots idle at position 0; their output is ignored
-                    feed[i], pos[i] = TOKENIZER.PAD, 0
-                else:
-                    feed[i], pos[i] = s.tokens[s.cursor], s.cursor
-            cache, key, out = _decode_and_sample(
-                self.graphdef, self.inf_params, cache, jnp.asarray(feed), jnp.asarray(pos), key,
-                self.numerics, self.temperature)
-            out = np.asarray(out)
-            sampled, sampled_logp = out[0].astype(np.int32), out[1]
-            step += 1
-            for i, s in enumerate(slots):
-                if s.done:
-                    continue
-                s.cursor += 1
-                if s.cursor < len(s.tokens):
-                    continue  # still prefilling known context
-                self._advance(s, int(sampled[i]), float(sampled_logp[i]), max_len, stats)
+                    # Re-read the context under the new weights.
+                    slots.cursor[:] = 0
+                    slots.reread_until[:] = np.minimum(slots.length, max_len)
+                next_check = (step // chunk + 1) * chunk
+            if self.prefill_min is not None:
+                cache, width = self._prefill(slots, cache, stats, self.prefill_min)
+                step += width
+            limit = max(next_check, step + 1) if weight_source is not None else far
+            active = ~slots.done
+            length0 = slots.length.copy()
+            cache, key, ctx, length, cursor, active_out, behav, step_out = _decode_loop(
+                self.graphdef, self.inf_params, cache, key, jnp.asarray(slots.tokens[:, :max_len]),
+                jnp.asarray(length0), jnp.asarray(slots.cursor), jnp.asarray(active), jnp.asarray(slots.turn_start),
+                budget, np.int32(step), np.int32(limit), self.numerics, self.temperature)
+            ctx, length, cursor, active_out, behav, step_out = jax.device_get(
+                (ctx, length, cursor, active_out, behav, step_out))
+            stats.loop_steps += int(step_out) - step
+            step = int(step_out)
+            stats.loop_calls += 1
+            slots.cursor[:] = cursor
+            # The tokens sampled in this call, all of the current version.
+            new = (np.arange(max_len)[None] >= length0[:, None]) & (np.arange(max_len)[None] < length[:, None])
+            slots.tokens[:, :max_len][new] = ctx[new]
+            slots.loss_mask[:, :max_len][new] = True
+            slots.behav[:, :max_len][new] = behav[new]
+            slots.versions[:, :max_len][new] = self.version
+            slots.length[:] = length
+            stats.generated_tokens += int(new.sum())
+            for i in np.flatnonzero(active & ~active_out):
+                self._end_turn(slots, int(i), max_len)
             if mode == Route.DEDICATED:
-                ended = [i for i, s in enumerate(slots) if s.segment_ended]
+                ended = np.flatnonzero(slots.segment_ended).tolist()
                 if ended:
                     self._score_old(slots, ended, requests, stats)
         if mode is not None:
-            self._score_old(slots, [i for i, s in enumerate(slots) if s.has_unscored()], requests, stats)
+            self._score_old(slots, [i for i in range(b) if slots.has_unscored(i)], requests, stats)
             if mode == Route.DEDICATED:
                 self._collect_old(slots, requests, stats)
         stats.decode_steps = step
         stats.wall_s = time.perf_counter() - t0
-        return [s.to_trajectory() for s in slots], stats
+        return [slots.to_trajectory(i) for i in range(b)], stats
 
-    def _score_old(self, slots: list[_Slot], rows: list[int], requests: list, stats: RolloutStats) -> None:
+    def _prefill(self, slots: _Slots, cache, stats: RolloutStats, min_tokens: int):
+        """Writes every live slot's known context but its last token into the KV cache in one
+        batched forward (the last token is fed by the decode loop, which samples after it).
+        Returns the cache and the longest row's prefill: the decode steps it stands for."""
+        max_len = self.model_config.max_len
+        pending = (~slots.done) & (slots.cursor < slots.length - 1)
+        n = np.where(pending, slots.length - 1 - slots.cursor, 0)
+        if n.max(initial=0) + 1 < min_tokens:  # + 1: the last known token, fed by the loop
+            return cache, 0
+        width = _bucket(int(n.max()), max_len)
+        cols = np.arange(width)[None]
+        positions = slots.cursor[:, None] + cols
+        valid = cols < n[:, None]
+        tokens = np.take_along_axis(slots.tokens, np.minimum(positions, max_len), axis=1)
+        tokens = np.where(valid, tokens, TOKENIZER.PAD).astype(np.int32)
+        positions = np.where(valid, positions, max_len).astype(np.int32)  # padding: the cache write is dropped
+        cache = model_lib.prefill(self.graphdef, self.inf_params, cache, jnp.asarray(tokens), jnp.asarray(positions),
+                                  self.numerics)
+        slots.cursor[:] = np.where(pending, slots.length - 1, slots.cursor)
+        stats.prefill_calls += 1
+        stats.prefill_tokens += int(n.sum())
+        return cache, int(n.max())
+
+    def _end_turn(self, slots: _Slots, i: int, max_len: int) -> None:
+        """Slot i stopped in the decode loop: its turn ended (end-of-turn token or budget) or
+        its context is full. Closes the turn, steps the env and appends its observation."""
+        ln = int(slots.length[i])
+        if slots.tokens[i, ln - 1] != TOKENIZER.EOT:
+            if ln - slots.turn_start[i] >= slots.budget[i]:
+                # Turn budget spent: the rollout closes the turn. The forced EOT is not a
+                # policy sample, so it is context only.
+                slots.append(i, [TOKENIZER.EOT])
+            else:  # out of context mid-turn
+                self._finish(slots, i)
+                return
+            turn = slots.tokens[i, slots.turn_start[i]:ln]
+        else:
+            turn = slots.tokens[i, slots.turn_start[i]:ln - 1]
+        slots.segment_ended[i] = True  # the agent turn is a segment (old-logit routes)
+        env = slots.envs[i]
+        result = env.step([int(t) for t in turn])
+        slots.num_turns[i] += 1
+        slots.latency[i] += float(result.info.get("latency_s", 0.0))
+        if result.done:
+            slots.reward[i] = float(result.reward)
+            slots.success[i] = bool(result.info.get("success", False))
+            slots.done[i] = True
+            # A turn closed by the rollout at position max_len - 1 puts its (context-only)
+            # forced EOT at max_len: drop it, episodes never exceed the context.
+            slots.truncate(i)
+            return
+        slots.append(i, result.observation)
+        slots.turn_start[i] = slots.length[i]
+        if slots.length[i] >= max_len:
+            self._finish(slots, i)
+
+    @staticmethod
+    def _finish(slots: _Slots, i: int) -> None:
+        """Ends an episode that ran out of context: a failure with reward 0."""
+        slots.truncate(i)
+        slots.done[i] = True
+        slots.segment_ended[i] = True
+        slots.reward[i] = 0.0
+        slots.success[i] = False
+
+    def _score_old(self, slots: _Slots, rows: list[int], requests: list, stats: RolloutStats) -> None:
         """Scores (interrupt) or submits (dedicated) the unscored tokens of `slots[rows]`.
 
         Every unscored generated token was sampled with the current `self.version`: the
@@ -263,9 +449,8 @@ class Sampler:
         (causal attention: later tokens do not change earlier log-probs), left-aligned in
         a row of `max_len` tokens.
         """
-        rows = [i for i in rows if slots[i].has_unscored()]
-        for i in rows:
-            slots[i].segment_ended = False
+        slots.segment_ended[list(rows)] = False
+        rows = [i for i in rows if slots.has_unscored(i)]
         if not rows:
             return
         max_len = self.model_config.max_len
@@ -274,40 +459,41 @@ class Sampler:
             # Fixed [B, max_len] whatever the number of rows: one compile per batch size.
             tokens = np.full((len(slots), max_len), TOKENIZER.PAD, np.int32)
             for i in rows:
-                ctx = slots[i].tokens[:max_len]
+                ctx = slots.context(i)
                 tokens[i, :len(ctx)] = ctx
             logp = np.asarray(model_lib.token_logprobs(self.graphdef, self.learner_params, jnp.asarray(tokens)))
             for i in rows:
-                self._fill_old(slots[i], logp[i])
+                self._fill_old(slots, i, logp[i])
             stats.old_logp_stall_s += time.perf_counter() - t0
         else:
             t0 = time.perf_counter()
             tokens = np.full((len(rows), max_len), TOKENIZER.PAD, np.int32)
             for r, i in enumerate(rows):
-                ctx = slots[i].tokens[:max_len]
+                ctx = slots.context(i)
                 tokens[r, :len(ctx)] = ctx
             spans = []
             for i in rows:  # mark the tokens as submitted; their values arrive in _collect_old
-                hi = min(len(slots[i].tokens), max_len)
-                spans.append((i, slots[i].unscored, hi))
-                slots[i].unscored = hi
+                hi = min(int(slots.length[i]), max_len)
+                spans.append((i, int(slots.unscored[i]), hi))
+                slots.unscored[i] = hi
             requests.append((self.scorer.submit(tokens, self.version), spans))
             stats.old_logp_submit_s += time.perf_counter() - t0
         stats.old_logp_forward_passes += 1
 
     @staticmethod
-    def _fill_old(s: _Slot, logp_row: np.ndarray, lo: Optional[int] = None, hi: Optional[int] = None) -> None:
-        """Copies the scored log-probs of slot `s`'s generated tokens in [lo, hi)
-        (default: from `s.unscored` to the end of its context, which are then scored)."""
+    def _fill_old(slots: _Slots, i: int, logp_row: np.ndarray, lo: Optional[int] = None,
+                  hi: Optional[int] = None) -> None:
+        """Copies the scored log-probs of slot i's generated tokens in [lo, hi)
+        (default: from its `unscored` index to the end of its context, which are then scored)."""
         advance = lo is None
-        lo = s.unscored if lo is None else lo
-        hi = min(len(s.tokens) if hi is None else hi, logp_row.shape[0])
-        idx = lo + np.flatnonzero(np.asarray(s.loss_mask[lo:hi], bool))
-        s.old[idx] = logp_row[idx]
+        lo = int(slots.unscored[i]) if lo is None else lo
+        hi = min(int(slots.length[i]) if hi is None else hi, logp_row.shape[0])
+        idx = lo + np.flatnonzero(slots.loss_mask[i, lo:hi])
+        slots.old[i, idx] = logp_row[idx]
         if advance:
-            s.unscored = hi
+            slots.unscored[i] = hi
 
-    def _collect_old(self, slots: list[_Slot], requests: list, stats: RolloutStats) -> None:
+    def _collect_old(self, slots: _Slots, requests: list, stats: RolloutStats) -> None:
         """Dedicated route: waits for every answer and fills the slots' old log-probs."""
         wait0 = self.scorer.stats.collect_wait_s
         answers = self.scorer.collect([rid for rid, _ in requests])
@@ -315,50 +501,5 @@ class Sampler:
         for rid, spans in requests:
             logp = answers[rid]
             for r, (i, lo, hi) in enumerate(spans):
-                self._fill_old(slots[i], logp[r], lo, hi)
+                self._fill_old(slots, i, logp[r], lo, hi)
         requests.clear()
-
-    def _advance(self, s: _Slot, token: int, logp: float, max_len: int, stats: RolloutStats) -> None:
-        """Appends a sampled token to slot `s`; ends the turn and steps the env when due."""
-        s.append(token, True, logp, self.version)
-        stats.generated_tokens += 1
-        end_turn = token == TOKENIZER.EOT
-        if not end_turn:
-            s.turn_tokens.append(token)
-            if len(s.turn_tokens) >= s.env.max_turn_tokens:
-                # Turn budget spent: the rollout closes the turn. The forced EOT is not a
-                # policy sample, so it is context only.
-                s.append(TOKENIZER.EOT, False)
-                end_turn = True
-        if not end_turn:
-            if len(s.tokens) >= max_len:
-                self._finish(s, max_len)
-            return
-        s.segment_ended = True  # the agent turn is a segment (old-logit routes)
-        result = s.env.step(s.turn_tokens)
-        s.turn_tokens = []
-        s.num_turns += 1
-        s.latency += float(result.info.get("latency_s", 0.0))
-        if result.done:
-            s.reward = float(result.reward)
-            s.success = bool(result.info.get("success", False))
-            s.done = True
-            # A turn closed by the rollout at position max_len - 1 puts its (context-only)
-            # forced EOT at max_len: drop it, episodes never exceed the context.
-            for seq in (s.tokens, s.loss_mask, s.behav, s.versions):
-                del seq[max_len:]
-            return
-        for t in result.observation:
-            s.append(t, False)
-        if len(s.tokens) >= max_len:
-            self._finish(s, max_len)
-
-    @staticmethod
-    def _finish(s: _Slot, max_len: int) -> None:
-        """Ends an episode that ran out of context: a failure with reward 0."""
-        for seq in (s.tokens, s.loss_mask, s.behav, s.versions):
-            del seq[max_len:]
-        s.done = True
-        s.segment_ended = True
-        s.reward = 0.0
-        s.success = False

@@ -14,7 +14,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 $(STAMP): setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,reference]'
+	$(PY) -m pip install -q -e '.[test,reference,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

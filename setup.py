@@ -42,6 +42,10 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers==5.24.0",
     ],
+    # runtime.mode="ray": sampler actors on a Ray cluster (jaxrl_async/runtime/ray_runtime.py).
+    "ray": [
+        "ray==2.60.0",
+    ],
     # `make bench`: rlax is the baseline of the loss benchmark (it pulls in distrax and a
     # TensorFlow Probability nightly, so it stays out of the library's own dependencies).
     "bench": [

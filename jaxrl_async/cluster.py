@@ -64,6 +64,9 @@ def check_startup(config, workdir: str) -> None:
         if env.max_episode_tokens > model_config.max_len:
             raise ValueError(f"config.model.max_len ({model_config.max_len}) is shorter than the longest possible "
                              f"episode of task {config.task.name!r} ({env.max_episode_tokens} tokens)")
+        if config_lib.vocab_size(config) > model_config.vocab_size:
+            raise ValueError(f"the task's tokenizer has {config_lib.vocab_size(config)} tokens, more than the model's "
+                             f"vocabulary ({model_config.vocab_size}): config.task.tokenizer does not fit config.model")
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
@@ -132,7 +135,8 @@ class RLCluster:
         anchor = config_lib.proximal_anchor(config)  # the three-term loss's PPO anchor, or None
         ewma = route.uses_ewma or (anchor is not None and anchor.uses_ewma)
 
-        self.graphdef, init_params = model_lib.init_model(self.model_config, config.seed)
+        # The model family's module (transformer or llama) builds it; `model.checkpoint` supplies the weights.
+        self.graphdef, init_params = config_lib.init_params(config, self.model_config)
         self.optimizer = learner_lib.make_optimizer(config.optim.learning_rate, config.optim.grad_clip,
                                                     config.optim.weight_decay)
         if not resume:  # a fresh run: the workdir's old checkpoints are void (Orbax would skip saving over them)
@@ -177,7 +181,8 @@ class RLCluster:
 
         self.update = learner_lib.make_rl_update(self.graphdef, self.optimizer, self.loss_config,
                                                  config.optim.num_minibatches, config.optim.num_epochs,
-                                                 loglinear=route == Route.LOGLINEAR, three_term=anchor is not None)
+                                                 loglinear=route == Route.LOGLINEAR, three_term=anchor is not None,
+                                                 model=config_lib.model_module(config))
         self.route = ProximalRoute(config, self.graphdef, self.store, self.loss_config,
                                    meta.get("staleness_window", []), self.mesh, missing=(VersionEvicted,))
         self.k_sample, self.k_update, self.k_eval = jax.random.split(jax.random.key(config.seed), 3)
@@ -191,6 +196,10 @@ class RLCluster:
             rows = config.rl.groups_per_step * config.rl.group_size
             sampler, scorer = runtime_base.make_sampler(config, self.graphdef, self.workdir, rows)
             return InlineRuntime(config, sampler, self.store, config_lib.env_factory(config), self.k_sample, scorer)
+        if config.runtime.mode == "ray":
+            from jaxrl_async.runtime.ray_runtime import RayRuntime  # ray is an optional extra
+
+            return RayRuntime(config, self.workdir, self.meta["epoch"], self.store, log=self.log)
         return ProcessRuntime(config, self.workdir, self.meta["epoch"], self.start_step or None, log=self.log)
 
     def train_step(self, step: int) -> dict:

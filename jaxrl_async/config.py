@@ -9,7 +9,9 @@ typed views at the end (`loss_config_from`, `model_config_from`, `numerics_from`
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 from flax import traverse_util
 from ml_collections import config_dict
@@ -17,6 +19,7 @@ from ml_collections import config_dict
 from jaxrl_async import envs
 from jaxrl_async.core.losses import LossConfig
 from jaxrl_async.core.proximal import Route
+from jaxrl_async.models import llama
 from jaxrl_async.models import transformer as model_lib
 
 
@@ -28,6 +31,10 @@ def base_config() -> config_dict.ConfigDict:
     c.task = config_dict.ConfigDict()
     c.task.name = "tooluse_easy"  # agent task, see jaxrl_async/envs: "search" | "search_easy" | "tooluse" | "tooluse_easy"
     c.task.kwargs = config_dict.ConfigDict()  # task difficulty knobs passed to make_env (see the task's constructor)
+    # "tokens": the task in the word vocabulary (envs.TOKENIZER) | "chat": the task as a chat with tool calls
+    # (envs.chat.ChatEnv; task.kwargs may also set its max_turn_tokens, system_prompt, format)
+    c.task.format = "tokens"
+    c.task.tokenizer = ""  # chat: HF tokenizer directory; "" = model.checkpoint's if set, else the shipped one
 
     c.model = config_dict.ConfigDict()
     c.model.d_model = 64  # transformer width
@@ -35,6 +42,14 @@ def base_config() -> config_dict.ConfigDict:
     c.model.n_heads = 4  # attention heads (d_model must divide by it)
     c.model.d_ff = 256  # MLP hidden width
     c.model.max_len = 64  # context length: a whole multi-turn episode must fit (checked at startup)
+    # "transformer": the library's own model (models/transformer.py) | "llama" | "qwen2" | "qwen3": the HF
+    # families of models/llama.py (the sizes above are then hidden_size, num_layers, num_heads, intermediate_size)
+    c.model.family = "transformer"
+    c.model.checkpoint = ""  # HF families: "" = random init from the sizes here; else an HF checkpoint directory (sizes from its config.json)
+    c.model.num_kv_heads = 0  # HF families, random init: key/value heads (grouped-query attention); 0 = n_heads
+    c.model.head_dim = 0  # HF families, random init: per-head width; 0 = d_model // n_heads
+    c.model.tie_embeddings = False  # HF families, random init: the output head is the token embedding
+    c.model.remat = False  # HF families: rematerialise each decoder layer in the learner (memory for compute)
 
     c.numerics = config_dict.ConfigDict()
     c.numerics.dtype = "fp32"  # sampler (inference) numerics: "fp32" | "bf16" | "fp16" | "int8"
@@ -102,7 +117,7 @@ def base_config() -> config_dict.ConfigDict:
     c.warmstart.cache_dir = ""  # if set, warm-started params are cached here, keyed by task/model/warm-start/seed
 
     c.runtime = config_dict.ConfigDict()
-    c.runtime.mode = "inline"  # "inline": sampler and learner in one process on a deterministic schedule; "process": sampler processes, async queue
+    c.runtime.mode = "inline"  # "inline": sampler and learner in one process on a deterministic schedule; "process": sampler processes, async queue; "ray": sampler actors on a Ray cluster
     c.runtime.lag = 0  # inline: the sampler uses the weights of `lag` versions ago (0 = on-policy)
     c.runtime.partial_rollout = False  # inline: start each batch one version older and switch weights mid-episode
     c.runtime.switch_after = 32  # inline partial rollouts: decode steps before the mid-episode switch
@@ -114,6 +129,9 @@ def base_config() -> config_dict.ConfigDict:
     c.runtime.hang_timeout_s = 120.0  # process: a sampler with no sign of progress this long while the learner waits is killed and restarted
     c.runtime.sampler_startup_s = 300.0  # process: a new sampler may take this long (imports, compilation) before hang_timeout_s applies to it
     c.runtime.wait_log_s = 30.0  # process: while the learner waits for groups, a status line (queue, samplers) this often
+    c.runtime.ray_address = ""  # ray: "" = start a local Ray cluster; else the address of a running one ("auto", "host:6379")
+    c.runtime.ray_num_cpus = 1.0  # ray: CPUs each sampler actor reserves
+    c.runtime.ray_num_gpus = 0.0  # ray: GPUs each sampler actor reserves (fractions share a GPU)
 
     c.parallel = config_dict.ConfigDict()
     c.parallel.num_devices = 0  # learner data parallelism: devices on the `data` mesh axis (0 = all JAX sees)
@@ -140,7 +158,9 @@ CHOICES = {
     "proximal.source": tuple(r.value for r in Route),
     "proximal.on_evicted": ("drop", "fail"),
     "proximal.anchor": (None, "", Route.RECOMPUTE.value, Route.EWMA.value, Route.REVISED_EWMA.value),
-    "runtime.mode": ("inline", "process"),
+    "runtime.mode": ("inline", "process", "ray"),
+    "model.family": ("transformer", "llama", "qwen2", "qwen3"),
+    "task.format": ("tokens", "chat"),
 }
 
 
@@ -211,7 +231,7 @@ def validate(config) -> None:
         raise ValueError(f"config.runtime.lag must be an integer >= 0; got {given['runtime.lag']!r}")
     if not (isinstance(given["runtime.max_staleness"], int) and given["runtime.max_staleness"] >= 0):
         raise ValueError(f"config.runtime.max_staleness must be an integer >= 0; got {given['runtime.max_staleness']!r}")
-    if given["runtime.mode"] == "process":
+    if given["runtime.mode"] in ("process", "ray"):
         if given["runtime.sampler_groups"] > given["rl.groups_per_step"]:
             raise ValueError(f"config.runtime.sampler_groups ({given['runtime.sampler_groups']}) must be <= "
                              f"config.rl.groups_per_step ({given['rl.groups_per_step']}), or the staleness gate never opens")
@@ -219,6 +239,13 @@ def validate(config) -> None:
         if cap is not None and cap < given["rl.groups_per_step"]:
             raise ValueError(f"config.runtime.queue_capacity ({cap}) must hold at least one batch "
                              f"(config.rl.groups_per_step = {given['rl.groups_per_step']})")
+    for f in ("runtime.ray_num_cpus", "runtime.ray_num_gpus"):
+        v = given[f]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"config.{f} must be a finite number >= 0; got {v!r}")
+    if not isinstance(given["runtime.ray_address"], str):
+        raise ValueError(f"config.runtime.ray_address must be a string (\"\" = a local cluster); "
+                         f"got {given['runtime.ray_address']!r}")
     ring = given["runtime.ring_capacity"]
     if ring is not None:
         need = min_ring_capacity(config)
@@ -250,9 +277,51 @@ def validate(config) -> None:
     if not (given["numerics.logit_noise_std"] >= 0 and math.isfinite(given["numerics.logit_noise_std"])):
         raise ValueError(f"config.numerics.logit_noise_std must be a finite number >= 0; "
                          f"got {given['numerics.logit_noise_std']!r}")
-    if given["model.d_model"] % given["model.n_heads"]:
-        raise ValueError(f"config.model.d_model ({given['model.d_model']}) must be divisible by "
-                         f"config.model.n_heads ({given['model.n_heads']})")
+    _validate_model_family(given)
+
+
+def _validate_model_family(given: dict) -> None:
+    """The `model.family` / `model.checkpoint` / `task.format` fields (no file access: see `model_config_from`)."""
+    family, ckpt = given["model.family"], given["model.checkpoint"]
+    if ckpt is None:
+        raise ValueError("config.model.checkpoint must be set to a Hugging Face checkpoint directory "
+                         "(--config.model.checkpoint=/path/to/checkpoint); this config does not train from random weights")
+    if not isinstance(ckpt, str):
+        raise ValueError(f"config.model.checkpoint must be a directory path (\"\" = random init); got {ckpt!r}")
+    if not isinstance(given["task.tokenizer"], str):
+        raise ValueError(f"config.task.tokenizer must be a directory path (\"\" = default); got {given['task.tokenizer']!r}")
+    if not isinstance(given["model.remat"], bool) or not isinstance(given["model.tie_embeddings"], bool):
+        raise ValueError(f"config.model.remat and config.model.tie_embeddings must be booleans; "
+                         f"got {given['model.remat']!r}, {given['model.tie_embeddings']!r}")
+    for f in ("model.num_kv_heads", "model.head_dim"):
+        v = given[f]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"config.{f} must be an integer >= 0 (0 = derived); got {v!r}")
+    if family == "transformer":
+        if ckpt:
+            raise ValueError(f"config.model.checkpoint ({ckpt!r}) needs an HF model.family "
+                             f"('llama', 'qwen2' or 'qwen3'); got model.family='transformer'")
+        if given["model.d_model"] % given["model.n_heads"]:
+            raise ValueError(f"config.model.d_model ({given['model.d_model']}) must be divisible by "
+                             f"config.model.n_heads ({given['model.n_heads']})")
+    else:
+        if given["runtime.mode"] != "inline":
+            raise ValueError(f"config.model.family={family!r} runs with runtime.mode='inline' only for now "
+                             f"(the sampler processes build the transformer); got runtime.mode={given['runtime.mode']!r}")
+        if ckpt and given["task.format"] != "chat":
+            raise ValueError("config.model.checkpoint needs task.format='chat' (a pretrained model reads its "
+                             "own tokenizer's ids, not the word vocabulary)")
+        if not ckpt:
+            heads, kv, hd = given["model.n_heads"], given["model.num_kv_heads"] or given["model.n_heads"], given["model.head_dim"]
+            if heads % kv:
+                raise ValueError(f"config.model.n_heads ({heads}) must be a multiple of config.model.num_kv_heads ({kv})")
+            if hd == 0 and given["model.d_model"] % heads:
+                raise ValueError(f"config.model.d_model ({given['model.d_model']}) must be divisible by "
+                                 f"config.model.n_heads ({heads}) when config.model.head_dim is 0")
+            if (hd or given["model.d_model"] // heads) % 2:
+                raise ValueError(f"config.model.head_dim ({hd or given['model.d_model'] // heads}) must be even (rotary)")
+    if given["task.tokenizer"] and given["task.format"] != "chat":
+        raise ValueError(f"config.task.tokenizer ({given['task.tokenizer']!r}) is used with task.format='chat' only")
 
 
 # Typed views of a validated config: what the components are built from.
@@ -273,9 +342,105 @@ def proximal_anchor(config) -> Route | None:
     return Route(anchor) if anchor else None
 
 
-def model_config_from(config) -> model_lib.ModelConfig:
-    """The model of `config.model` over the tasks' shared vocabulary."""
-    return model_lib.ModelConfig(vocab_size=envs.TOKENIZER.vocab_size, **config.model.to_dict())
+# The HF architecture of each `model.family` (models/llama.py implements all three).
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_TRANSFORMER_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "max_len")
+
+
+def model_module(config):
+    """The model module of a run config (by `model.family`) or of a model config (by its type).
+
+    `models.transformer` (the library's model) or `models.llama` (the HF families); both expose the same
+    functions (`init_model`, `token_logprobs`, `inference_params`, `init_cache`, `decode_step`,
+    `prefill`, `sample_token`), which the sampler, learner, proximal route and scorer call.
+    """
+    if isinstance(config, llama.LlamaConfig):
+        return llama
+    if isinstance(config, model_lib.ModelConfig):
+        return model_lib
+    return model_lib if config.model.family == "transformer" else llama
+
+
+def checkpoint_dir(config) -> str:
+    """`model.checkpoint`, checked to be an HF checkpoint directory (raises ValueError naming the field)."""
+    path = config.model.checkpoint
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"config.model.checkpoint ({path!r}) is not a directory: set it to a Hugging Face "
+                         f"checkpoint directory (config.json + *.safetensors), --config.model.checkpoint=/path")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"config.model.checkpoint ({path!r}) has no config.json: not a Hugging Face checkpoint")
+    return path
+
+
+def tokenizer_dir(config) -> tuple[str, str]:
+    """(directory, the field it comes from) of the chat tokenizer: `task.tokenizer`, else the
+    checkpoint's (`model.checkpoint`), else the shipped one."""
+    if config.task.tokenizer:
+        return config.task.tokenizer, "task.tokenizer"
+    if config.model.checkpoint:
+        return config.model.checkpoint, "model.checkpoint"
+    from jaxrl_async.envs.chat_tokenizer import SHIPPED_TOKENIZER
+    return SHIPPED_TOKENIZER, "task.tokenizer"
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str):
+    from jaxrl_async.models import hf
+    return hf.load_tokenizer(path)
+
+
+def chat_tokenizer(config):
+    """The chat task's tokenizer (an `hf.HFTokenizer`, loaded once per directory)."""
+    path, field = tokenizer_dir(config)
+    try:
+        return _load_tokenizer(os.path.abspath(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"config.{field} ({path!r}): cannot load a tokenizer from it: {e}") from None
+
+
+def vocab_size(config) -> int:
+    """The task's vocabulary: the word tokenizer's (task.format='tokens') or the chat tokenizer's."""
+    if config.task.format == "chat":
+        return int(chat_tokenizer(config).vocab_size)
+    return envs.TOKENIZER.vocab_size
+
+
+def model_config_from(config):
+    """The model of `config.model`: a `transformer.ModelConfig` over the task's vocabulary, or a
+    `llama.LlamaConfig` (HF families: from the sizes here, or from `model.checkpoint`'s config.json)."""
+    m = config.model
+    if m.family == "transformer":
+        return model_lib.ModelConfig(vocab_size=vocab_size(config), **{k: m[k] for k in _TRANSFORMER_FIELDS})
+    arch = HF_ARCHITECTURES[m.family]
+    if m.checkpoint:
+        from jaxrl_async.models import hf
+        path = os.path.join(checkpoint_dir(config), "config.json")
+        try:
+            model_config = hf.config_from_hf(hf._read_json(path), max_len=m.max_len, source=path, remat=m.remat)
+        except ValueError as e:
+            raise ValueError(f"config.model.checkpoint: {e}") from None
+        if model_config.architecture != arch:
+            raise ValueError(f"config.model.family={m.family!r} expects {arch}, but config.model.checkpoint "
+                             f"({m.checkpoint!r}) is a {model_config.architecture}")
+        return model_config
+    return llama.LlamaConfig(
+        vocab_size=vocab_size(config), hidden_size=m.d_model, intermediate_size=m.d_ff, num_layers=m.n_layers,
+        num_heads=m.n_heads, num_kv_heads=m.num_kv_heads or m.n_heads, head_dim_=m.head_dim or None,
+        tie_word_embeddings=m.tie_embeddings, qkv_bias=m.family == "qwen2", qk_norm=m.family == "qwen3",
+        max_len=m.max_len, remat=m.remat, architecture=arch)
+
+
+def init_params(config, model_config=None):
+    """(graphdef, float32 params) of the run's model: random from `seed`, or `model.checkpoint`'s weights."""
+    model_config = model_config or model_config_from(config)
+    if config.model.checkpoint:
+        from jaxrl_async.models import hf
+        loaded = hf.load(checkpoint_dir(config), dtype="float32", max_len=model_config.max_len,
+                         remat=model_config.remat)
+        if loaded.config != model_config:
+            raise ValueError(f"config.model.checkpoint: loaded {loaded.config} differs from {model_config}")
+        return loaded.graphdef, loaded.params
+    return model_module(model_config).init_model(model_config, config.seed)
 
 
 def numerics_from(config) -> model_lib.Numerics:
@@ -286,4 +451,8 @@ def numerics_from(config) -> model_lib.Numerics:
 def env_factory(config):
     """A zero-argument constructor of the configured task's env."""
     kwargs = config.task.kwargs.to_dict()
+    if config.task.format == "chat":
+        from jaxrl_async.envs.chat import make_chat_env
+        tokenizer = chat_tokenizer(config)
+        return lambda: make_chat_env(config.task.name, tokenizer, **kwargs)
     return lambda: envs.make_env(config.task.name, **kwargs)

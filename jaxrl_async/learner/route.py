@@ -101,6 +101,7 @@ class ProximalRoute:
         self.route = Route(config.proximal.source)
         self.anchor = config_lib.proximal_anchor(config)  # None: two-term loss
         self.graphdef = graphdef
+        self.model = config_lib.model_module(config)  # transformer or llama
         self.store = store
         self.loss_config = loss_config
         self.missing = missing
@@ -109,7 +110,7 @@ class ProximalRoute:
         self.steps_per_version = config.optim.num_minibatches * config.optim.num_epochs
 
     def _logp(self, params, tokens):
-        return token_logprobs(self.graphdef, params, tokens)
+        return token_logprobs(self.graphdef, params, tokens, self.model)
 
     def __call__(self, state, batch: Batch, version: int) -> tuple[Batch, dict]:
         """batch: a host (numpy) Batch with advantages; returns (the device Batch with `prox_logp`, metrics).

@@ -58,10 +58,12 @@ def create_train_state(params, optimizer: optax.GradientTransformation, ewma: bo
                       ewma_count=jnp.zeros((), jnp.float32) if ewma else None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def token_logprobs(graphdef, params, tokens):
-    """Learner-numerics log-probs `[B, T]` of `tokens` `[B, T]` (no gradient needed)."""
-    return model_lib.token_logprobs(graphdef, params, tokens)
+@functools.partial(jax.jit, static_argnames=("graphdef", "model"))
+def token_logprobs(graphdef, params, tokens, model=model_lib):
+    """Learner-numerics log-probs `[B, T]` of `tokens` `[B, T]` (no gradient needed).
+
+    model: the model module (`models.transformer` or `models.llama`, see `config.model_module`)."""
+    return model.token_logprobs(graphdef, params, tokens)
 
 
 def _minibatches(batch: Batch, key, num_minibatches: int) -> Batch:
@@ -75,10 +77,11 @@ def _minibatches(batch: Batch, key, num_minibatches: int) -> Batch:
 
 def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
                    num_minibatches: int = 1, num_epochs: int = 1, loglinear: bool = False, donate: bool = True,
-                   three_term: bool = False):
+                   three_term: bool = False, model=model_lib):
     """Builds `update(state, batch, key, ewma_beta=0.0) -> (state, metrics)`, jitted with the state donated.
 
     (`donate=False` keeps the input state alive: only for the before/after benchmark.)
+    model: the model module (`models.transformer` or `models.llama`, see `config.model_module`).
 
     batch: a `Batch` of `[B, T]` arrays with `advantages` and `prox_logp` filled by the
     proximal route (`learner.route`), except with `loglinear`, where the proximal log-probs
@@ -97,7 +100,7 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
     """
 
     def loss_fn(params, mb, version):
-        logp = model_lib.token_logprobs(graphdef, params, mb.tokens)
+        logp = model.token_logprobs(graphdef, params, mb.tokens)
         prox = proximal.loglinear_logp(logp, mb.behav_logp, mb.versions, version) if loglinear else mb.prox_logp
         old = mb.old_logp if three_term else None
         return policy_loss(logp, prox, mb.behav_logp, mb.advantages, mb.loss_mask, loss_config, old)
@@ -135,7 +138,7 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
     return jax.jit(update, donate_argnums=0 if donate else ())
 
 
-def make_sft_update(graphdef, optimizer: optax.GradientTransformation):
+def make_sft_update(graphdef, optimizer: optax.GradientTransformation, model=model_lib):
     """Builds `update(state, batch) -> (state, metrics)`: one supervised step.
 
     batch: `tokens` and `loss_mask` `[B, T]`; the loss is the mean negative log-likelihood
@@ -144,7 +147,7 @@ def make_sft_update(graphdef, optimizer: optax.GradientTransformation):
     """
 
     def loss_fn(params, batch):
-        logp = model_lib.token_logprobs(graphdef, params, batch["tokens"])
+        logp = model.token_logprobs(graphdef, params, batch["tokens"])
         mask = batch["loss_mask"].astype(jnp.float32)
         return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 

@@ -23,8 +23,14 @@ import orbax.checkpoint as ocp
 
 from jaxrl_async import config as config_lib
 from jaxrl_async.envs.base import Env, expert_episode
+from jaxrl_async.envs.chat import ChatEnv, chat_expert_episode
 from jaxrl_async.envs.tokenizer import TOKENIZER
 from jaxrl_async.learner import update as learner_lib
+
+
+_MODEL_DEFAULTS = {"family": "transformer", "checkpoint": "", "num_kv_heads": 0, "head_dim": 0,
+                   "tie_embeddings": False, "remat": False}
+_TASK_DEFAULTS = {"format": "tokens", "tokenizer": ""}
 
 
 def demonstrations(make_env: Callable[[], Env], task_seeds, noise: float, seed: int,
@@ -34,14 +40,16 @@ def demonstrations(make_env: Callable[[], Env], task_seeds, noise: float, seed: 
     Returns `tokens` `[N, max_len]` int32 (PAD-padded) and `loss_mask` `[N, max_len]` bool
     marking the agent's tokens (each turn's words and its end-of-turn token), the same
     layout the sampler produces, so the supervised and RL phases see identical contexts.
+    A chat env (`envs.chat.ChatEnv`) is demonstrated by `chat_expert_episode` and padded with its `pad_id`.
     """
     rng = np.random.default_rng(seed)
     env = make_env()
     n = len(task_seeds)
-    tokens = np.full((n, max_len), TOKENIZER.PAD, np.int32)
+    episode = chat_expert_episode if isinstance(env, ChatEnv) else expert_episode
+    tokens = np.full((n, max_len), getattr(env, "pad_id", TOKENIZER.PAD), np.int32)
     mask = np.zeros((n, max_len), bool)
     for i, task_seed in enumerate(task_seeds):
-        ep = expert_episode(env, int(task_seed), rng, noise)
+        ep = episode(env, int(task_seed), rng, noise)
         length = min(len(ep.tokens), max_len)
         tokens[i, :length] = ep.tokens[:length]
         mask[i, :length] = ep.loss_mask[:length]
@@ -71,6 +79,11 @@ def warmstart_params(config, graphdef, params, model_config, workdir: str, log) 
     if not cache:
         return run_warmstart(config, graphdef, params, model_config, workdir, log)
     keyed = {k: config[k].to_dict() for k in ("task", "model", "warmstart")}
+    # Fields at their defaults that older cache keys did not have are left out: old caches stay valid.
+    for section, defaults in (("model", _MODEL_DEFAULTS), ("task", _TASK_DEFAULTS)):
+        for field, default in defaults.items():
+            if keyed[section].get(field, default) == default:
+                keyed[section].pop(field, None)
     keyed.update(seed=config.seed, grad_clip=config.optim.grad_clip, max_len=model_config.max_len)
     keyed["warmstart"].pop("cache_dir")
     key = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
@@ -100,7 +113,7 @@ def run_warmstart(config, graphdef, params, model_config, workdir: str, log) -> 
         noise=ws.noise, seed=config.seed, max_len=model_config.max_len)
     optimizer = learner_lib.make_optimizer(ws.learning_rate, config.optim.grad_clip)
     state = learner_lib.create_train_state(params, optimizer)
-    update = learner_lib.make_sft_update(graphdef, optimizer)
+    update = learner_lib.make_sft_update(graphdef, optimizer, model=config_lib.model_module(config))
     t0 = time.perf_counter()
     nll = []
     for i in range(ws.steps):

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_async import config as config_lib
 from jaxrl_async.core.proximal import Route
 from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.envs.base import Env
@@ -96,9 +97,10 @@ def _sample_inverse_cdf(logp, key, temperature: float):
     return tokens, jnp.take_along_axis(sample_logp, tokens[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "numerics", "temperature"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "numerics", "temperature", "model", "pad", "eot"),
+                   donate_argnames=("cache",))
 def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, turn_start, budget, step, limit,
-                 numerics, temperature):
+                 numerics, temperature, model=model_lib, pad=TOKENIZER.PAD, eot=TOKENIZER.EOT):
     """Many decode steps in one device call, until the host is needed.
 
     Fixed-shape batch state, one row per slot: ctx [B, max_len] int32 (each slot's known
@@ -115,6 +117,8 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
     the host's bookkeeping) must answer, so the loop returns after that step. It also returns
     at `limit` and when no slot is active.
 
+    model: the model module (`transformer` or `llama`); pad, eot: the env's padding and end-of-turn ids.
+
     Returns (cache, key, ctx, length, cursor, active, behav [B, max_len] float32 (the
     log-prob of each token generated in this call at its position, 0 elsewhere), step).
     The key is split per step exactly as the one-step-per-call loop did.
@@ -129,9 +133,9 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
         key, sub = jax.random.split(st["key"])
         noise_key, sample_key = jax.random.split(sub)
         act, cur, ln = st["active"], st["cursor"], st["length"]
-        feed = jnp.where(act, st["ctx"][rows, jnp.minimum(cur, max_len - 1)], TOKENIZER.PAD)
+        feed = jnp.where(act, st["ctx"][rows, jnp.minimum(cur, max_len - 1)], pad)
         pos = jnp.where(act, cur, 0)
-        logp, cache = model_lib.decode_step(graphdef, inf_params, st["cache"], feed, pos, numerics, noise_key)
+        logp, cache = model.decode_step(graphdef, inf_params, st["cache"], feed, pos, numerics, noise_key)
         if temperature == 0.0:
             sampled = jnp.argmax(logp, axis=-1).astype(jnp.int32)
             sampled_logp = jnp.take_along_axis(logp, sampled[:, None], axis=-1)[:, 0]
@@ -142,7 +146,7 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
         ctx = st["ctx"].at[rows, at].set(sampled)
         behav = st["behav"].at[rows, at].set(sampled_logp)
         ln = ln + gen
-        stop = gen & ((sampled == TOKENIZER.EOT) | (ln - turn_start >= budget) | (ln >= max_len))
+        stop = gen & ((sampled == eot) | (ln - turn_start >= budget) | (ln >= max_len))
         return {"cache": cache, "key": key, "ctx": ctx, "behav": behav, "length": ln,
                 "cursor": jnp.where(act, cur + 1, cur), "active": act & ~stop, "stopped": jnp.any(stop),
                 "step": st["step"] + 1}
@@ -151,6 +155,15 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
           "cursor": cursor, "active": active, "stopped": jnp.asarray(False), "step": step}
     st = jax.lax.while_loop(cond, body, st)
     return st["cache"], st["key"], st["ctx"], st["length"], st["cursor"], st["active"], st["behav"], st["step"]
+
+
+def _token_ids(envs: Sequence[Env]) -> tuple[int, int]:
+    """(pad, end-of-turn) ids of the envs: a chat env's tokenizer's (`pad_id`, `eot_id`), else the word
+    tokenizer's. One generate call serves one vocabulary."""
+    ids = {(int(getattr(e, "pad_id", TOKENIZER.PAD)), int(getattr(e, "eot_id", TOKENIZER.EOT))) for e in envs}
+    if len(ids) > 1:
+        raise ValueError(f"the envs of one generate call disagree on their (pad, end-of-turn) ids: {sorted(ids)}")
+    return ids.pop() if ids else (TOKENIZER.PAD, TOKENIZER.EOT)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -166,11 +179,12 @@ class _Slots:
     """
 
     def __init__(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], max_len: int,
-                 old_logp: bool):
+                 old_logp: bool, pad: int = TOKENIZER.PAD):
         b = len(envs)
+        self.pad = pad
         self.envs, self.task_seeds, self.group_ids = list(envs), list(task_seeds), list(group_ids)
         self.max_len = max_len
-        self.tokens = np.full((b, max_len + 1), TOKENIZER.PAD, np.int32)
+        self.tokens = np.full((b, max_len + 1), pad, np.int32)
         self.loss_mask = np.zeros((b, max_len + 1), bool)
         self.behav = np.zeros((b, max_len + 1), np.float32)
         self.versions = np.full((b, max_len + 1), -1, np.int32)
@@ -212,7 +226,7 @@ class _Slots:
         ln = int(self.length[i])
         if ln > self.max_len:
             self.length[i] = self.max_len
-            self.tokens[i, self.max_len:] = TOKENIZER.PAD
+            self.tokens[i, self.max_len:] = self.pad
             self.loss_mask[i, self.max_len:] = False
             self.behav[i, self.max_len:] = 0.0
             self.versions[i, self.max_len:] = -1
@@ -249,7 +263,7 @@ class Sampler:
     version, `generate` to run episodes to completion.
     """
 
-    def __init__(self, graphdef, model_config: model_lib.ModelConfig, numerics: model_lib.Numerics,
+    def __init__(self, graphdef, model_config, numerics: model_lib.Numerics,
                  temperature: float = 1.0, exact_route: Optional[Route] = None, scorer=None,
                  prefill_min: Optional[int] = 16):
         """exact_route: None (no `Trajectory.old_logp`), `Route.INTERRUPT` or `Route.DEDICATED`
@@ -269,6 +283,8 @@ class Sampler:
             raise ValueError("Sampler exact_route='dedicated' needs a scorer (a runtime.scorer.LogProbScorer)")
         self.graphdef = graphdef
         self.model_config = model_config
+        self.model = config_lib.model_module(model_config)  # transformer or llama: the same functions
+        self.pad, self.eot = TOKENIZER.PAD, TOKENIZER.EOT  # set from the envs by each generate call
         self.numerics = numerics
         self.temperature = float(temperature)
         self.exact_route = exact_route
@@ -286,7 +302,7 @@ class Sampler:
         With the interrupt route the float32 params are kept as well (they are scored
         with); with the dedicated route the scorer is asked to load `version` from the ring buffer
         now, while it is surely retained."""
-        self.inf_params = model_lib.inference_params(params, self.numerics)
+        self.inf_params = self.model.inference_params(params, self.numerics)
         self.version = int(version)
         if self.exact_route == Route.INTERRUPT:
             self.learner_params = params
@@ -314,9 +330,10 @@ class Sampler:
         t0 = time.perf_counter()
         max_len = self.model_config.max_len
         mode = self.exact_route
-        slots = _Slots(envs, task_seeds, group_ids, max_len, old_logp=mode is not None)
+        self.pad, self.eot = _token_ids(envs)
+        slots = _Slots(envs, task_seeds, group_ids, max_len, old_logp=mode is not None, pad=self.pad)
         b = len(slots)
-        cache = model_lib.init_cache(self.model_config, b, self.numerics)
+        cache = self.model.init_cache(self.model_config, b, self.numerics)
         stats = RolloutStats(episodes=b)
         requests: list[tuple[int, list[tuple[int, int, int]]]] = []  # dedicated: (id, [(slot, lo, hi)] per row)
         budget = jnp.asarray(slots.budget)
@@ -347,7 +364,8 @@ class Sampler:
             cache, key, ctx, length, cursor, active_out, behav, step_out = _decode_loop(
                 self.graphdef, self.inf_params, cache, key, jnp.asarray(slots.tokens[:, :max_len]),
                 jnp.asarray(length0), jnp.asarray(slots.cursor), jnp.asarray(active), jnp.asarray(slots.turn_start),
-                budget, np.int32(step), np.int32(limit), self.numerics, self.temperature)
+                budget, np.int32(step), np.int32(limit), self.numerics, self.temperature, self.model, self.pad,
+                self.eot)
             ctx, length, cursor, active_out, behav, step_out = jax.device_get(
                 (ctx, length, cursor, active_out, behav, step_out))
             stats.loop_steps += int(step_out) - step
@@ -390,9 +408,9 @@ class Sampler:
         positions = slots.cursor[:, None] + cols
         valid = cols < n[:, None]
         tokens = np.take_along_axis(slots.tokens, np.minimum(positions, max_len), axis=1)
-        tokens = np.where(valid, tokens, TOKENIZER.PAD).astype(np.int32)
+        tokens = np.where(valid, tokens, self.pad).astype(np.int32)
         positions = np.where(valid, positions, max_len).astype(np.int32)  # padding: the cache write is dropped
-        cache = model_lib.prefill(self.graphdef, self.inf_params, cache, jnp.asarray(tokens), jnp.asarray(positions),
+        cache = self.model.prefill(self.graphdef, self.inf_params, cache, jnp.asarray(tokens), jnp.asarray(positions),
                                   self.numerics)
         slots.cursor[:] = np.where(pending, slots.length - 1, slots.cursor)
         stats.prefill_calls += 1
@@ -403,11 +421,11 @@ class Sampler:
         """Slot i stopped in the decode loop: its turn ended (end-of-turn token or budget) or
         its context is full. Closes the turn, steps the env and appends its observation."""
         ln = int(slots.length[i])
-        if slots.tokens[i, ln - 1] != TOKENIZER.EOT:
+        if slots.tokens[i, ln - 1] != self.eot:
             if ln - slots.turn_start[i] >= slots.budget[i]:
                 # Turn budget spent: the rollout closes the turn. The forced EOT is not a
                 # policy sample, so it is context only.
-                slots.append(i, [TOKENIZER.EOT])
+                slots.append(i, [self.eot])
             else:  # out of context mid-turn
                 self._finish(slots, i)
                 return
@@ -457,17 +475,17 @@ class Sampler:
         if self.exact_route == Route.INTERRUPT:
             t0 = time.perf_counter()
             # Fixed [B, max_len] whatever the number of rows: one compile per batch size.
-            tokens = np.full((len(slots), max_len), TOKENIZER.PAD, np.int32)
+            tokens = np.full((len(slots), max_len), self.pad, np.int32)
             for i in rows:
                 ctx = slots.context(i)
                 tokens[i, :len(ctx)] = ctx
-            logp = np.asarray(model_lib.token_logprobs(self.graphdef, self.learner_params, jnp.asarray(tokens)))
+            logp = np.asarray(self.model.token_logprobs(self.graphdef, self.learner_params, jnp.asarray(tokens)))
             for i in rows:
                 self._fill_old(slots, i, logp[i])
             stats.old_logp_stall_s += time.perf_counter() - t0
         else:
             t0 = time.perf_counter()
-            tokens = np.full((len(rows), max_len), TOKENIZER.PAD, np.int32)
+            tokens = np.full((len(rows), max_len), self.pad, np.int32)
             for r, i in enumerate(rows):
                 ctx = slots.context(i)
                 tokens[r, :len(ctx)] = ctx

@@ -71,9 +71,9 @@ def ring_capacity(config) -> int:
 
 
 def staleness_bound(config) -> int:
-    """The most versions a token may lag the learner: `max_staleness` (process), `lag + 1` (inline)."""
+    """The most versions a token may lag the learner: `max_staleness` (process, ray), `lag + 1` (inline)."""
     rt = config.runtime
-    return rt.max_staleness if rt.mode == "process" else rt.lag + 1
+    return rt.max_staleness if rt.mode in ("process", "ray") else rt.lag + 1
 
 
 def make_sampler(config, graphdef, workdir: str, warmup_rows: int) -> tuple[Sampler, Optional[LogProbScorer]]:

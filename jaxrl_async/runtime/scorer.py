@@ -82,6 +82,26 @@ def _model_config_fields(model_config) -> dict:
     return dataclasses.asdict(model_config)
 
 
+def _model_family(model_config) -> str:
+    """"llama" for an HF-family config (`models.llama.LlamaConfig`, or its fields), else "transformer"."""
+    fields = _model_config_fields(model_config)
+    return "llama" if "hidden_size" in fields else "transformer"
+
+
+def _build_model_config(spec: dict):
+    """The model config and its module from the spec's fields (JSON round trip undone)."""
+    fields = dict(spec["model_config"])
+    if spec.get("family", "transformer") == "llama":
+        from jaxrl_async.models import llama
+
+        if fields.get("rope_scaling") is not None:
+            fields["rope_scaling"] = tuple((k, v) for k, v in fields["rope_scaling"])
+        return llama.LlamaConfig(**fields), llama
+    from jaxrl_async.models import transformer
+
+    return transformer.ModelConfig(**fields), transformer
+
+
 class LogProbScorer:
     """Client of one old-logit scorer process. Not thread-safe: one user per instance.
 
@@ -117,8 +137,9 @@ class LogProbScorer:
 
         versions_dir, ring_capacity: the ring buffer (`versions.VersionStore`, opened
           read-only in the scorer).
-        model_config: a `model.ModelConfig`, its fields as a dict, or their JSON; with
-          `seed` it builds the graphdef and the params structure (`model.init_model`).
+        model_config: a `transformer.ModelConfig` or `llama.LlamaConfig`, its fields as a dict, or
+          their JSON; with `seed` it builds the graphdef and the params structure (`init_model`
+          of its module; the weights themselves come from the ring buffer).
         warmup_rows: if > 0, the scorer compiles every bucket up to `bucket(warmup_rows)`
           at start, so no request pays for a compile.
         keep_versions: versions kept in the scorer's memory (default ring_capacity + 1),
@@ -133,6 +154,7 @@ class LogProbScorer:
             "versions_dir": os.path.abspath(versions_dir),
             "ring_capacity": int(ring_capacity),
             "model_config": _model_config_fields(model_config),
+            "family": _model_family(model_config),
             "seed": int(seed),
             "warmup_rows": int(warmup_rows),
             "max_len": int(_model_config_fields(model_config)["max_len"]),
@@ -350,10 +372,9 @@ def _scorer_main(req_fd: int, rep_fd: int, spec: dict) -> None:
 
     import jax
 
-    from jaxrl_async.models import transformer as model_lib
     from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
 
-    config = model_lib.ModelConfig(**spec["model_config"])
+    config, model_lib = _build_model_config(spec)  # transformer or llama (the same functions)
     graphdef, target = model_lib.init_model(config, spec["seed"])
     store = VersionStore(spec["versions_dir"], spec["ring_capacity"], target, writer=False)
     held: collections.OrderedDict[int, Any] = collections.OrderedDict()

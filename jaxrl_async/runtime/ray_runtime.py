@@ -1,0 +1,550 @@
+"""The Ray runtime: sampler actors on a Ray cluster, the learner in the driver (`runtime.mode="ray"`).
+
+Same contract as the process runtime (`process.py`), with the host-local pieces replaced by
+Ray ones (docs/design.md section 4.8):
+
+- Every sampler is a Ray actor (`SamplerActor`, `runtime.ray_num_cpus` / `ray_num_gpus`
+  each, `max_restarts=-1`) running the same generate loop as a sampler process.
+- Weights: the learner `ray.put`s each new version once (numpy leaves) and registers the
+  ObjectRef with the coordinator; samplers fetch the newest between decode chunks from the
+  object store. The Orbax ring buffer stays the durable record (snapshot route, dedicated
+  scorer, resume).
+- Groups: a `Coordinator` actor holds what the sampler processes share through memory and
+  the spool (the learner's next version, groups in flight and taken, the staleness gate, a
+  bounded buffer of finished groups keyed `e<epoch>-s<sampler>-b<batch>-g<group>`, the set of
+  keys the learner took). It is one actor, so every call is atomic: the gate counts exactly.
+  A restarted sampler asks it for its `batches_done` and regenerates its unfinished batch
+  under the same keys; a key that is waiting or already taken is dropped as a duplicate.
+- Close: stop flag, a short grace for the actors to return, then `ray.kill` of every actor,
+  and `ray.shutdown()` if this runtime started the cluster.
+
+Not (yet) here: the buffer lives in the coordinator's memory, so a learner crash loses the
+groups waiting in it (a resumed run starts a new epoch with fresh keys; nothing trained is
+repeated, `queue/recovered` is 0).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+import pickle
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+_log = logging.getLogger(__name__)
+NAMESPACE = "jaxrl_async"
+_POLL_S = 0.02
+
+
+def ledger_dir(workdir: str) -> str:
+    """Where the learner's and the samplers' group records go (`base.queue_dir(workdir)/ledger`, as in
+    the process runtime; this module imports nothing heavy, so the coordinator actor starts fast)."""
+    return os.path.join(workdir, "queue", "ledger")
+
+
+class Coordinator:
+    """Shared state of the learner and its sampler actors (run as one Ray actor, num_cpus=0).
+
+    Calls are executed one at a time, so each is atomic. Sampler calls carry the sampler's
+    incarnation (from `sampler_started`): a late call of a killed incarnation may still add a
+    group it finished, but never changes the accounting of its successor.
+    """
+
+    def __init__(self, num_samplers: int, groups_per_step: int, bound: int, capacity: int):
+        self.g, self.bound, self.capacity = groups_per_step, bound, capacity
+        self.next_version = 0  # version of the learner's next batch
+        self.latest: Optional[tuple[int, list]] = None  # (version, [ObjectRef of its numpy leaves])
+        self.inflight = [0] * num_samplers  # groups each sampler has claimed and not yet put
+        self.taken = 0  # groups taken for the batch the learner is assembling
+        self.batches_done = [0] * num_samplers
+        self.incarnation = [0] * num_samplers
+        self.heartbeat = [0.0] * num_samplers
+        self.started_at = [0.0] * num_samplers
+        self.ready = [False] * num_samplers
+        self.loaded = [-1] * num_samplers
+        self.buffer: dict[str, tuple] = {}  # key -> (start_version, seq, payload, meta)
+        self.seq = 0
+        self.consumed: set[str] = set()  # keys handed to the learner (trained or dropped as stale)
+        self.puts: list[tuple] = []  # (key, start_version, new, t) since the last drain
+        self.stopped = False
+        self.stats = dict(put=0, duplicates_dropped=0, taken=0, dropped_stale=0)
+
+    def _beat(self, i: int) -> None:
+        self.heartbeat[i] = time.time()
+
+    def _current(self, i: int, inc: int) -> bool:
+        return inc == self.incarnation[i]
+
+    # -- learner side ---------------------------------------------------------------
+
+    def publish(self, version: int, ref_box: list) -> None:
+        """The newest version's ObjectRef (boxed in a list, so Ray passes the ref, not the value)."""
+        self.latest = (int(version), ref_box)
+
+    def set_next_version(self, version: int) -> None:
+        self.next_version = int(version)
+
+    def take(self, want: int, version: int) -> tuple[list, list, list, int]:
+        """Up to `want` waiting groups, oldest start version first (ties: put order); any older than
+        the bound for `version` is dropped instead. Returns (taken, dropped, puts, depth)."""
+        order = sorted(self.buffer.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+        got, dropped = [], []
+        for key, (sv, _, payload, meta) in order:
+            if len(got) >= want:
+                break
+            del self.buffer[key]
+            self.consumed.add(key)
+            self.stats["taken"] += 1
+            if version - sv > self.bound:
+                self.stats["dropped_stale"] += 1
+                dropped.append((key, sv))
+            else:
+                got.append((key, sv, payload, meta))
+                self.taken += 1
+        puts, self.puts = self.puts, []
+        return got, dropped, puts, len(self.buffer)
+
+    def end_batch(self, version: int) -> None:
+        # The next batch is for version + 1 (moved on before `taken` is reset: both in one atomic call).
+        self.next_version = int(version) + 1
+        self.taken = 0
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def status(self) -> dict:
+        now = time.time()
+        return {"depth": len(self.buffer), "next_version": self.next_version, "stats": dict(self.stats),
+                "samplers": [{"id": i, "inflight": self.inflight[i], "batches_done": self.batches_done[i],
+                              "loaded_version": self.loaded[i], "ready": self.ready[i],
+                              "incarnation": self.incarnation[i],
+                              "silent_s": now - max(self.heartbeat[i], self.started_at[i])}
+                             for i in range(len(self.inflight))]}
+
+    def final(self) -> dict:
+        """What is left at close: puts not yet drained, waiting keys, counters."""
+        puts, self.puts = self.puts, []
+        return {"puts": puts, "waiting": [[k, v[0]] for k, v in self.buffer.items()], "stats": dict(self.stats),
+                "batches_done": list(self.batches_done)}
+
+    # -- sampler side ---------------------------------------------------------------
+
+    def sampler_started(self, i: int) -> tuple[int, int]:
+        """A (re)started sampler: (its incarnation, the batch to generate next)."""
+        self.incarnation[i] += 1
+        self.inflight[i] = 0
+        self.ready[i] = False
+        self.started_at[i] = time.time()
+        self._beat(i)
+        return self.incarnation[i], self.batches_done[i]
+
+    def open_batch(self, i: int, inc: int, k: int):
+        """The staleness gate: "stop", None (wait), or (v_s, [ref]) with `k` groups claimed at v_s."""
+        self._beat(i)
+        if self.stopped or not self._current(i, inc):
+            return "stop"
+        if self.latest is None:
+            return None
+        v_s = self.latest[0]
+        others = sum(self.inflight) - self.inflight[i]
+        outstanding = len(self.buffer) + others + k + self.taken
+        if outstanding <= (self.bound + 1 - (self.next_version - v_s)) * self.g:
+            self.inflight[i] = k
+            self.loaded[i] = v_s
+            return self.latest
+        self.inflight[i] = 0
+        return None
+
+    def newer(self, i: int, inc: int, have: int):
+        """Between decode chunks: (version, [ref]) if a version newer than `have` is published, else None."""
+        self._beat(i)
+        if self._current(i, inc):
+            self.ready[i] = True
+        if self.latest is None or self.latest[0] <= have:
+            return None
+        if self._current(i, inc):
+            self.loaded[i] = self.latest[0]
+        return self.latest
+
+    def put(self, i: int, inc: int, batch: int, last: bool, key: str, start_version: int, payload: bytes,
+            meta: dict) -> str:
+        """One finished group: "ok", "dup" (waiting or taken already: dropped), "full" (retry) or "stop"."""
+        self._beat(i)
+        if self.stopped:
+            return "stop"
+        current = self._current(i, inc)
+        if key in self.buffer or key in self.consumed:
+            self.stats["duplicates_dropped"] += 1
+            self.puts.append((key, int(start_version), False, time.time()))
+            status = "dup"
+        elif len(self.buffer) >= self.capacity:
+            return "full"
+        else:
+            self.buffer[key] = (int(start_version), self.seq, payload, meta)
+            self.seq += 1
+            self.stats["put"] += 1
+            self.puts.append((key, int(start_version), True, time.time()))
+            status = "ok"
+        if current:
+            self.inflight[i] = max(0, self.inflight[i] - 1)
+            if last:
+                self.inflight[i] = 0
+                self.batches_done[i] = batch + 1
+        return status
+
+
+def group_key(epoch: int, sampler_id: int, batch: int, group: int) -> str:
+    return f"e{epoch}-s{sampler_id}-b{batch}-g{group}"
+
+
+class SamplerActor:
+    """One sampler on the Ray cluster: `run()` generates under the gate until the coordinator stops it."""
+
+    def __init__(self, config_json: str, workdir: str, sampler_id: int, epoch: int, coordinator):
+        import jax
+        from ml_collections import config_dict
+
+        from jaxrl_async import config as config_lib
+        from jaxrl_async.models import transformer as model_lib
+        from jaxrl_async.runtime.base import make_sampler
+
+        self.config = config_dict.ConfigDict(json.loads(config_json))
+        self.workdir, self.i, self.epoch, self.coord = workdir, sampler_id, epoch, coordinator
+        graphdef, target = model_lib.init_model(config_lib.model_config_from(self.config), self.config.seed)
+        self.treedef = jax.tree.structure(target)
+        rows = self.config.runtime.sampler_groups * self.config.rl.group_size
+        # The dedicated route's scorer is a subprocess of this actor reading the on-disk ring buffer.
+        self.sampler, self.scorer = make_sampler(self.config, graphdef, workdir, rows)
+        self.make_env = config_lib.env_factory(self.config)
+
+    def _params(self, ref):
+        import jax
+        import jax.numpy as jnp
+        import ray
+
+        return jax.tree.unflatten(self.treedef, [jnp.asarray(x) for x in ray.get(ref)])
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def run(self) -> None:
+        import jax
+        import ray
+
+        from jaxrl_async.runtime.base import old_logp_metrics
+
+        config, coord, i = self.config, self.coord, self.i
+        n, k = config.rl.group_size, config.runtime.sampler_groups
+        inc, batch = ray.get(coord.sampler_started.remote(i))
+
+        def newer_weights(_step):
+            got = ray.get(coord.newer.remote(i, inc, self.sampler.version))
+            if got is None:
+                return None
+            version, (ref,) = got
+            return self._params(ref), version
+
+        while True:
+            t_gate = time.perf_counter()
+            while True:
+                opened = ray.get(coord.open_batch.remote(i, inc, k))
+                if opened == "stop":
+                    return
+                if opened is not None:
+                    break
+                time.sleep(_POLL_S)
+            gate_wait = time.perf_counter() - t_gate
+            v_s, (ref,) = opened
+            self.sampler.update_params(self._params(ref), v_s)
+            rng = np.random.default_rng([config.seed, self.epoch, i, batch])
+            seeds = rng.integers(0, config.eval.seed_offset, k)
+            key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
+            trajs, stats = self.sampler.generate(
+                [self.make_env() for _ in range(k * n)], np.repeat(seeds, n).tolist(),
+                np.repeat(np.arange(k), n).tolist(), key, weight_source=newer_weights, chunk=config.sampler.chunk)
+            meta = {"sampler_id": i, "batch": batch, "tokens_per_s": stats.tokens_per_s,
+                    "gate_wait_s": gate_wait, "sample_s": stats.wall_s, "weight_switches": stats.weight_switches,
+                    **old_logp_metrics(stats)}
+            for g in range(k):
+                payload = pickle.dumps(trajs[g * n:(g + 1) * n], protocol=5)
+                while True:
+                    st = ray.get(coord.put.remote(i, inc, batch, g == k - 1, group_key(self.epoch, i, batch, g),
+                                                  int(v_s), payload, meta))
+                    if st == "stop":
+                        return
+                    if st != "full":
+                        break
+                    time.sleep(_POLL_S)
+            batch += 1
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
+
+
+@dataclasses.dataclass
+class _Slot:
+    actor: object
+    run_ref: object = None
+    submitted_at: float = 0.0
+    failures_in_a_row: int = 0
+    batches_at_failure: int = -1
+
+
+class RayRuntime:
+    """`Runtime` of sampler actors on a Ray cluster, a coordinator actor between them and the learner."""
+
+    def __init__(self, config, workdir: str, epoch: int, store, log: Callable = print):
+        """store: the learner's `VersionStore` (writer): `published(v)` reads `v` from its memory cache."""
+        try:
+            import ray  # noqa: F401  (fails here, at startup, if the `ray` extra is not installed)
+        except ImportError as e:
+            raise ImportError("config.runtime.mode='ray' needs Ray: pip install -e '.[ray]'") from e
+
+        self.config, self.workdir, self.epoch, self.store, self.log = config, os.path.abspath(workdir), epoch, store, log
+        self.bound = config.runtime.max_staleness
+        g = config.rl.groups_per_step
+        self.capacity = config.runtime.queue_capacity or (self.bound + 1) * g
+        self.num = config.runtime.num_samplers
+        self.coord = None
+        self.slots: list[_Slot] = []
+        self.started_ray = False
+        self.refs: collections.deque = collections.deque(maxlen=2)  # keeps the newest published objects owned
+        self.restarts = 0
+        self.hung_restarts = 0
+        self.dropped_stale = 0
+        self.taken_total = 0
+        self.recovered = 0
+        self._ledger = None
+        self._puts = None
+
+    # -- set-up ---------------------------------------------------------------------
+
+    def _actor_options(self) -> dict:
+        rt = self.config.runtime
+        opts = {"num_cpus": float(rt.ray_num_cpus), "num_gpus": float(rt.ray_num_gpus), "max_restarts": -1,
+                "max_task_retries": 0, "namespace": NAMESPACE}
+        env = {k: os.environ[k] for k in ("JAX_PLATFORMS", "XLA_FLAGS") if k in os.environ}
+        if env and rt.ray_address:
+            opts["runtime_env"] = {"env_vars": env}  # a local cluster inherits the driver's environment
+        return opts
+
+    def _spawn(self, i: int):
+        import ray
+
+        cls = ray.remote(SamplerActor).options(name=f"sampler-e{self.epoch}-{i}-{os.getpid()}-{id(self):x}",
+                                               **self._actor_options())
+        return cls.remote(self.config.to_json(), self.workdir, i, self.epoch, self.coord)
+
+    def start(self, version: int) -> None:
+        import ray
+
+        rt = self.config.runtime
+        if not ray.is_initialized():
+            if rt.ray_address:
+                ray.init(address=rt.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING)
+            else:
+                ray.init(num_cpus=max(1, math.ceil(self.num * rt.ray_num_cpus)), include_dashboard=False,
+                         namespace=NAMESPACE, logging_level=logging.WARNING)
+                self.started_ray = True
+        os.makedirs(ledger_dir(self.workdir), exist_ok=True)
+        self._ledger = open(os.path.join(ledger_dir(self.workdir), "learner.jsonl"), "a")
+        self._puts = open(os.path.join(ledger_dir(self.workdir), f"put-ray-e{self.epoch}.jsonl"), "a")
+        self.coord = ray.remote(Coordinator).options(num_cpus=0, namespace=NAMESPACE).remote(
+            self.num, self.config.rl.groups_per_step, self.bound, self.capacity)
+        ray.get(self.coord.set_next_version.remote(int(version)))
+        self._publish(int(version))
+        self.slots = [_Slot(self._spawn(i)) for i in range(self.num)]
+        for i in range(self.num):
+            self._submit(i)
+
+    def _submit(self, i: int) -> None:
+        slot = self.slots[i]
+        slot.run_ref = slot.actor.run.remote()
+        slot.submitted_at = time.monotonic()
+
+    def _publish(self, version: int) -> None:
+        import jax
+        import ray
+
+        params = self.store.get(version)  # the writer's cached copy: no disk read
+        leaves = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(params))]
+        ref = ray.put(leaves)
+        self.refs.append(ref)
+        ray.get(self.coord.publish.remote(version, [ref]))
+
+    # -- supervision ------------------------------------------------------------------
+
+    def _warn(self, msg: str) -> None:
+        _log.warning(msg)
+        self.log(msg)
+
+    def _check(self, status: Optional[dict] = None) -> None:
+        """Resubmits `run` to samplers whose actor died (Ray restarts the actor itself); raises on a
+        sampler error."""
+        import ray
+
+        refs = [s.run_ref for s in self.slots]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for i, slot in enumerate(self.slots):
+            if slot.run_ref not in ready:
+                continue
+            try:
+                ray.get(slot.run_ref)
+            except ray.exceptions.RayActorError as e:
+                status = status or ray.get(self.coord.status.remote())
+                done = status["samplers"][i]["batches_done"]
+                slot.failures_in_a_row = slot.failures_in_a_row + 1 if done == slot.batches_at_failure else 1
+                slot.batches_at_failure = done
+                if slot.failures_in_a_row > 10:
+                    raise RuntimeError(f"sampler actor {i} died {slot.failures_in_a_row} times without finishing a "
+                                       f"batch: {e}") from e
+                self.restarts += 1
+                self._submit(i)
+            except ray.exceptions.RayTaskError as e:
+                raise RuntimeError(f"sampler actor {i} failed: {e}") from e
+            else:
+                self._submit(i)  # returned although not stopped: run again
+
+    def _check_hung(self, status: dict) -> list[int]:
+        import ray
+
+        rt = self.config.runtime
+        hung = []
+        now = time.monotonic()
+        for i, slot in enumerate(self.slots):
+            st = status["samplers"][i]
+            since = now - slot.submitted_at
+            silent = (st["silent_s"] > rt.hang_timeout_s and since > rt.hang_timeout_s) if st["ready"] \
+                else since > rt.sampler_startup_s
+            if silent:
+                ray.kill(slot.actor, no_restart=False)  # Ray restarts it; `_check` resubmits its run
+                slot.submitted_at = now
+                hung.append(i)
+        self.hung_restarts += len(hung)
+        return hung
+
+    def wait_status(self, step: int, waited_s: float, have: int, status: dict) -> str:
+        parts = [f"sampler {s['id']}: {'ready' if s['ready'] else 'starting'}, {s['inflight']} groups in flight, "
+                 f"{s['batches_done']} batches done, loaded version {s['loaded_version']}, "
+                 f"last heartbeat {s['silent_s']:.1f} s ago" for s in status["samplers"]]
+        return (f"learner waiting {waited_s:.0f} s for step {step}: {have}/{self.config.rl.groups_per_step} groups, "
+                f"buffer depth {status['depth']}, next version {status['next_version']}; " + "; ".join(parts))
+
+    # -- the Runtime protocol ------------------------------------------------------------
+
+    def next_groups(self, step: int, version: int):
+        import ray
+
+        g = self.config.rl.groups_per_step
+        rt = self.config.runtime
+        t0 = time.perf_counter()
+        next_log = t0 + rt.wait_log_s
+        items, dropped = [], []
+        depth = 0
+        while len(items) < g:
+            self._check()
+            got, drop, puts, depth = ray.get(self.coord.take.remote(g - len(items), version))
+            items += got
+            dropped += drop
+            self._write_puts(puts)
+            if len(items) < g:
+                status = ray.get(self.coord.status.remote())
+                for i in self._check_hung(status):
+                    self._warn(f"sampler actor {i} showed no sign of life for more than runtime.hang_timeout_s = "
+                               f"{rt.hang_timeout_s:g} s while the learner waited for step {step}: killed and "
+                               f"restarted ({self.hung_restarts} hung restarts so far)")
+                now = time.perf_counter()
+                if now >= next_log:
+                    self._warn(self.wait_status(step, now - t0, len(items), status))
+                    next_log = now + rt.wait_log_s
+                time.sleep(_POLL_S)
+        ray.get(self.coord.end_batch.remote(version))
+        self.dropped_stale += len(dropped)
+        self.taken_total += len(items) + len(dropped)
+        self._ledger.write(json.dumps({
+            "epoch": self.epoch, "step": int(step), "version": int(version), "t": time.time(),
+            "trained": [[key, int(sv)] for key, sv, _, _ in items],
+            "dropped": [[key, int(sv)] for key, sv in dropped]}) + "\n")
+        self._ledger.flush()
+        wait = time.perf_counter() - t0
+        trajs = [dataclasses.replace(t, group_id=j) for j, (_, _, payload, _) in enumerate(items)
+                 for t in pickle.loads(payload)]
+        metas = [meta for _, _, _, meta in items]
+        return trajs, {
+            "rollout/tokens_per_s": float(np.mean([m["tokens_per_s"] for m in metas])),
+            "rollout/weight_switches": float(np.mean([m["weight_switches"] for m in metas])),
+            "perf/learner_wait_s": wait,
+            "perf/sampler_gate_wait_s": float(np.mean([m["gate_wait_s"] for m in metas])),
+            "perf/sample_s": wait,
+            "queue/depth": float(depth),
+            "queue/dropped_stale": float(len(dropped)),
+            "queue/dropped_stale_total": float(self.dropped_stale),
+            "queue/taken_total": float(self.taken_total),
+            "queue/recovered": float(self.recovered),
+            "samplers/restarts_total": float(self.restarts),
+            "samplers/hung_restarts": float(self.hung_restarts),
+            **{k: float(np.mean([m[k] for m in metas])) for k in metas[0] if k.startswith("proximal/")},
+        }
+
+    def _write_puts(self, puts) -> None:
+        if puts and self._puts is not None:
+            for key, sv, new, t in puts:
+                self._puts.write(json.dumps({"key": key, "sv": sv, "new": new, "t": t}) + "\n")
+            self._puts.flush()
+
+    def published(self, version: int) -> None:
+        self._publish(int(version))
+
+    def checkpointed(self, step: int) -> None:
+        del step  # the buffer is in memory: nothing to release
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stops the samplers (a short grace to return, then `ray.kill`), the coordinator, and the
+        cluster if this runtime started it. Safe to call twice or before `start`."""
+        try:
+            import ray
+        except ImportError:
+            return
+        try:
+            if self.coord is not None and ray.is_initialized():
+                try:
+                    ray.get(self.coord.stop.remote(), timeout=grace_s)
+                    refs = [s.run_ref for s in self.slots if s.run_ref is not None]
+                    if refs:
+                        ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+                    closes = [s.actor.close.remote() for s in self.slots]
+                    ray.wait(closes, num_returns=len(closes), timeout=grace_s)
+                    final = ray.get(self.coord.final.remote(), timeout=grace_s)
+                    self._write_puts(final["puts"])
+                    with open(os.path.join(ledger_dir(self.workdir), f"ray-close-e{self.epoch}.json"), "w") as f:
+                        json.dump({k: v for k, v in final.items() if k != "puts"}, f)
+                except Exception as e:  # noqa: BLE001 (a dead cluster must not stop the shutdown)
+                    _log.warning("ray runtime: orderly stop failed (%s: %s); killing the actors",
+                                 type(e).__name__, e)
+                for s in self.slots:
+                    try:
+                        ray.kill(s.actor, no_restart=True)
+                    except Exception:  # noqa: BLE001
+                        pass
+                try:
+                    ray.kill(self.coord, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+        finally:
+            self.slots, self.coord = [], None
+            self.refs.clear()
+            for f in (self._ledger, self._puts):
+                if f is not None:
+                    f.close()
+            self._ledger = self._puts = None
+            if self.started_ray and ray.is_initialized():
+                ray.shutdown()
+            self.started_ray = False

@@ -99,8 +99,13 @@ def test_episode_advantages_are_invariant_to_permuting_the_episodes(estimator, r
     base = episode_advantages(flat, ids, estimator)
     perm = np.random.default_rng(seed).permutation(G * n)
     shuffled = episode_advantages(flat[perm], ids[perm], estimator)
-    # Each episode keeps its advantage wherever it sits in the batch.
-    np.testing.assert_allclose(shuffled, base[perm], rtol=1e-6, atol=1e-6)
+    # Each episode keeps its advantage wherever it sits in the batch, up to float32 rounding:
+    # the group's sums run in another order, so the error scales with the rewards' magnitude
+    # (and, for grpo, with 1 / the group's std).
+    scale = 1.0 + float(np.abs(rewards).max())
+    if estimator == "grpo":
+        scale /= float(rewards.astype(np.float64).std(axis=1).min()) + 1e-6
+    np.testing.assert_allclose(shuffled, base[perm], rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_episode_advantages_interleaved_groups_by_hand():

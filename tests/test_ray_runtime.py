@@ -133,6 +133,20 @@ def test_killed_sampler_actor_is_restarted_with_exact_accounting(tmp_path, monke
         return real_start(self, version)
 
     monkeypatch.setattr(ray_runtime.RayRuntime, "start", start)
+    real_update = learner_lib.make_rl_update
+
+    def slow_update(*args, **kwargs):
+        update = real_update(*args, **kwargs)
+
+        def wrapped(*a, **k):
+            # Seconds of training left after the kill: Ray must have reported the dead actor (and the
+            # driver restarted it) before the last step, or restarts_total could still read 0.
+            time.sleep(0.5)
+            return update(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(learner_lib, "make_rl_update", slow_update)
 
     def killer():
         deadline = time.monotonic() + 150

@@ -445,16 +445,7 @@ def _decode_step(graphdef, inf_params, cache, tokens, positions, numerics, key):
     transformer.decode_step: returns (logp [B, V] float32 of the NEXT token, noise
     included, NaN rows for positions out of range; the updated (donated) cache)."""
     model = _merge(graphdef, inf_params)
-    _tf._check_tokens(tokens, rank=1)
-    if positions.shape != tokens.shape:
-        raise ValueError(f"tokens {tokens.shape} and positions {positions.shape} must both be [B]")
-    dtype = numerics.compute_dtype
-    if cache["k"].dtype != dtype or model.embed_tokens[...].dtype != dtype:
-        raise ValueError(
-            f"numerics {numerics.dtype!r} computes in {jnp.dtype(dtype).name}, but the cache is "
-            f"{cache['k'].dtype} and the params are {model.embed_tokens[...].dtype}: build them "
-            "with init_cache / inference_params for the same numerics"
-        )
+    _tf._check_inference_inputs(tokens, positions, 1, numerics, cache, model.embed_tokens[...])
     positions = positions.astype(jnp.int32)
     logits, cache = model(tokens[:, None], positions[:, None], cache)
     logits = logits[:, 0].astype(jnp.float32)
@@ -473,16 +464,7 @@ def _prefill(graphdef, inf_params, cache, tokens, positions, numerics):
     transformer.prefill: tokens, positions [B, T] int32, a position >= max_len marks
     padding (its cache write is dropped); DONATES the cache, returns it (no logits)."""
     model = _merge(graphdef, inf_params)
-    _tf._check_tokens(tokens, rank=2)
-    if positions.shape != tokens.shape:
-        raise ValueError(f"tokens {tokens.shape} and positions {positions.shape} must both be [B, T]")
-    dtype = numerics.compute_dtype
-    if cache["k"].dtype != dtype or model.embed_tokens[...].dtype != dtype:
-        raise ValueError(
-            f"numerics {numerics.dtype!r} computes in {jnp.dtype(dtype).name}, but the cache is "
-            f"{cache['k'].dtype} and the params are {model.embed_tokens[...].dtype}: build them "
-            "with init_cache / inference_params for the same numerics"
-        )
+    _tf._check_inference_inputs(tokens, positions, 2, numerics, cache, model.embed_tokens[...])
     _, cache = model.hidden(tokens, positions.astype(jnp.int32), cache)
     return cache
 

@@ -309,6 +309,24 @@ def _check_tokens(tokens: Array, rank: int) -> None:
         raise ValueError(f"tokens must be integer, got {tokens.dtype}")
 
 
+def _check_inference_inputs(tokens: Array, positions: Array, rank: int, numerics: Numerics, cache: Cache,
+                            embed: Array) -> None:
+    """The checks shared by `decode_step` (rank 1: `[B]`) and `prefill` (rank 2: `[B, T]`) of
+    every model family: integer tokens with positions of the same shape, and a cache and
+    params (`embed`, the token embedding) built for `numerics`."""
+    _check_tokens(tokens, rank=rank)
+    if positions.shape != tokens.shape:
+        raise ValueError(f"tokens {tokens.shape} and positions {positions.shape} must both be "
+                         f"{'[B]' if rank == 1 else '[B, T]'}")
+    dtype = numerics.compute_dtype
+    if cache["k"].dtype != dtype or embed.dtype != dtype:
+        raise ValueError(
+            f"numerics {numerics.dtype!r} computes in {jnp.dtype(dtype).name}, but the cache is "
+            f"{cache['k'].dtype} and the params are {embed.dtype}: build them with "
+            "init_cache / inference_params for the same numerics"
+        )
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def forward_logits(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array) -> Array:
     """Learner forward. tokens [B, T] int -> logits [B, T, V] float32.
@@ -412,16 +430,7 @@ def _decode_step(
     NEXT token, noise included; the updated cache).
     """
     model = _merge(graphdef, inf_params)
-    _check_tokens(tokens, rank=1)
-    if positions.shape != tokens.shape:
-        raise ValueError(f"tokens {tokens.shape} and positions {positions.shape} must both be [B]")
-    dtype = numerics.compute_dtype
-    if cache["k"].dtype != dtype or model.embed[...].dtype != dtype:
-        raise ValueError(
-            f"numerics {numerics.dtype!r} computes in {jnp.dtype(dtype).name}, but the cache is "
-            f"{cache['k'].dtype} and the params are {model.embed[...].dtype}: build them with "
-            "init_cache / inference_params for the same numerics"
-        )
+    _check_inference_inputs(tokens, positions, 1, numerics, cache, model.embed[...])
     positions = positions.astype(jnp.int32)
     logits, cache = model(tokens[:, None], positions[:, None], cache)
     # The inference logits leave the engine in float32 (as sampler kernels emit them).
@@ -478,16 +487,7 @@ def _prefill(
     DONATES the cache; returns the updated cache (the logits are not computed).
     """
     model = _merge(graphdef, inf_params)
-    _check_tokens(tokens, rank=2)
-    if positions.shape != tokens.shape:
-        raise ValueError(f"tokens {tokens.shape} and positions {positions.shape} must both be [B, T]")
-    dtype = numerics.compute_dtype
-    if cache["k"].dtype != dtype or model.embed[...].dtype != dtype:
-        raise ValueError(
-            f"numerics {numerics.dtype!r} computes in {jnp.dtype(dtype).name}, but the cache is "
-            f"{cache['k'].dtype} and the params are {model.embed[...].dtype}: build them with "
-            "init_cache / inference_params for the same numerics"
-        )
+    _check_inference_inputs(tokens, positions, 2, numerics, cache, model.embed[...])
     _, cache = model(tokens, positions.astype(jnp.int32), cache)
     return cache
 

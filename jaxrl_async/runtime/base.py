@@ -16,6 +16,9 @@ import os
 import shutil
 from typing import Optional, Protocol
 
+import jax
+import numpy as np
+
 from jaxrl_async import config as config_lib
 from jaxrl_async.core.proximal import Route
 from jaxrl_async.rollout.sampler import RolloutStats, Sampler
@@ -98,3 +101,52 @@ def old_logp_metrics(stats: RolloutStats) -> dict:
     """Sampler-side cost of the interrupt and dedicated routes for one generate call."""
     return {"proximal/sampler_stall_s": stats.old_logp_stall_s,
             "proximal/sampler_forward_passes": float(stats.old_logp_forward_passes)}
+
+
+def sampler_batch_metrics(metas: list[dict], wait_s: float) -> dict:
+    """Runtime metrics of one batch assembled from sampler groups (process and Ray runtimes).
+
+    metas: the sampler metadata of each group (tokens_per_s, weight_switches, gate_wait_s and
+    the `proximal/` costs of the generate call it came from); wait_s: seconds the learner
+    waited for the batch. Returns means over the groups, and the wait.
+    """
+    def mean(key):
+        return float(np.mean([m[key] for m in metas]))
+
+    return {
+        "rollout/tokens_per_s": mean("tokens_per_s"),
+        "rollout/weight_switches": mean("weight_switches"),
+        "perf/learner_wait_s": wait_s,
+        "perf/sampler_gate_wait_s": mean("gate_wait_s"),
+        "perf/sample_s": wait_s,
+        **{k: mean(k) for k in metas[0] if k.startswith("proximal/")},
+    }
+
+
+def group_key(epoch: int, sampler_id: int, batch: int, group: int) -> str:
+    """The queue key of one group: unique per (learner epoch, sampler, batch, group), so a
+    restarted sampler that regenerates its unfinished batch produces the same keys."""
+    return f"e{epoch}-s{sampler_id}-b{batch}-g{group}"
+
+
+def generate_sampler_batch(sampler: Sampler, make_env, config, epoch: int, sampler_id: int, batch: int,
+                           weight_source, gate_wait_s: float) -> tuple[list[list[Trajectory]], dict]:
+    """One generate call of an asynchronous sampler (process or Ray): `runtime.sampler_groups`
+    groups of `rl.group_size` episodes from the sampler's current weights.
+
+    Task seeds and the sampling key derive from (seed, epoch, sampler_id, batch) only, so a
+    restarted sampler regenerates the same batch. Returns the groups and the metadata every
+    group of the batch carries to the learner (`sampler_batch_metrics` reads it).
+    """
+    n, k = config.rl.group_size, config.runtime.sampler_groups
+    rng = np.random.default_rng([config.seed, epoch, sampler_id, batch])
+    seeds = rng.integers(0, config.eval.seed_offset, k)
+    key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
+    trajs, stats = sampler.generate(
+        [make_env() for _ in range(k * n)], np.repeat(seeds, n).tolist(), np.repeat(np.arange(k), n).tolist(),
+        key, weight_source=weight_source, chunk=config.sampler.chunk)
+    meta = {"sampler_id": sampler_id, "batch": batch, "tokens_per_s": stats.tokens_per_s,
+            "gate_wait_s": gate_wait_s, "sample_s": stats.wall_s, "weight_switches": stats.weight_switches,
+            **old_logp_metrics(stats)}
+    return [trajs[g * n:(g + 1) * n] for g in range(k)], meta
+

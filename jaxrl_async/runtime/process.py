@@ -21,10 +21,8 @@ import os
 import time
 from typing import Callable
 
-import numpy as np
-
 from jaxrl_async.runtime import sampler_process
-from jaxrl_async.runtime.base import queue_dir, ring_capacity
+from jaxrl_async.runtime.base import queue_dir, ring_capacity, sampler_batch_metrics
 from jaxrl_async.runtime.spool import TrajectoryQueue
 
 _log = logging.getLogger(__name__)
@@ -117,11 +115,7 @@ class ProcessRuntime:
         trajs = [dataclasses.replace(t, group_id=j) for j, item in enumerate(items) for t in item.trajectories]
         metas = [item.meta for item in items]
         return trajs, {
-            "rollout/tokens_per_s": float(np.mean([m["tokens_per_s"] for m in metas])),
-            "rollout/weight_switches": float(np.mean([m["weight_switches"] for m in metas])),
-            "perf/learner_wait_s": wait,
-            "perf/sampler_gate_wait_s": float(np.mean([m["gate_wait_s"] for m in metas])),
-            "perf/sample_s": wait,
+            **sampler_batch_metrics(metas, wait),
             "queue/depth": float(self.queue.depth()),
             "queue/dropped_stale": float(dropped),
             "queue/dropped_stale_total": float(self.dropped_stale),
@@ -129,7 +123,6 @@ class ProcessRuntime:
             "queue/recovered": float(self.recovered),
             "samplers/restarts_total": float(self.pool.restarts),
             "samplers/hung_restarts": float(self.pool.hung_restarts),
-            **{k: float(np.mean([m[k] for m in metas])) for k in metas[0] if k.startswith("proximal/")},
         }
 
     def published(self, version: int) -> None:

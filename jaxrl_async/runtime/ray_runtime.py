@@ -199,10 +199,6 @@ class Coordinator:
         return status
 
 
-def group_key(epoch: int, sampler_id: int, batch: int, group: int) -> str:
-    return f"e{epoch}-s{sampler_id}-b{batch}-g{group}"
-
-
 class SamplerActor:
     """One sampler on the Ray cluster: `run()` generates under the gate until the coordinator stops it."""
 
@@ -234,13 +230,12 @@ class SamplerActor:
         return os.getpid()
 
     def run(self) -> None:
-        import jax
         import ray
 
-        from jaxrl_async.runtime.base import old_logp_metrics
+        from jaxrl_async.runtime.base import generate_sampler_batch, group_key
 
         config, coord, i = self.config, self.coord, self.i
-        n, k = config.rl.group_size, config.runtime.sampler_groups
+        k = config.runtime.sampler_groups
         inc, batch = ray.get(coord.sampler_started.remote(i))
 
         def newer_weights(_step):
@@ -262,17 +257,10 @@ class SamplerActor:
             gate_wait = time.perf_counter() - t_gate
             v_s, (ref,) = opened
             self.sampler.update_params(self._params(ref), v_s)
-            rng = np.random.default_rng([config.seed, self.epoch, i, batch])
-            seeds = rng.integers(0, config.eval.seed_offset, k)
-            key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
-            trajs, stats = self.sampler.generate(
-                [self.make_env() for _ in range(k * n)], np.repeat(seeds, n).tolist(),
-                np.repeat(np.arange(k), n).tolist(), key, weight_source=newer_weights, chunk=config.sampler.chunk)
-            meta = {"sampler_id": i, "batch": batch, "tokens_per_s": stats.tokens_per_s,
-                    "gate_wait_s": gate_wait, "sample_s": stats.wall_s, "weight_switches": stats.weight_switches,
-                    **old_logp_metrics(stats)}
-            for g in range(k):
-                payload = pickle.dumps(trajs[g * n:(g + 1) * n], protocol=5)
+            groups, meta = generate_sampler_batch(self.sampler, self.make_env, config, self.epoch, i, batch,
+                                                  newer_weights, gate_wait)
+            for g, group in enumerate(groups):
+                payload = pickle.dumps(group, protocol=5)
                 while True:
                     st = ray.get(coord.put.remote(i, inc, batch, g == k - 1, group_key(self.epoch, i, batch, g),
                                                   int(v_s), payload, meta))
@@ -443,6 +431,8 @@ class RayRuntime:
     def next_groups(self, step: int, version: int):
         import ray
 
+        from jaxrl_async.runtime.base import sampler_batch_metrics  # the driver has JAX already
+
         g = self.config.rl.groups_per_step
         rt = self.config.runtime
         t0 = time.perf_counter()
@@ -479,11 +469,7 @@ class RayRuntime:
                  for t in pickle.loads(payload)]
         metas = [meta for _, _, _, meta in items]
         return trajs, {
-            "rollout/tokens_per_s": float(np.mean([m["tokens_per_s"] for m in metas])),
-            "rollout/weight_switches": float(np.mean([m["weight_switches"] for m in metas])),
-            "perf/learner_wait_s": wait,
-            "perf/sampler_gate_wait_s": float(np.mean([m["gate_wait_s"] for m in metas])),
-            "perf/sample_s": wait,
+            **sampler_batch_metrics(metas, wait),
             "queue/depth": float(depth),
             "queue/dropped_stale": float(len(dropped)),
             "queue/dropped_stale_total": float(self.dropped_stale),
@@ -491,7 +477,6 @@ class RayRuntime:
             "queue/recovered": float(self.recovered),
             "samplers/restarts_total": float(self.restarts),
             "samplers/hung_restarts": float(self.hung_restarts),
-            **{k: float(np.mean([m[k] for m in metas])) for k in metas[0] if k.startswith("proximal/")},
         }
 
     def _write_puts(self, puts) -> None:

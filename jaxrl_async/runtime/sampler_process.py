@@ -36,13 +36,11 @@ import signal
 import time
 from typing import Optional
 
-import jax
-import numpy as np
 from ml_collections import config_dict
 
 from jaxrl_async import config as config_lib
 from jaxrl_async.models import transformer as model_lib
-from jaxrl_async.runtime.base import make_sampler, old_logp_metrics, queue_dir, versions_dir
+from jaxrl_async.runtime.base import generate_sampler_batch, group_key, make_sampler, queue_dir, versions_dir
 from jaxrl_async.runtime.spool import Item, TrajectoryQueue
 from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
 
@@ -85,10 +83,6 @@ def ledger_dir(workdir: str) -> str:
     return os.path.join(queue_dir(workdir), "ledger")
 
 
-def _group_key(spec: SamplerSpec, batch: int, group: int) -> str:
-    return f"e{spec.epoch}-s{spec.sampler_id}-b{batch}-g{group}"
-
-
 def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
     """Entry point of one sampler process: generate, queue, repeat until told to stop."""
     # Ctrl-C reaches the whole process group; the learner decides when samplers stop.
@@ -110,7 +104,7 @@ def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
 
 def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queue, make) -> None:
     """Generate groups under the staleness gate and queue them until the learner stops us."""
-    g_total, n = config.rl.groups_per_step, config.rl.group_size
+    g_total = config.rl.groups_per_step
     k = config.runtime.sampler_groups
     bound = config.runtime.max_staleness
     i = spec.sampler_id
@@ -161,19 +155,10 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
             continue
         sampler.update_params(params, v_s)
         shared.loaded_version[i] = v_s
-        rng = np.random.default_rng([config.seed, spec.epoch, i, batch])
-        seeds = rng.integers(0, config.eval.seed_offset, k)
-        key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
-        trajs, stats = sampler.generate(
-            [make() for _ in range(k * n)], np.repeat(seeds, n).tolist(), np.repeat(np.arange(k), n).tolist(),
-            key, weight_source=newer_weights, chunk=config.sampler.chunk)
-        meta = {"sampler_id": i, "batch": batch, "tokens_per_s": stats.tokens_per_s,
-                "gate_wait_s": gate_wait, "sample_s": stats.wall_s, "weight_switches": stats.weight_switches,
-                **old_logp_metrics(stats)}
-        for g in range(k):
-            group = trajs[g * n:(g + 1) * n]
+        groups, meta = generate_sampler_batch(sampler, make, config, spec.epoch, i, batch, newer_weights, gate_wait)
+        for g, group in enumerate(groups):
             # The version the episodes started with: every token of the group is at least as new.
-            key = _group_key(spec, batch, g)
+            key = group_key(spec.epoch, i, batch, g)
             dups = queue.stats["duplicates_dropped"]
             while not queue.put(Item(key, group, v_s, meta), timeout=0.5):
                 if not learner_alive():

@@ -253,3 +253,31 @@ def test_publish_validation(tmp_path):
         VersionStore(str(tmp_path), capacity=0, target=_tree(0))
     assert store.versions() == [4]
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temp dir left behind
+
+
+def test_eviction_while_checking_the_manifest_reads_as_evicted(tmp_path, monkeypatch):
+    """The race CI once hit: the writer evicts a version between the manifest check's size
+    test and its digest of the same file. The reader must see VersionEvicted (choose again),
+    not a FileNotFoundError and not a corrupt version."""
+    from jaxrl_async.learner import checkpoints
+
+    writer = VersionStore(str(tmp_path), capacity=2, target=_tree(0), writer=True)
+    writer.publish(0, _tree(0))
+    reader = VersionStore(str(tmp_path), capacity=2, target=_tree(0), cache_size=0)
+    real_digest = checkpoints._digest
+
+    fired = []
+
+    def evict_then_digest(path):
+        if not fired:  # once: the writer's own manifests digest files too
+            fired.append(path)
+            writer.publish(1, _tree(1))
+            writer.publish(2, _tree(2))  # evicts 0 (capacity 2)
+        return real_digest(path)
+
+    monkeypatch.setattr(checkpoints, "_digest", evict_then_digest)
+    with pytest.raises(VersionEvicted) as info:
+        reader.get(0)
+    assert fired and "v_00000000" in fired[0]
+    assert not isinstance(info.value, VersionCorrupt)
+    assert reader.stats["corrupt"] == 0

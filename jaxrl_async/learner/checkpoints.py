@@ -73,14 +73,16 @@ def check_manifest(directory: str, required: bool = True) -> Optional[str]:
         return f"{path} is unreadable: {e}"
     for rel, (size, digest) in sorted(files.items()):
         full = os.path.join(directory, rel)
+        # The directory can be renamed away between any two calls (a ring-buffer version
+        # evicted while a sampler checks it): every file access may find nothing.
         try:
             actual = os.path.getsize(full)
+            if actual != size:
+                return f"{full} has {actual} bytes, {size} when it was written (truncated or overwritten)"
+            if _digest(full) != digest:
+                return f"{full} does not match its SHA-256 recorded when it was written (corrupted)"
         except OSError:
             return f"{full} is missing"
-        if actual != size:
-            return f"{full} has {actual} bytes, {size} when it was written (truncated or overwritten)"
-        if _digest(full) != digest:
-            return f"{full} does not match its SHA-256 recorded when it was written (corrupted)"
     return None
 
 

@@ -305,9 +305,6 @@ def _validate_model_family(given: dict) -> None:
             raise ValueError(f"config.model.d_model ({given['model.d_model']}) must be divisible by "
                              f"config.model.n_heads ({given['model.n_heads']})")
     else:
-        if given["runtime.mode"] != "inline":
-            raise ValueError(f"config.model.family={family!r} runs with runtime.mode='inline' only for now "
-                             f"(the sampler processes build the transformer); got runtime.mode={given['runtime.mode']!r}")
         if ckpt and given["task.format"] != "chat":
             raise ValueError("config.model.checkpoint needs task.format='chat' (a pretrained model reads its "
                              "own tokenizer's ids, not the word vocabulary)")
@@ -440,6 +437,13 @@ def init_params(config, model_config=None):
         if loaded.config != model_config:
             raise ValueError(f"config.model.checkpoint: loaded {loaded.config} differs from {model_config}")
         return loaded.graphdef, loaded.params
+    return model_module(model_config).init_model(model_config, config.seed)
+
+
+def model_structure(config, model_config=None):
+    """(graphdef, params) with the run's model structure and random values, without reading
+    checkpoint weights: what a sampler or scorer needs before its first version arrives."""
+    model_config = model_config or model_config_from(config)
     return model_module(model_config).init_model(model_config, config.seed)
 
 

@@ -88,9 +88,9 @@ def test_hf_family_validation_names_fields():
     c.model.num_kv_heads = 3
     with pytest.raises(ValueError, match=r"model\.num_kv_heads"):
         config_lib.validate(c)
-    c = _load("qwen3_tiny")
-    c.runtime.mode = "process"
-    with pytest.raises(ValueError, match=r"model\.family.*runtime\.mode"):
+    for mode in ("process", "ray"):  # every runtime runs the HF families
+        c = _load("qwen3_tiny")
+        c.runtime.mode = mode
         config_lib.validate(c)
     c = _load("qwen3_tiny")
     c.model.max_len = 256
@@ -184,3 +184,32 @@ def test_hf_checkpoint_loads_through_model_checkpoint_and_trains(tmp_path):
         assert int(cluster.state.version) == 1
     finally:
         cluster.close()
+
+
+@pytest.mark.slow
+def test_hf_checkpoint_trains_on_the_process_runtime_with_the_dedicated_scorer(tmp_path):
+    """A Qwen3 checkpoint through sampler processes and the dedicated old-log-prob scorer:
+    both build the Qwen3 structure (not the word transformer) and take the learner's
+    published versions; the exact old log-probs reach the loss."""
+    from jaxrl_async.train import train_and_evaluate
+
+    path, _ = _tiny_qwen3(tmp_path)
+    c = _short(_load("qwen3_tiny"), steps=3)
+    c.model.checkpoint = path
+    c.model.max_len = 512
+    c.warmstart.enabled = False
+    c.runtime.mode = "process"
+    c.runtime.num_samplers = 1
+    c.runtime.sampler_groups = 2
+    c.runtime.max_staleness = 1
+    c.proximal.source = "dedicated"
+    c.train.eval_every = 3
+    workdir = str(tmp_path / "run")
+    summary = train_and_evaluate(c, workdir, progress=False)
+    assert summary["steps"] == 3
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train = [r for r in rows if "loss/policy" in r]
+    assert len(train) == 3 and all(math.isfinite(r["loss/policy"]) for r in train)
+    assert all(r["train/skipped_nonfinite"] == 0 for r in train)
+    assert max(r["staleness/max"] for r in train) <= 1
+    assert all(r["queue/taken_total"] > 0 for r in train[-1:])

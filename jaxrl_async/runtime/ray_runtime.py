@@ -207,12 +207,11 @@ class SamplerActor:
         from ml_collections import config_dict
 
         from jaxrl_async import config as config_lib
-        from jaxrl_async.models import transformer as model_lib
         from jaxrl_async.runtime.base import make_sampler
 
         self.config = config_dict.ConfigDict(json.loads(config_json))
         self.workdir, self.i, self.epoch, self.coord = workdir, sampler_id, epoch, coordinator
-        graphdef, target = model_lib.init_model(config_lib.model_config_from(self.config), self.config.seed)
+        graphdef, target = config_lib.model_structure(self.config)  # weights come from the object store
         self.treedef = jax.tree.structure(target)
         rows = self.config.runtime.sampler_groups * self.config.rl.group_size
         # The dedicated route's scorer is a subprocess of this actor reading the on-disk ring buffer.

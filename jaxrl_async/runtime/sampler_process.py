@@ -39,7 +39,6 @@ from typing import Optional
 from ml_collections import config_dict
 
 from jaxrl_async import config as config_lib
-from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.runtime.base import generate_sampler_batch, group_key, make_sampler, queue_dir, versions_dir
 from jaxrl_async.runtime.spool import Item, TrajectoryQueue
 from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
@@ -89,7 +88,7 @@ def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = config_dict.ConfigDict(json.loads(spec.config_json))
     model_config = config_lib.model_config_from(config)
-    graphdef, target = model_lib.init_model(model_config, config.seed)
+    graphdef, target = config_lib.model_structure(config, model_config)  # weights come from the ring buffer
     store = VersionStore(versions_dir(spec.workdir), spec.ring_capacity, target)
     queue = TrajectoryQueue(queue_dir(spec.workdir), spec.queue_capacity)
     rows = config.runtime.sampler_groups * config.rl.group_size

@@ -42,6 +42,12 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers==5.24.0",
     ],
+    # NVIDIA GPUs: the CUDA 12 plugin of the pinned jax (`pip install -e '.[cuda12]'`); the
+    # with-cuda extra pulls the CUDA libraries as wheels, no system CUDA needed. Same version as jax.
+    "cuda12": [
+        "jax-cuda12-plugin[with-cuda]==0.10.2",
+        "jax-cuda12-pjrt==0.10.2",
+    ],
     # runtime.mode="ray": sampler actors on a Ray cluster (jaxrl_async/runtime/ray_runtime.py).
     "ray": [
         "ray==2.60.0",

@@ -15,12 +15,16 @@ Ray ones (docs/design.md section 4.8):
   keys the learner took). It is one actor, so every call is atomic: the gate counts exactly.
   A restarted sampler asks it for its `batches_done` and regenerates its unfinished batch
   under the same keys; a key that is waiting or already taken is dropped as a duplicate.
+- Learner resume: the buffer lives in the coordinator's memory and dies with the learner, so
+  instead of persisting groups the runtime persists which keys the learner has taken. After
+  each take it writes `WORKDIR/queue/ray/state-<v>.json` (the state a checkpoint at learner
+  version `v` includes: per sampler the first batch not wholly taken, the keys taken beyond it,
+  and the key epoch); a learner resumed from checkpoint `v` restarts every sampler at that
+  batch under the same keys. Groups waiting in the lost coordinator or taken after the
+  checkpoint are therefore regenerated (same keys, same task seeds and sampling keys, current
+  weights), and groups taken before the checkpoint are never generated again.
 - Close: stop flag, a short grace for the actors to return, then `ray.kill` of every actor,
   and `ray.shutdown()` if this runtime started the cluster.
-
-Not (yet) here: the buffer lives in the coordinator's memory, so a learner crash loses the
-groups waiting in it (a resumed run starts a new epoch with fresh keys; nothing trained is
-repeated, `queue/recovered` is 0).
 """
 
 from __future__ import annotations
@@ -42,6 +46,35 @@ NAMESPACE = "jaxrl_async"
 _POLL_S = 0.02
 
 
+def state_dir(workdir: str) -> str:
+    """Where the taken-key state for each checkpointable learner version goes (`state-<v>.json`)."""
+    return os.path.join(workdir, "queue", "ray")
+
+
+def state_path(workdir: str, version: int) -> str:
+    return os.path.join(state_dir(workdir), f"state-{int(version)}.json")
+
+
+def _parse_key(key: str) -> tuple[int, int, int, int]:
+    """`e<epoch>-s<sampler>-b<batch>-g<group>` -> (epoch, sampler, batch, group)."""
+    e, s, b, g = key.split("-")
+    return int(e[1:]), int(s[1:]), int(b[1:]), int(g[1:])
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a machine crash
+    finally:
+        os.close(fd)
+
+
 def ledger_dir(workdir: str) -> str:
     """Where the learner's and the samplers' group records go (`base.queue_dir(workdir)/ledger`, as in
     the process runtime; this module imports nothing heavy, so the coordinator actor starts fast)."""
@@ -56,13 +89,17 @@ class Coordinator:
     group it finished, but never changes the accounting of its successor.
     """
 
-    def __init__(self, num_samplers: int, groups_per_step: int, bound: int, capacity: int):
+    def __init__(self, num_samplers: int, groups_per_step: int, bound: int, capacity: int,
+                 batches_done: Optional[list] = None, consumed: tuple = ()):
+        """batches_done, consumed: a resumed learner's taken-key state (`RayRuntime._restore`): the batch
+        each sampler starts at, and the keys of later batches the checkpoint already includes."""
         self.g, self.bound, self.capacity = groups_per_step, bound, capacity
         self.next_version = 0  # version of the learner's next batch
         self.latest: Optional[tuple[int, list]] = None  # (version, [ObjectRef of its numpy leaves])
         self.inflight = [0] * num_samplers  # groups each sampler has claimed and not yet put
         self.taken = 0  # groups taken for the batch the learner is assembling
-        self.batches_done = [0] * num_samplers
+        self.batches_done = list(batches_done) if batches_done is not None else [0] * num_samplers
+        self.pid = [0] * num_samplers
         self.incarnation = [0] * num_samplers
         self.heartbeat = [0.0] * num_samplers
         self.started_at = [0.0] * num_samplers
@@ -70,7 +107,7 @@ class Coordinator:
         self.loaded = [-1] * num_samplers
         self.buffer: dict[str, tuple] = {}  # key -> (start_version, seq, payload, meta)
         self.seq = 0
-        self.consumed: set[str] = set()  # keys handed to the learner (trained or dropped as stale)
+        self.consumed: set[str] = set(consumed)  # keys handed to the learner (trained or dropped as stale)
         self.puts: list[tuple] = []  # (key, start_version, new, t) since the last drain
         self.stopped = False
         self.stats = dict(put=0, duplicates_dropped=0, taken=0, dropped_stale=0)
@@ -121,7 +158,8 @@ class Coordinator:
     def status(self) -> dict:
         now = time.time()
         return {"depth": len(self.buffer), "next_version": self.next_version, "stats": dict(self.stats),
-                "samplers": [{"id": i, "inflight": self.inflight[i], "batches_done": self.batches_done[i],
+                "samplers": [{"id": i, "pid": self.pid[i], "inflight": self.inflight[i],
+                              "batches_done": self.batches_done[i],
                               "loaded_version": self.loaded[i], "ready": self.ready[i],
                               "incarnation": self.incarnation[i],
                               "silent_s": now - max(self.heartbeat[i], self.started_at[i])}
@@ -135,9 +173,10 @@ class Coordinator:
 
     # -- sampler side ---------------------------------------------------------------
 
-    def sampler_started(self, i: int) -> tuple[int, int]:
-        """A (re)started sampler: (its incarnation, the batch to generate next)."""
+    def sampler_started(self, i: int, pid: int = 0) -> tuple[int, int]:
+        """A (re)started sampler (`pid`: its worker process): (its incarnation, the batch to generate next)."""
         self.incarnation[i] += 1
+        self.pid[i] = int(pid)
         self.inflight[i] = 0
         self.ready[i] = False
         self.started_at[i] = time.time()
@@ -226,6 +265,8 @@ class SamplerActor:
         return jax.tree.unflatten(self.treedef, [jnp.asarray(x) for x in ray.get(ref)])
 
     def ping(self) -> int:
+        """The actor's worker pid. Answered only while `run` is not executing (one call at a time):
+        during a run the coordinator's `status()` has it (`samplers[i]["pid"]`)."""
         return os.getpid()
 
     def run(self) -> None:
@@ -235,7 +276,7 @@ class SamplerActor:
 
         config, coord, i = self.config, self.coord, self.i
         k = config.runtime.sampler_groups
-        inc, batch = ray.get(coord.sampler_started.remote(i))
+        inc, batch = ray.get(coord.sampler_started.remote(i, os.getpid()))
 
         def newer_weights(_step):
             got = ray.get(coord.newer.remote(i, inc, self.sampler.version))
@@ -311,6 +352,11 @@ class RayRuntime:
         self.recovered = 0
         self._ledger = None
         self._puts = None
+        # Taken-key state (see `_restore`): the key epoch, and per sampler the first batch not wholly
+        # taken and the groups taken of later batches.
+        self.key_epoch = epoch
+        self.frontier = [0] * self.num
+        self.partial: list[dict[int, set]] = [{} for _ in range(self.num)]
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -328,7 +374,7 @@ class RayRuntime:
 
         cls = ray.remote(SamplerActor).options(name=f"sampler-e{self.epoch}-{i}-{os.getpid()}-{id(self):x}",
                                                **self._actor_options())
-        return cls.remote(self.config.to_json(), self.workdir, i, self.epoch, self.coord)
+        return cls.remote(self.config.to_json(), self.workdir, i, self.key_epoch, self.coord)
 
     def start(self, version: int) -> None:
         import ray
@@ -344,13 +390,67 @@ class RayRuntime:
         os.makedirs(ledger_dir(self.workdir), exist_ok=True)
         self._ledger = open(os.path.join(ledger_dir(self.workdir), "learner.jsonl"), "a")
         self._puts = open(os.path.join(ledger_dir(self.workdir), f"put-ray-e{self.epoch}.jsonl"), "a")
+        os.makedirs(state_dir(self.workdir), exist_ok=True)
+        self._restore(int(version))
+        consumed = [f"e{self.key_epoch}-s{i}-b{b}-g{g}" for i in range(self.num)
+                    for b, groups in self.partial[i].items() for g in groups]
         self.coord = ray.remote(Coordinator).options(num_cpus=0, namespace=NAMESPACE).remote(
-            self.num, self.config.rl.groups_per_step, self.bound, self.capacity)
+            self.num, self.config.rl.groups_per_step, self.bound, self.capacity, list(self.frontier), consumed)
         ray.get(self.coord.set_next_version.remote(int(version)))
         self._publish(int(version))
         self.slots = [_Slot(self._spawn(i)) for i in range(self.num)]
         for i in range(self.num):
             self._submit(i)
+
+    def _restore(self, version: int) -> None:
+        """The taken-key state a learner resumed at `version` continues from (`state-<version>.json`,
+        written when the batch before that checkpoint was taken): every sampler restarts at its first
+        batch not wholly taken, under the same key epoch, so the groups the lost coordinator held or
+        the lost steps took are regenerated under their keys and nothing the checkpoint includes is."""
+        k = self.config.runtime.sampler_groups
+        if version == 0:
+            return  # a fresh run: keys of this epoch from batch 0
+        path = state_path(self.workdir, version)
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            self._warn(f"ray runtime: no taken-key state for learner version {version} ({type(e).__name__}: "
+                       f"{path}); the resumed run generates new groups under key epoch {self.epoch}, and groups "
+                       f"taken after that checkpoint are not regenerated")
+            return
+        if state["sampler_groups"] != k:
+            self._warn(f"ray runtime: runtime.sampler_groups changed from {state['sampler_groups']} to {k}; the "
+                       f"resumed run generates new groups under key epoch {self.epoch}")
+            return
+        if len(state["next_batch"]) > self.num:
+            self._warn(f"ray runtime: {len(state['next_batch'])} samplers before the resume, {self.num} now: the "
+                       f"unfinished groups of samplers {self.num}.. are not regenerated")
+        self.key_epoch = int(state["key_epoch"])
+        for i, b in enumerate(state["next_batch"][:self.num]):
+            self.frontier[i] = int(b)
+        for key in state["consumed"]:
+            _, i, b, g = _parse_key(key)
+            if i < self.num:
+                self.partial[i].setdefault(b, set()).add(g)
+
+    def _taken(self, keys, version_after: int) -> None:
+        """Moves the taken-key state on by `keys` (trained or dropped) and writes it for a checkpoint
+        at `version_after` (before the update, so it is on disk before any checkpoint that includes it)."""
+        k = self.config.runtime.sampler_groups
+        for key in keys:
+            e, i, b, g = _parse_key(key)
+            if e != self.key_epoch or i >= self.num or b < self.frontier[i]:
+                continue  # not a key this run generates (cannot happen: the coordinator admits no such put)
+            self.partial[i].setdefault(b, set()).add(g)
+            while len(self.partial[i].get(self.frontier[i], ())) >= k:
+                del self.partial[i][self.frontier[i]]
+                self.frontier[i] += 1
+        _write_json_atomic(state_path(self.workdir, version_after), {
+            "version": int(version_after), "epoch": self.epoch, "key_epoch": self.key_epoch,
+            "sampler_groups": k, "next_batch": list(self.frontier),
+            "consumed": sorted(f"e{self.key_epoch}-s{i}-b{b}-g{g}" for i in range(self.num)
+                               for b, groups in self.partial[i].items() for g in groups)})
 
     def _submit(self, i: int) -> None:
         slot = self.slots[i]
@@ -419,7 +519,8 @@ class RayRuntime:
         return hung
 
     def wait_status(self, step: int, waited_s: float, have: int, status: dict) -> str:
-        parts = [f"sampler {s['id']}: {'ready' if s['ready'] else 'starting'}, {s['inflight']} groups in flight, "
+        parts = [f"sampler {s['id']} (pid {s['pid']}): {'ready' if s['ready'] else 'starting'}, "
+                 f"{s['inflight']} groups in flight, "
                  f"{s['batches_done']} batches done, loaded version {s['loaded_version']}, "
                  f"last heartbeat {s['silent_s']:.1f} s ago" for s in status["samplers"]]
         return (f"learner waiting {waited_s:.0f} s for step {step}: {have}/{self.config.rl.groups_per_step} groups, "
@@ -456,6 +557,7 @@ class RayRuntime:
                     next_log = now + rt.wait_log_s
                 time.sleep(_POLL_S)
         ray.get(self.coord.end_batch.remote(version))
+        self._taken([key for key, _, _, _ in items] + [key for key, _ in dropped], version + 1)
         self.dropped_stale += len(dropped)
         self.taken_total += len(items) + len(dropped)
         self._ledger.write(json.dumps({
@@ -488,7 +590,14 @@ class RayRuntime:
         self._publish(int(version))
 
     def checkpointed(self, step: int) -> None:
-        del step  # the buffer is in memory: nothing to release
+        # Keep the taken-key state of every retained checkpoint (a resume may fall back past a corrupt
+        # newest one) and of versions not reached yet; the rest is void.
+        ckdir = os.path.join(self.workdir, "checkpoints")
+        retained = {int(d) for d in os.listdir(ckdir) if d.isdigit()} if os.path.isdir(ckdir) else set()
+        for name in os.listdir(state_dir(self.workdir)):
+            v = name[len("state-"):-len(".json")] if name.startswith("state-") and name.endswith(".json") else ""
+            if v.isdigit() and int(v) < step and int(v) not in retained:
+                os.remove(os.path.join(state_dir(self.workdir), name))
 
     def close(self, grace_s: float = 5.0) -> None:
         """Stops the samplers (a short grace to return, then `ray.kill`), the coordinator, and the

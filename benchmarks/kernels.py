@@ -1,7 +1,8 @@
 """Micro and system benchmarks: the loss, decoding, the learner, async against sync.
 
 Each section prints a table with the machine and settings and a ratio against a baseline
-measured in the same run; `--json` writes everything to a file.
+measured in the same run; `--json` writes everything to a file (sections not run keep their
+previous results there).
 
     .venv/bin/python -m benchmarks.kernels [--json=runs/bench_kernels.json] [--sections=loss,decode]
 """
@@ -284,6 +285,137 @@ def bench_async_vs_sync(steps: int) -> dict:
     return out
 
 
+def _handoff_sampler(config_json: str, versions: str, capacity: int, slot_name, ready, out) -> None:
+    """A sampler process of the hand-off benchmark: polls for a newer version as a sampler does between
+    decode chunks (here every 0.5 ms, so the wait for a chunk boundary is left out), takes it (shared
+    slot, else the ring buffer), loads it into its sampler (inference numerics) and reports
+    (version, time.monotonic() of that first use). Exits when the learner puts None in `ready`'s place."""
+    import json as json_lib
+
+    from ml_collections import config_dict
+
+    from jaxrl_async import config as config_lib
+    from jaxrl_async.runtime.base import make_sampler
+    from jaxrl_async.runtime.handoff import WeightSlot, WeightSource
+    from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
+
+    config = config_dict.ConfigDict(json_lib.loads(config_json))
+    graphdef, target = config_lib.model_structure(config, config_lib.model_config_from(config))
+    slot = WeightSlot.attach(slot_name, target) if slot_name else None
+    source = WeightSource(VersionStore(versions, capacity, target), slot)
+    sampler, _ = make_sampler(config, graphdef, os.path.dirname(versions), 1)
+    loaded = -1
+    while not ready.is_set():
+        latest = source.latest_version()
+        if latest is not None and latest > loaded:
+            try:
+                params = source.get(latest)
+            except VersionEvicted:
+                continue
+            sampler.update_params(params, latest)
+            jax.block_until_ready(sampler.inf_params)
+            out.put((latest, time.monotonic(), source.stats["slot_reads"], source.stats["disk_reads"]))
+            loaded = latest
+        else:
+            time.sleep(0.0005)
+    source.close()
+
+
+def bench_handoff(versions: int = 15) -> dict:
+    """Weight hand-off, default model on this host: publish of a version to its first use by a
+    sampler process, through the shared-memory slot (shipped: Orbax write in the background) and
+    through the ring buffer only (the old path: synchronous Orbax save + SHA-256 manifest, the
+    sampler restores from disk), in the same run, with the learner step of the same run.
+
+    One learner (RLCluster, process runtime, random batches of the default shape) alternates an
+    update and a publish; after each publish it waits for the sampler process to report the
+    version before the next update, so sampler and learner do not compete for cores while timed.
+    """
+    import multiprocessing as mp
+
+    from jaxrl_async.cluster import RLCluster
+    from jaxrl_async.config import base_config
+    from jaxrl_async.learner.mesh import shard_rows
+    from jaxrl_async.rollout.trajectory import Batch
+    from jaxrl_async.runtime.versions import VersionStore
+
+    ctx = mp.get_context("spawn")
+    c = base_config()
+    c.warmstart.enabled = False
+    c.runtime.mode = "process"
+    out = {"versions": versions}
+    with tempfile.TemporaryDirectory() as workdir:
+        cluster = RLCluster(c, workdir, log=lambda *a: None)
+        try:
+            b, t = c.rl.groups_per_step * c.rl.group_size, cluster.model_config.max_len
+            rng = np.random.default_rng(0)
+            batch = Batch(tokens=rng.integers(4, cluster.model_config.vocab_size, (b, t)).astype(np.int32),
+                          loss_mask=np.ones((b, t), bool), behav_logp=np.full((b, t), -2.0, np.float32),
+                          versions=np.zeros((b, t), np.int32),
+                          advantages=rng.normal(0, 1, (b, t)).astype(np.float32),
+                          prox_logp=np.full((b, t), -2.0, np.float32))
+            sb = shard_rows(batch, cluster.mesh)
+            cluster.state, m = cluster.update(cluster.state, sb, jax.random.key(0))  # compile
+            jax.block_until_ready(m)
+            capacity = cluster.store.capacity
+            disk_dir = os.path.join(workdir, "disk_path", "versions")
+            disk_store = VersionStore(disk_dir, capacity, cluster.state.params, writer=True)
+            for path in ("disk", "shm"):
+                if path == "disk":
+                    disk_store.publish(int(cluster.state.version), cluster.state.params)
+                else:
+                    cluster.publish(int(cluster.state.version))
+                stop, q = ctx.Event(), ctx.Queue()
+                proc = ctx.Process(target=_handoff_sampler, daemon=True, args=(
+                    c.to_json(), disk_dir if path == "disk" else cluster.store.directory, capacity,
+                    cluster.handoff.name if path == "shm" else None, stop, q))
+                proc.start()
+                first = q.get(timeout=300)  # the sampler is up, with the version published before the loop
+                assert first[0] == int(cluster.state.version), first
+                steps, publish, waits, latency, reads = [], [], [], [], None
+                for i in range(versions):
+                    t0 = time.perf_counter()
+                    cluster.state, m = cluster.update(cluster.state, sb, jax.random.key(i + 1))
+                    jax.block_until_ready(m)
+                    steps.append(time.perf_counter() - t0)
+                    v = int(cluster.state.version)
+                    w0 = cluster.store.stats["publish_wait_s"]
+                    t_pub = time.monotonic()
+                    if path == "shm":
+                        cluster.publish(v)
+                    else:
+                        disk_store.publish(v, cluster.state.params)  # the old publish, synchronous
+                    publish.append(time.monotonic() - t_pub)
+                    waits.append(cluster.store.stats["publish_wait_s"] - w0)
+                    while True:
+                        got = q.get(timeout=120)
+                        if got[0] == v:
+                            break
+                    latency.append(got[1] - t_pub)
+                    reads = got[2:]
+                stop.set()
+                proc.join(30)
+                cluster.store.flush()
+                out[path] = {"latency_ms": 1e3 * float(np.median(latency)),
+                             "latency_max_ms": 1e3 * float(np.max(latency)),
+                             "publish_ms": 1e3 * float(np.median(publish)),
+                             # Of which waiting for the previous background write (one in flight at most).
+                             "publish_wait_ms": 1e3 * float(np.median(waits)),
+                             "learner_step_ms": 1e3 * float(np.median(steps)),
+                             "sampler_slot_reads": reads[0], "sampler_disk_reads": reads[1]}
+        finally:
+            cluster.close()
+    shm, disk = out["shm"], out["disk"]
+    # The learner step of the run: both halves ran the same update on the same batch.
+    step_ms = float(np.median([shm["learner_step_ms"], disk["learner_step_ms"]]))
+    out.update(latency_ms=shm["latency_ms"], disk_latency_ms=disk["latency_ms"], learner_step_ms=step_ms,
+               publish_ms=shm["publish_ms"], disk_publish_ms=disk["publish_ms"],
+               latency_vs_learner_step=shm["latency_ms"] / step_ms,
+               disk_latency_vs_learner_step=disk["latency_ms"] / step_ms,
+               speedup_vs_disk=disk["latency_ms"] / shm["latency_ms"])
+    return out
+
+
 def _print_loss(res):
     res["loss"] = r = bench_loss(256, 512)
     print(f"policy_loss forward+backward, jitted, [B, T] = {r['shape']}; baseline rlax.clipped_surrogate_pg_loss")
@@ -342,8 +474,23 @@ def _print_async(res, steps: int):
           f"{r['ideal_overlap_bound']:.2f} |\n")
 
 
+def _print_handoff(res):
+    res["handoff"] = r = bench_handoff()
+    print(f"weight hand-off, default model, {r['versions']} versions: publish to first use by a sampler process "
+          f"(median); baseline the ring buffer on disk only")
+    print("| path | publish to first use ms | max ms | learner critical path ms | vs disk | vs learner step |\n"
+          "|---|---|---|---|---|---|")
+    print(f"| ring buffer only (Orbax save + SHA-256, sampler restores) | {r['disk_latency_ms']:.2f} | "
+          f"{r['disk']['latency_max_ms']:.2f} | {r['disk_publish_ms']:.2f} | 1.00 | "
+          f"{r['disk_latency_vs_learner_step']:.3f} |")
+    print(f"| shared-memory slot (Orbax in the background) | {r['latency_ms']:.2f} | {r['shm']['latency_max_ms']:.2f} | "
+          f"{r['publish_ms']:.2f} | {1 / r['speedup_vs_disk']:.3f} | {r['latency_vs_learner_step']:.3f} |")
+    print(f"learner step (same run, median): {r['learner_step_ms']:.1f} ms; of the slot path's critical path, "
+          f"{r['shm']['publish_wait_ms']:.2f} ms (median) waiting for the previous background Orbax write\n")
+
+
 SECTIONS = {"loss": _print_loss, "decode": _print_decode, "learner": _print_learner,
-            "learner_variants": _print_learner_variants, "async": _print_async}
+            "learner_variants": _print_learner_variants, "async": _print_async, "handoff": _print_handoff}
 
 
 def run(json_path: str = "runs/bench_kernels.json", async_steps: int = 20, sections=tuple(SECTIONS)) -> dict:
@@ -362,8 +509,16 @@ def run(json_path: str = "runs/bench_kernels.json", async_steps: int = 20, secti
     res["peak_rss_mib"] = peak_rss_mib()
     print(f"peak resident memory of this process: {res['peak_rss_mib']:.0f} MiB")
     os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    # Sections not run this time keep their last results (e.g. `decode` after `--sections=handoff`).
+    try:
+        with open(json_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = {}
+    merged = {**old, **res}
+    merged["machine_by_section"] = {**old.get("machine_by_section", {}), **{name: res["machine"] for name in sections}}
     with open(json_path, "w") as f:
-        json.dump(res, f, indent=2)
+        json.dump(merged, f, indent=2)
     return res
 
 

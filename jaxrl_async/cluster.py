@@ -39,6 +39,7 @@ from jaxrl_async.rollout.evaluate import evaluate, rollout_metrics
 from jaxrl_async.rollout.trajectory import Batch, Trajectory, collate
 from jaxrl_async.runtime import base as runtime_base
 from jaxrl_async.runtime.base import Runtime
+from jaxrl_async.runtime.handoff import WeightSlot
 from jaxrl_async.runtime.inline import InlineRuntime
 from jaxrl_async.runtime.process import ProcessRuntime
 from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
@@ -121,7 +122,9 @@ class RLCluster:
       state: the learner's `TrainState` (replicated on the mesh); meta: checkpoint metadata
         (evaluations, counters, `epoch` = how many times this run has (re)started).
       start_step: the RL step this run continues from (0 for a fresh run).
-      store: the parameter-version ring buffer; route: the `ProximalRoute`; update: the
+      store: the parameter-version ring buffer (written in the background); handoff: the
+        shared-memory `WeightSlot` the process runtime's samplers take new versions from
+        (None for the other runtimes); route: the `ProximalRoute`; update: the
         jitted RL update; runtime: the `Runtime` (inline or process); checkpoints.
     """
 
@@ -149,8 +152,11 @@ class RLCluster:
         start: Optional[int] = restored[0] if restored is not None else None
         if start is None:
             runtime_base.reset_dirs(workdir)
+        # Background writes: the learner hands the version over and goes on; the disk write (Orbax save,
+        # SHA-256 manifest, rename) overlaps the next step. The process runtime's samplers take new
+        # versions from shared memory (self.handoff), not from disk.
         self.store = VersionStore(runtime_base.versions_dir(workdir), runtime_base.ring_capacity(config),
-                                  init_params, writer=True)
+                                  init_params, writer=True, background=True)
         if start is not None:
             _, state, meta = restored
             # Versions published after the checkpoint belong to the lost future; the ring buffer
@@ -171,6 +177,11 @@ class RLCluster:
                 meta.update(ws_metrics)
                 state = learner_lib.create_train_state(params, self.optimizer, ewma=ewma)
             self.store.publish(0, state.params)
+        self.store.flush()  # the version the run starts from is on disk before any reader starts
+        self.handoff: Optional[WeightSlot] = None
+        if config.runtime.mode == "process":
+            self.handoff = WeightSlot.create(state.params)
+            self.handoff.write(int(state.version), state.params)
         # One more (re)start of this run. The counter file also counts restarts that resumed from the
         # same checkpoint (a learner killed before its next save), so queue keys never repeat.
         meta["epoch"] = max(meta["epoch"], _read_epoch(workdir) if restored is not None else -1) + 1
@@ -200,7 +211,8 @@ class RLCluster:
             from jaxrl_async.runtime.ray_runtime import RayRuntime  # ray is an optional extra
 
             return RayRuntime(config, self.workdir, self.meta["epoch"], self.store, log=self.log)
-        return ProcessRuntime(config, self.workdir, self.meta["epoch"], self.start_step or None, log=self.log)
+        return ProcessRuntime(config, self.workdir, self.meta["epoch"], self.start_step or None, log=self.log,
+                              handoff=self.handoff.name)
 
     def train_step(self, step: int) -> dict:
         """One RL step: a batch from the runtime, its proximal log-probs, the update, the new version.
@@ -215,17 +227,30 @@ class RLCluster:
         batch, prox_metrics = self.route(self.state, host, v)
         self.state, metrics = self.update(self.state, batch, jax.random.fold_in(self.k_update, step),
                                           self.route.ewma_beta)
-        self.store.publish(v + 1, self.state.params)  # publish copies: the next update donates these buffers
+        t_publish = self.publish(v + 1)
         self.runtime.published(v + 1)
         metrics = {k: float(x) for k, x in jax.device_get(metrics).items()}  # one transfer for all metrics
         self._guard_nonfinite(step, metrics, host, trajs)
         metrics.update(rollout_metrics(trajs, v, self.runtime.bound))
         metrics.update(info)
         metrics.update(prox_metrics)
+        metrics["perf/publish_s"] = t_publish
         metrics["perf/train_s"] = time.perf_counter() - t_data
         metrics["perf/step_s"] = time.perf_counter() - t0
         metrics["perf/learner_steps_per_s"] = 1.0 / metrics["perf/step_s"]
         return metrics
+
+    def publish(self, version: int) -> float:
+        """Publishes the current params as `version`: into the shared weight slot (the process
+        runtime's samplers take it from there: one memory copy) and into the ring buffer (a copy
+        now, the disk write on the store's background thread). Returns the seconds it took, the
+        hand-off's share of the learner's step."""
+        jax.block_until_ready(self.state.params)  # the update's own compute is not the hand-off's
+        t0 = time.perf_counter()
+        if self.handoff is not None:
+            self.handoff.write(version, self.state.params)
+        self.store.publish(version, self.state.params)  # copies: the next update donates these buffers
+        return time.perf_counter() - t0
 
     def _guard_nonfinite(self, step: int, metrics: dict, host: Batch, trajs: list[Trajectory]) -> None:
         """Counts updates the learner skipped for a non-finite loss or gradient; stops the run after
@@ -262,8 +287,16 @@ class RLCluster:
         self.runtime.checkpointed(step)
 
     def close(self) -> None:
-        """Stops the runtime (samplers first), then closes the checkpoints."""
+        """Stops the runtime (samplers first), waits for the ring buffer's last background write
+        (raising its error, if any), then closes the checkpoints and removes the weight slot."""
         try:
             self.runtime.close()
         finally:
-            self.checkpoints.close()
+            try:
+                self.store.close()
+            finally:
+                try:
+                    self.checkpoints.close()
+                finally:
+                    if self.handoff is not None:
+                        self.handoff.close()

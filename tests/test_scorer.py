@@ -48,7 +48,8 @@ def ring(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scorer(ring):
     """One scorer process for the module (started first: it imports JAX while we compile)."""
-    s = LogProbScorer().start(ring[0], 4, CFG, seed=0, warmup_rows=B)
+    # A short wait for versions not yet on disk: test_..._unknown_versions asks for one never published.
+    s = LogProbScorer().start(ring[0], 4, CFG, seed=0, warmup_rows=B, disk_wait_s=3.0)
     yield s
     s.close()
 
@@ -159,6 +160,20 @@ def test_scorer_answers_match_the_learner_and_fail_loudly_on_unknown_versions(ri
     with pytest.raises(KeyError):
         scorer.collect([good])  # each answer is handed out once
     assert [bucket(k) for k in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+
+
+def test_scorer_waits_for_a_version_still_being_written(ring, scorer):
+    """A sampler can hold a version from the learner's shared memory before the learner's background
+    write puts it in the ring buffer: the scorer waits for it instead of failing."""
+    directory, graphdef, params = ring
+    p2 = jax.tree.map(lambda x: x * 0.9, params[1])
+    tokens = np.random.default_rng(1).integers(0, TOKENIZER.vocab_size, (2, MAX_LEN)).astype(np.int32)
+    rid = scorer.submit(tokens, 2)  # not in the ring buffer yet
+    time.sleep(1.0)
+    writer = VersionStore(directory, 4, params[0], writer=True)
+    writer.publish(2, p2)
+    out = scorer.collect([rid], timeout=60)
+    np.testing.assert_allclose(out[rid], model_lib.token_logprobs(graphdef, p2, tokens), atol=1e-5)
 
 
 def test_invalid_configurations_raise(ring):

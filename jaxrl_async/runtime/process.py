@@ -31,10 +31,13 @@ _log = logging.getLogger(__name__)
 class ProcessRuntime:
     """`Runtime` of sampler processes on this host, a spool queue between them and the learner."""
 
-    def __init__(self, config, workdir: str, epoch: int, resume_step: int | None, log: Callable = print):
+    def __init__(self, config, workdir: str, epoch: int, resume_step: int | None, log: Callable = print,
+                 handoff: str | None = None):
         """epoch: (re)starts of the run in this workdir (keeps queue keys unique); resume_step:
         the checkpoint step a resumed run continues from (the queue recovers what it held);
-        log: where wait-status and hang lines go (also sent to `logging` as warnings)."""
+        log: where wait-status and hang lines go (also sent to `logging` as warnings);
+        handoff: the name of the learner's shared-memory weight slot (`handoff.WeightSlot`) the
+        samplers take new versions from (None: they poll the ring buffer on disk)."""
         self.config = config
         self.workdir = workdir
         self.epoch = epoch
@@ -44,7 +47,8 @@ class ProcessRuntime:
         capacity = config.runtime.queue_capacity or (self.bound + 1) * g
         self.queue = TrajectoryQueue(queue_dir(workdir), capacity)
         self.recovered = self.queue.recover(resume_step) if resume_step is not None else 0
-        self.pool = sampler_process.SamplerPool(config, workdir, epoch, ring_capacity(config), capacity)
+        self.pool = sampler_process.SamplerPool(config, workdir, epoch, ring_capacity(config), capacity,
+                                                handoff)
         self.dropped_stale = 0
         os.makedirs(sampler_process.ledger_dir(workdir), exist_ok=True)
         self._ledger = open(os.path.join(sampler_process.ledger_dir(workdir), "learner.jsonl"), "a")
@@ -126,7 +130,7 @@ class ProcessRuntime:
         }
 
     def published(self, version: int) -> None:
-        del version  # samplers poll the ring buffer themselves
+        del version  # samplers poll the weight slot (or the ring buffer) themselves
 
     def checkpointed(self, step: int) -> None:
         # Release only what the oldest retained checkpoint includes: if the newest turns out corrupt

@@ -1,10 +1,11 @@
 """The asynchronous runtime's sampler processes and their supervisor.
 
-Each sampler process runs the batched multi-turn rollout in inference numerics, reads
-weights from the parameter-version ring buffer, and hands finished groups to the
-learner through the spool-directory queue. Between decode chunks it checks the ring
-buffer; a newer version is loaded and generation continues mid-episode (a partial
-rollout), so one trajectory can hold tokens of several versions.
+Each sampler process runs the batched multi-turn rollout in inference numerics, takes
+weights from the learner's shared-memory weight slot (`handoff.WeightSlot`; the
+parameter-version ring buffer on disk when the slot is empty or absent), and hands
+finished groups to the learner through the spool-directory queue. Between decode chunks
+it checks for a newer version; a newer version is loaded and generation continues
+mid-episode (a partial rollout), so one trajectory can hold tokens of several versions.
 
 Staleness control (AReaL's off-policyness bound): a group started at version `v_s`
 behind `D` outstanding groups (waiting in the queue or being generated) is trained at
@@ -40,6 +41,7 @@ from ml_collections import config_dict
 
 from jaxrl_async import config as config_lib
 from jaxrl_async.runtime.base import generate_sampler_batch, group_key, make_sampler, queue_dir, versions_dir
+from jaxrl_async.runtime.handoff import WeightSlot, WeightSource
 from jaxrl_async.runtime.spool import Item, TrajectoryQueue
 from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
 
@@ -58,6 +60,7 @@ class SamplerSpec:
     ring_capacity: int
     queue_capacity: int
     parent_pid: int
+    handoff: Optional[str] = None  # name of the learner's shared-memory weight slot (None: ring buffer only)
 
 
 class Shared:
@@ -88,21 +91,33 @@ def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = config_dict.ConfigDict(json.loads(spec.config_json))
     model_config = config_lib.model_config_from(config)
-    graphdef, target = config_lib.model_structure(config, model_config)  # weights come from the ring buffer
+    graphdef, target = config_lib.model_structure(config, model_config)  # weights come from the learner
     store = VersionStore(versions_dir(spec.workdir), spec.ring_capacity, target)
+    slot = None
+    if spec.handoff is not None:
+        try:
+            slot = WeightSlot.attach(spec.handoff, target)
+        except FileNotFoundError:  # the learner is gone (we exit at the next check) or closing
+            slot = None
+    source = WeightSource(store, slot)
     queue = TrajectoryQueue(queue_dir(spec.workdir), spec.queue_capacity)
     rows = config.runtime.sampler_groups * config.rl.group_size
     sampler, scorer = make_sampler(config, graphdef, spec.workdir, rows)
     shared.heartbeat[spec.sampler_id] = time.time()
     try:
-        _sample_loop(spec, shared, config, sampler, store, queue, config_lib.env_factory(config))
+        _sample_loop(spec, shared, config, sampler, source, queue, config_lib.env_factory(config))
     finally:
+        source.close()
         if scorer is not None:
             scorer.close()
 
 
 def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queue, make) -> None:
-    """Generate groups under the staleness gate and queue them until the learner stops us."""
+    """Generate groups under the staleness gate and queue them until the learner stops us.
+
+    store: where weights come from (a `handoff.WeightSource`, or a `VersionStore`): its
+    `latest_version()` and `get(version)`, which raises VersionEvicted for a version it no
+    longer (or does not yet) hold."""
     g_total = config.rl.groups_per_step
     k = config.runtime.sampler_groups
     bound = config.runtime.max_staleness
@@ -173,7 +188,10 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
 class SamplerPool:
     """Starts, watches and restarts the sampler processes; shuts them down cleanly."""
 
-    def __init__(self, config, workdir: str, epoch: int, ring_capacity: int, queue_capacity: int):
+    def __init__(self, config, workdir: str, epoch: int, ring_capacity: int, queue_capacity: int,
+                 handoff: Optional[str] = None):
+        """handoff: the name of the learner's shared-memory weight slot, passed to every sampler."""
+        self.handoff = handoff
         self.config_json = config.to_json()
         self.workdir = os.path.abspath(workdir)
         self.epoch = epoch
@@ -188,7 +206,7 @@ class SamplerPool:
 
     def _start(self, i: int) -> None:
         spec = SamplerSpec(self.config_json, self.workdir, i, self.epoch, self.shared.batches_done[i],
-                           self.ring_capacity, self.queue_capacity, os.getpid())
+                           self.ring_capacity, self.queue_capacity, os.getpid(), self.handoff)
         p = _CTX.Process(target=sampler_main, args=(spec, self.shared), name=f"sampler-{i}", daemon=True)
         self.spawned_at[i] = time.time()
         self.shared.ready[i] = 0

@@ -3,6 +3,9 @@
 A separate process holds learner-numerics (float32) weights at the sampler's version,
 read from the parameter-version ring buffer, and scores each generated segment as soon
 as the sampler submits it, so the learner gets `pi_old` without an extra forward pass.
+Samplers may hold a version (from the learner's shared-memory slot, `runtime.handoff`)
+before the learner's background write puts it on disk: the scorer then waits (polling)
+for it to appear, up to `disk_wait_s` (a minute by default).
 
     sampler (client)                         scorer process
     ----------------                         --------------
@@ -48,6 +51,9 @@ import numpy as np
 from jaxrl_async.core.buckets import bucket
 
 _POLL_S = 0.5
+# How long the scorer waits for a version the sampler already has (from shared memory) to be
+# written to the ring buffer by the learner's background writer.
+_DISK_WAIT_S = 60.0
 
 
 class ScorerError(RuntimeError):
@@ -132,7 +138,7 @@ class LogProbScorer:
 
     def start(self, versions_dir: str, ring_capacity: int, model_config, seed: int, *,
               warmup_rows: int = 0, keep_versions: Optional[int] = None,
-              env: Optional[dict] = None) -> "LogProbScorer":
+              env: Optional[dict] = None, disk_wait_s: float = _DISK_WAIT_S) -> "LogProbScorer":
         """Starts the scorer process and returns self without waiting for it to be ready.
 
         versions_dir, ring_capacity: the ring buffer (`versions.VersionStore`, opened
@@ -144,6 +150,9 @@ class LogProbScorer:
           at start, so no request pays for a compile.
         keep_versions: versions kept in the scorer's memory (default ring_capacity + 1),
           so a loaded version stays usable after the ring buffer evicts it on disk.
+        disk_wait_s: how long a request for a version newer than the newest in the ring buffer
+          waits for it to be written there (the sampler may have it from shared memory first)
+          before it fails.
         env: extra environment for the scorer (e.g. JAX platform or GPU memory
           settings). By default it inherits this process's environment, with
           XLA_PYTHON_CLIENT_PREALLOCATE=false unless set (two JAX processes share a GPU).
@@ -160,6 +169,7 @@ class LogProbScorer:
             "max_len": int(_model_config_fields(model_config)["max_len"]),
             "keep_versions": int(keep_versions if keep_versions is not None else ring_capacity + 1),
             "parent_pid": os.getpid(),
+            "disk_wait_s": float(disk_wait_s),
         }
         req_r, req_w = os.pipe()  # client -> scorer
         rep_r, rep_w = os.pipe()  # scorer -> client
@@ -372,7 +382,7 @@ def _scorer_main(req_fd: int, rep_fd: int, spec: dict) -> None:
 
     import jax
 
-    from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
+    from jaxrl_async.runtime.versions import VersionCorrupt, VersionEvicted, VersionStore
 
     config, model_lib = _build_model_config(spec)  # transformer or llama (the same functions)
     graphdef, target = model_lib.init_model(config, spec["seed"])
@@ -380,13 +390,26 @@ def _scorer_main(req_fd: int, rep_fd: int, spec: dict) -> None:
     held: collections.OrderedDict[int, Any] = collections.OrderedDict()
 
     def params_of(version: int):
-        try:
-            params = store.get(version)
-        except VersionEvicted:
-            if version in held:  # evicted on disk since we loaded it: our copy is still exact
-                held.move_to_end(version)
-                return held[version]
-            raise
+        deadline = None
+        while True:
+            try:
+                params = store.get(version)
+                break
+            except VersionEvicted as e:
+                if version in held:  # evicted on disk since we loaded it: our copy is still exact
+                    held.move_to_end(version)
+                    return held[version]
+                latest = store.latest_version()
+                if isinstance(e, VersionCorrupt) or (latest is not None and version <= latest):
+                    raise
+                # Newer than the newest on disk: the sampler took it from the learner's shared-memory
+                # slot, and the learner's background write has not landed yet. Wait for it.
+                if deadline is None:
+                    deadline = time.monotonic() + spec["disk_wait_s"]
+                if time.monotonic() > deadline or not parent_alive():
+                    raise VersionEvicted(f"parameter version {version} did not reach the ring buffer in "
+                                         f"{spec['disk_wait_s']:g} s: {e}") from e
+                time.sleep(0.005)
         if version not in held:
             outbox.put(("loaded", version))
         held[version] = params

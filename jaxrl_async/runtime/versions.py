@@ -25,6 +25,14 @@ version raises `VersionCorrupt` (a `VersionEvicted`, so callers "choose again") 
 left out of `versions()` from then on in that process, so readers fall back to the
 previous retained version. The writer's `remove_corrupt()` (run by a resuming learner)
 deletes corrupt versions.
+
+Background writes (`background=True`, the learner's store): `publish` validates and copies
+the params, then returns; a writer thread saves, hashes, renames and evicts, one version at
+a time (a publish waits for the previous write first, so at most one is in flight). Until
+its write lands, the version is served from memory by this instance's `get` (the learner's
+snapshot route) but is not yet in `versions()` or visible to readers in other processes,
+which get new versions through the shared-memory hand-off (`runtime.handoff`) instead. A
+failed background write is raised by the next `publish`, `flush` or `close`.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import logging
 import os
 import re
 import shutil
+import threading
+import time
 import uuid
 from typing import Any, Optional
 
@@ -91,13 +101,16 @@ class VersionStore:
     writer: only the writer may publish or truncate, and only it removes temp/evicting
       dirs left by a crashed writer (a reader must not delete a live writer's temp dir).
       Run one writer per directory.
+    background: the writer saves on a background thread (see the module docstring); call
+      `close()` (or `flush()`) to wait for the last write and see its error, if any.
 
     Returned params are jax.Arrays shared with the cache: do not donate them to a jitted
-    function (copy first). Not thread-safe: use one instance per thread.
+    function (copy first). Not thread-safe apart from the background writer's own thread:
+    use one instance per thread.
     """
 
     def __init__(self, directory: str, capacity: int, target, cache_size: Optional[int] = None,
-                 writer: bool = False):
+                 writer: bool = False, background: bool = False):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
         cache_size = capacity if cache_size is None else cache_size
@@ -107,6 +120,14 @@ class VersionStore:
         self.capacity = capacity
         self.cache_size = cache_size
         self.writer = writer
+        if background and not writer:
+            raise ValueError("background writes need writer=True")
+        self.background = background
+        # Guards the cache, the corrupt set and the stats against the background writer thread.
+        self._lock = threading.RLock()
+        self._thread: Optional[threading.Thread] = None
+        self._pending: Optional[tuple[int, Any]] = None  # (version, params) being written in the background
+        self._error: Optional[BaseException] = None
         self._target = _abstract(target)
         self._treedef = jax.tree.structure(self._target)
         # version -> (directory identity, params); see _identity for why the identity.
@@ -115,7 +136,7 @@ class VersionStore:
         # version -> directory identity of versions found corrupt (skipped by `versions()`).
         self._corrupt: dict[int, tuple[int, int]] = {}
         self.stats = {"disk_reads": 0, "cache_hits": 0, "bytes_read": 0, "bytes_written": 0, "evictions": 0,
-                      "corrupt": 0}
+                      "corrupt": 0, "publish_wait_s": 0.0}
         os.makedirs(self.directory, exist_ok=True)
         if writer:
             for name in os.listdir(self.directory):
@@ -135,8 +156,10 @@ class VersionStore:
         """Retained, fully written versions on disk, ascending (re-lists the directory); versions
         this instance found corrupt are left out."""
         vs = self._all_versions()
-        if self._corrupt:
-            vs = [v for v in vs if v not in self._corrupt or self._identity_or_none(v) != self._corrupt[v]]
+        with self._lock:
+            corrupt = dict(self._corrupt)
+        if corrupt:
+            vs = [v for v in vs if v not in corrupt or self._identity_or_none(v) != corrupt[v]]
         return vs
 
     def latest_version(self) -> Optional[int]:
@@ -167,16 +190,24 @@ class VersionStore:
         """Params of `version`, from the cache or else from disk.
 
         Raises VersionEvicted if the version is not retained, including when the writer
-        evicts it while it is being read."""
-        ident = self._identity(version)
-        hit = self._cache.get(version)
-        if hit is not None:
-            if hit[0] == ident:
-                self._cache.move_to_end(version)
+        evicts it while it is being read. A version this (background) writer is still
+        writing comes from memory."""
+        pending = self._pending
+        if pending is not None and pending[0] == version:
+            with self._lock:
                 self.stats["cache_hits"] += 1
-                return hit[1]
-            del self._cache[version]  # a different publication under the same number
-        if self._corrupt.get(version) == ident:
+            return pending[1]
+        ident = self._identity(version)
+        with self._lock:
+            hit = self._cache.get(version)
+            if hit is not None:
+                if hit[0] == ident:
+                    self._cache.move_to_end(version)
+                    self.stats["cache_hits"] += 1
+                    return hit[1]
+                del self._cache[version]  # a different publication under the same number
+            corrupt = self._corrupt.get(version) == ident
+        if corrupt:
             raise VersionCorrupt(f"parameter version {version} in {self.directory} is corrupt (found earlier)")
         problem = check_manifest(self._path(version))
         if problem is not None:
@@ -194,12 +225,17 @@ class VersionStore:
                                                      f"{type(e).__name__}: {e}") from e
         if self._identity_or_none(version) != ident:
             raise self._evicted(version)  # renamed away mid-read: the tree may mix files
-        self.stats["disk_reads"] += 1
-        self.stats["bytes_read"] += _nbytes(params)
-        self._remember(version, ident, params)
+        with self._lock:
+            self.stats["disk_reads"] += 1
+            self.stats["bytes_read"] += _nbytes(params)
+            self._remember(version, ident, params)
         return params
 
     def _mark_corrupt(self, version: int, ident, problem: str) -> VersionCorrupt:
+        with self._lock:
+            return self._mark_corrupt_locked(version, ident, problem)
+
+    def _mark_corrupt_locked(self, version: int, ident, problem: str) -> VersionCorrupt:
         if self._corrupt.get(version) != ident:
             self._corrupt[version] = ident
             self.stats["corrupt"] += 1
@@ -215,13 +251,15 @@ class VersionStore:
         """Writer only: deletes every retained version that fails verification; returns
         [(version, problem)] for them."""
         self._check_writer("remove_corrupt")
+        self.flush()
         bad = []
         for v in self._all_versions():
             problem = self.verify(v)
             if problem is not None:
                 bad.append((v, problem))
                 self._remove(v)
-        self._corrupt.clear()
+        with self._lock:
+            self._corrupt.clear()
         return bad
 
     def _identity_or_none(self, version: int):
@@ -242,6 +280,7 @@ class VersionStore:
                 continue  # evicted between listing and reading: a newer one exists now
 
     def _remember(self, version: int, ident, params) -> None:
+        """Caller holds self._lock."""
         if self.cache_size == 0:
             return
         self._cache[version] = (ident, params)
@@ -258,8 +297,14 @@ class VersionStore:
     def publish(self, version: int, params) -> None:
         """Writes `version` atomically, caches it, then evicts versions <= version - capacity.
 
-        Versions must be ints that strictly increase (ValueError otherwise)."""
+        Versions must be ints that strictly increase (ValueError otherwise). With
+        `background`, returns once the params are copied and the write is handed to the
+        writer thread (after the previous write finished); raises the previous background
+        write's error, if it failed."""
         self._check_writer("publish")
+        t0 = time.perf_counter()
+        self.flush()  # at most one background write in flight; surfaces its error
+        self.stats["publish_wait_s"] += time.perf_counter() - t0
         if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 0:
             raise ValueError(f"version must be an int >= 0, got {version!r}")
         version = int(version)
@@ -273,33 +318,86 @@ class VersionStore:
         for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(self._target)):
             if np.shape(p) != t.shape or p.dtype != t.dtype:
                 raise ValueError(f"params leaf {np.shape(p)} {p.dtype} does not match the target's {t.shape} {t.dtype}")
-        # The learner donates its buffers to the next update: cache our own copy.
-        if self.cache_size:
+        # The learner donates its buffers to the next update: write (and cache) our own copy.
+        if self.cache_size or self.background:
             params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+        if not self.background:
+            self._write(version, params)
+            return
+        self._pending = (version, params)
+        self._thread = threading.Thread(target=self._write_in_background, args=(version, params),
+                                        name=f"versions-publish-{version}", daemon=True)
+        self._thread.start()
 
+    def _write_in_background(self, version: int, params) -> None:
+        try:
+            self._write(version, params)
+        except BaseException as e:  # noqa: BLE001 - handed to the next publish/flush/close
+            self._error = e
+        finally:
+            self._pending = None
+
+    def _write(self, version: int, params) -> None:
+        """Save, manifest, rename (the version appears), cache, evict. Runs on the writer thread
+        with `background`: touches the shared state only under the lock."""
         tmp = os.path.join(self.directory, f"{_TMP_PREFIX}v_{version:08d}-{uuid.uuid4().hex[:8]}")
-        self._checkpointer.save(tmp, args=ocp.args.StandardSave(params))
-        write_manifest(tmp)  # before the rename: a version appears with its manifest
-        os.rename(tmp, self._path(version))  # the one step that makes the version visible
-        self.stats["bytes_written"] += _nbytes(params)
-        self._remember(version, self._identity(version), params)
-
+        # A checkpointer of its own: the reading thread may be restoring with self._checkpointer.
+        checkpointer = self._checkpointer if not self.background else self._writer_checkpointer()
+        try:
+            checkpointer.save(tmp, args=ocp.args.StandardSave(params))
+            write_manifest(tmp)  # before the rename: a version appears with its manifest
+            os.rename(tmp, self._path(version))  # the one step that makes the version visible
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        with self._lock:
+            self.stats["bytes_written"] += _nbytes(params)
+            self._remember(version, self._identity(version), params)
         for old in self._all_versions():
             if old <= version - self.capacity:
                 self._remove(old)
-                self.stats["evictions"] += 1
+                with self._lock:
+                    self.stats["evictions"] += 1
+
+    def _writer_checkpointer(self):
+        if getattr(self, "_bg_checkpointer", None) is None:
+            self._bg_checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        return self._bg_checkpointer
+
+    def pending_version(self) -> Optional[int]:
+        """The version being written in the background, or None."""
+        pending = self._pending
+        return None if pending is None else pending[0]
+
+    def flush(self) -> None:
+        """Waits for the background write in flight, if any; raises its error if it failed
+        (once: the error is cleared, the version is not on disk)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+            self._thread = None
+        err, self._error = self._error, None
+        if err is not None:
+            raise RuntimeError(f"the background write of a parameter version to {self.directory} failed: "
+                               f"{type(err).__name__}: {err}") from err
+
+    def close(self) -> None:
+        """Waits for the last background write (raising its error, if any)."""
+        self.flush()
 
     def truncate_after(self, version: int) -> None:
         """Removes retained versions > `version` (a learner resuming from an older
         checkpoint discards the future it is about to recompute)."""
         self._check_writer("truncate_after")
+        self.flush()
         for v in self._all_versions():
             if v > version:
                 self._remove(v)
 
     def _remove(self, version: int) -> None:
-        self._cache.pop(version, None)
-        self._corrupt.pop(version, None)
+        with self._lock:
+            self._cache.pop(version, None)
+            self._corrupt.pop(version, None)
         gone = os.path.join(self.directory, f"{_EVICT_PREFIX}v_{version:08d}-{uuid.uuid4().hex[:8]}")
         os.rename(self._path(version), gone)  # atomic: readers see all of it or none
         # A failed delete (e.g. NFS busy files) leaves a hidden dir the next writer cleans.

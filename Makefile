@@ -48,9 +48,11 @@ experiments: $(STAMP)
 	$(PY) -m jaxrl_async.experiments.sweep --sweep=configs/experiments/thresholds.py --out=runs/experiments/thresholds --workers=$(EXP_WORKERS)
 	$(PY) -m jaxrl_async.experiments.report --routes=runs/experiments/routes --thresholds=runs/experiments/thresholds --out=runs/experiments/report
 
-# Chaos soak of the process runtime (benchmarks/soak.py): trains SOAK_SECONDS under seeded random
-# faults (sampler/learner SIGKILL, truncated ring-buffer versions, stalled samplers) and prints the
-# accounting table. Not part of `make test`.
+# Chaos soak (benchmarks/soak.py): configs/default.py's model, task and (cached) warm start train on the
+# process runtime for SOAK_SECONDS under seeded random faults (sampler/learner SIGKILL, truncated
+# ring-buffer versions, stalled samplers); prints the accounting table and whether held-out success
+# reached the target. SOAK_ARGS=--runtime=ray: the Ray runtime (actor kills too); --model=tiny: a tiny
+# model, many faults a minute; --proximal=dedicated: scorer kills too. Not part of `make test`.
 SOAK_SECONDS ?= 600
 SOAK_ARGS ?=
 soak: $(STAMP)

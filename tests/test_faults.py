@@ -256,7 +256,8 @@ def test_soak_60s_under_faults_keeps_the_invariants(tmp_path):
     staleness within the bound (`make soak` runs the 10-minute version)."""
     from benchmarks import soak
 
-    args = ["--seconds=60", "--seed=0", f"--workdir={tmp_path}", "--min_gap=3", "--max_gap=6", "--eval_episodes=16"]
+    args = ["--seconds=60", "--seed=0", f"--workdir={tmp_path}", "--model=tiny", "--min_gap=3", "--max_gap=6",
+            "--eval_episodes=16"]
     assert soak.main(args) == 0, open(tmp_path / "learner.log").read()[-3000:]
     r = __import__("json").load(open(tmp_path / "soak.json"))
     a = r["accounting"]

@@ -80,11 +80,30 @@ def _jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _no_children_left(timeout=30.0):
-    """True once this process has no live children (Ray's raylet, GCS and workers are gone)."""
+def _tracker_pid():
     from multiprocessing import resource_tracker
 
-    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return getattr(resource_tracker._resource_tracker, "_pid", None)
+
+
+def _record_ray_processes(monkeypatch):
+    """Every process below this one just before each `RayRuntime.close` (Ray's GCS, raylet, agents and
+    actor workers): a list for `_live` after the run, which also catches a worker that the raylet's
+    exit left to the init process (no longer our child, so `_no_children_left` cannot see it)."""
+    seen = []
+    real = ray_runtime.RayRuntime.close
+
+    def close(self, *a, **k):
+        seen.extend(p for p in psutil.Process().children(recursive=True) if p.pid != _tracker_pid())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ray_runtime.RayRuntime, "close", close)
+    return seen
+
+
+def _no_children_left(timeout=30.0):
+    """True once this process has no live children (Ray's raylet, GCS and workers are gone)."""
+    tracker = _tracker_pid()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         kids = [p for p in psutil.Process().children(recursive=True)
@@ -217,6 +236,7 @@ def test_ray_learner_sigkill_resume_metrics_bound_and_shutdown(tmp_path, monkeyp
     agents, killed_at = _sigkill_learner_at(c, workdir, block_at=2)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
+    ray_processes = _record_ray_processes(monkeypatch)
     real = learner_lib.make_rl_update
 
     def slow_update(*args, **kwargs):
@@ -264,6 +284,7 @@ def test_ray_learner_sigkill_resume_metrics_bound_and_shutdown(tmp_path, monkeyp
     # Everything stopped: no actors, no cluster, no Ray processes left behind.
     assert not ray.is_initialized()
     assert _no_children_left()
+    assert ray_processes and not _live(ray_processes, timeout=30)
 
 
 def test_killed_sampler_actors_are_restarted_with_exact_accounting(tmp_path, monkeypatch, ray_config):
@@ -281,6 +302,7 @@ def test_killed_sampler_actors_are_restarted_with_exact_accounting(tmp_path, mon
         return real_start(self, version)
 
     monkeypatch.setattr(ray_runtime.RayRuntime, "start", start)
+    ray_processes = _record_ray_processes(monkeypatch)
     real_update = learner_lib.make_rl_update
 
     def slow_update(*args, **kwargs):
@@ -368,3 +390,4 @@ def test_killed_sampler_actors_are_restarted_with_exact_accounting(tmp_path, mon
     _assert_no_gaps(accepted, 2, k)
     assert not ray.is_initialized()
     assert _no_children_left()
+    assert ray_processes and not _live(ray_processes, timeout=30)

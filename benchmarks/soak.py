@@ -445,7 +445,7 @@ def soak(args) -> dict:
         while time.monotonic() < end:
             now = time.monotonic()
             if progress.poll() and pending is not None:
-                pending["recovery_s"] = now - pending["t"]
+                _recovered(pending, now)
                 pending = None
             for pid, when in list(stopped.items()):
                 if now >= when:
@@ -456,9 +456,16 @@ def soak(args) -> dict:
                     del stopped[pid]
             if learner.poll() is not None:  # died by itself (a fault we injected kills it only via learner_kill)
                 unexpected_exits += 1
-                faults.append({"kind": "learner_exit", "t": now, "detail": f"status {learner.returncode}"})
+                exit_fault = {"kind": "learner_exit", "t": now, "at_s": now - t0, "step": progress.last_step,
+                              "detail": f"status {learner.returncode}" + (f" after {pending['kind']}" if pending else ""),
+                              "log_tail": _tail(log_path, 600)}
+                faults.append(exit_fault)
                 learner = start_learner()
                 learner_restarts += 1
+                if pending is None:
+                    pending = exit_fault
+                else:
+                    pending.setdefault("also", []).append(exit_fault)
             if pending is None and now >= next_fault:
                 if not order:
                     order = list(rng.permutation(kinds))
@@ -526,7 +533,7 @@ def soak(args) -> dict:
         deadline = time.monotonic() + 180
         while pending is not None and time.monotonic() < deadline and learner.poll() is None:
             if progress.poll():
-                pending["recovery_s"] = time.monotonic() - pending["t"]
+                _recovered(pending, time.monotonic())
                 pending = None
             time.sleep(0.1)
         soak_s = time.monotonic() - t0
@@ -579,6 +586,22 @@ def soak(args) -> dict:
     with open(os.path.join(workdir, "soak.json"), "w") as f:
         json.dump(result, f, indent=2, default=float)
     return result
+
+
+def _recovered(fault: dict, now: float) -> None:
+    fault["recovery_s"] = now - fault["t"]
+    for f in fault.pop("also", []):  # learner exits while it was pending
+        f["recovery_s"] = now - f["t"]
+
+
+def _tail(path: str, n: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _is_ancestor(pid: int, child: int) -> bool:
@@ -636,7 +659,8 @@ def format_table(r: dict) -> str:
              ("max_staleness_loss", f"max staleness seen by the loss (bound {a['staleness_bound']})")]
     for key, label in rows:
         lines.append(f"| {label} | {a[key]} |")
-    lines.append(f"| learner restarts | {r['learner_restarts']} |")
+    lines.append(f"| learner restarts (unexpected exits among them) | {r['learner_restarts']} "
+                 f"({r['unexpected_learner_exits']}) |")
     curve = ", ".join(f"{s}: {v:.3f}" for s, v in learn["curve"].items())
     lines.append(f"| held-out success by step | {curve} |")
     if learn["reached"]:

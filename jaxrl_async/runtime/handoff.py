@@ -29,7 +29,9 @@ learner creates the segment (`WeightSlot.create`) and unlinks it at the end
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 import uuid
 from multiprocessing import shared_memory
 from typing import Any, Optional
@@ -53,10 +55,8 @@ def _layout(target) -> tuple[list[tuple[int, tuple, np.dtype]], int, int]:
         dtype = np.dtype(x.dtype)
         out.append((offset, tuple(np.shape(x)), dtype))
         offset += -(-dtype.itemsize * int(np.prod(np.shape(x), dtype=np.int64)) // _ALIGN) * _ALIGN
-    desc = repr([(o, s, d.str) for o, s, d in out]) + repr(jax.tree.structure(target))
+    desc = repr([(o, s, d.str, d.name) for o, s, d in out]) + repr(jax.tree.structure(target))
     # A stable 63-bit fingerprint (Python's hash() is salted per process).
-    import hashlib
-
     fp = int.from_bytes(hashlib.sha256(desc.encode()).digest()[:8], "little") & ((1 << 63) - 1)
     return out, max(offset, _ALIGN), fp
 
@@ -84,7 +84,7 @@ class WeightSlot:
             raise ValueError(f"shared weight slot {self.name} holds a different params layout than the target")
         self._bufs = [np.ndarray((self._size,), np.uint8, buffer=shm.buf, offset=_HEADER + b * self._size)
                       for b in (0, 1)]
-        self.stats = {"writes": 0, "reads": 0, "read_retries": 0}
+        self.stats = {"writes": 0, "reads": 0, "read_retries": 0, "write_s": 0.0}
 
     @classmethod
     def create(cls, target, name: Optional[str] = None) -> "WeightSlot":
@@ -112,6 +112,7 @@ class WeightSlot:
             raise ValueError(f"versions must strictly increase: got {version} after {int(self._header[_VER + 2 * cur])}")
         if jax.tree.structure(params) != self._treedef:
             raise ValueError(f"params structure {jax.tree.structure(params)} does not match the slot's {self._treedef}")
+        t0 = time.perf_counter()
         host = jax.device_get(jax.tree.leaves(params))  # one transfer for all leaves
         for x, (_, shape, dtype) in zip(host, self._leaves):
             if np.shape(x) != shape or np.dtype(x.dtype) != dtype:
@@ -127,6 +128,7 @@ class WeightSlot:
         h[_SEQ + 2 * b] += 1  # even: whole
         h[_CURRENT] = b
         self.stats["writes"] += 1
+        self.stats["write_s"] += time.perf_counter() - t0
 
     # -- readers ---------------------------------------------------------------------
 

@@ -142,39 +142,36 @@ class WeightSlot:
         holds it whole; None if it holds no such version. Params are jax.Arrays of the target's
         shapes and dtypes, never a view of the shared memory."""
         h = self._header
+        found = None
         for _ in range(_READ_RETRIES):
             cur = int(h[_CURRENT])
             if cur < 0:
                 return None
-            order = (cur, 1 - cur)
-            found = None
-            for b in order:
+            changed = False
+            for b in (cur, 1 - cur):
                 s1 = int(h[_SEQ + 2 * b])
                 v = int(h[_VER + 2 * b])
                 if s1 % 2 or v < 0 or (version is not None and v != version):
-                    continue
+                    continue  # being overwritten, never written, or another version
                 data = self._bufs[b].copy()
                 if int(h[_SEQ + 2 * b]) == s1:
                     found = (v, data)
-                    break
-                self.stats["read_retries"] += 1
-                found = "retry"
-                break
-            if found == "retry":
-                continue
-            if found is None:
-                # Neither buffer holds it whole: absent, unless a write was under way (then look again).
-                if any(int(h[_SEQ + 2 * b]) % 2 for b in (0, 1)):
+                else:
+                    changed = True  # overwritten during the copy: look again
                     self.stats["read_retries"] += 1
-                    continue
-                return None
-            v, data = found
-            host = [data[off:off + dtype.itemsize * int(np.prod(shape, dtype=np.int64))].view(dtype).reshape(shape)
-                    for off, shape, dtype in self._leaves]
-            leaves = jax.device_put(host)  # one call for all leaves (one per leaf costs ~0.1 ms each)
-            self.stats["reads"] += 1
-            return v, jax.tree.unflatten(self._treedef, leaves)
-        raise RuntimeError(f"shared weight slot {self.name}: no consistent read after {_READ_RETRIES} tries")
+                break
+            if found is not None:
+                break
+            if not changed and version is not None:
+                return None  # neither buffer holds it whole: not published yet, or already overwritten
+        if found is None:
+            raise RuntimeError(f"shared weight slot {self.name}: no consistent read after {_READ_RETRIES} tries")
+        v, data = found
+        host = [data[off:off + dtype.itemsize * int(np.prod(shape, dtype=np.int64))].view(dtype).reshape(shape)
+                for off, shape, dtype in self._leaves]
+        leaves = jax.device_put(host)  # one call for all leaves (one per leaf costs ~0.1 ms each)
+        self.stats["reads"] += 1
+        return v, jax.tree.unflatten(self._treedef, leaves)
 
     def close(self, unlink: Optional[bool] = None) -> None:
         """Detaches; the owner also removes the segment (unless `unlink=False`). Idempotent."""

@@ -694,7 +694,9 @@ def main(argv=None) -> int:
                                                    "dedicated adds scorer_kill: SIGKILL of a scorer process")
     p.add_argument("--samplers", type=int, default=2)
     p.add_argument("--bound", type=int, default=2, help="runtime.max_staleness")
-    p.add_argument("--hang_timeout", type=float, default=10.0, help="runtime.hang_timeout_s")
+    p.add_argument("--hang_timeout", type=float, default=None,
+                   help="runtime.hang_timeout_s (default 10; 60 with --proximal=dedicated: a sampler waits for its "
+                        "scorer's start-up without a heartbeat, and a loaded machine takes more than 10 s)")
     p.add_argument("--wait_log", type=float, default=5.0, help="runtime.wait_log_s")
     p.add_argument("--checkpoint_every", type=int, default=None, help="train.checkpoint_every (default 2; 5)")
     p.add_argument("--eval_every", type=int, default=None, help="train.eval_every (default: only at the start "
@@ -703,6 +705,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile_cache", default="", help="JAX compilation cache dir (default WORKDIR/jax_cache)")
     args = p.parse_args(argv)
     default = args.model == "default"
+    if args.hang_timeout is None:
+        args.hang_timeout = 60.0 if args.proximal == "dedicated" else 10.0
     for name, tiny, dflt in [("min_gap", 4.0, 10.0), ("max_gap", 10.0, 25.0), ("checkpoint_every", 2, 5),
                              ("eval_every", 0, 25), ("eval_episodes", 64, 256)]:
         if getattr(args, name) is None:

@@ -107,7 +107,7 @@ def test_read_table_keeps_axes_as_text(tmp_path):
 
 @pytest.mark.parametrize("module, flags", [
     ("jaxrl_async.experiments.sweep", ("--sweep", "--out", "--workers", "--warmstart_cache", "--collect_only")),
-    ("jaxrl_async.experiments.report", ("--routes", "--thresholds", "--out", "--target")),
+    ("jaxrl_async.experiments.report", ("--routes", "--thresholds", "--out", "--target", "--three_term")),
     ("benchmarks.run", ("--full", "--sections")),
     ("benchmarks.kernels", ("--json", "--async-steps", "--sections")),
     ("benchmarks.routes", ("--steps", "--lag", "--partial", "--numerics", "--seed", "--routes", "--out")),
@@ -272,3 +272,101 @@ def test_notebook_executes(name, smoke, tmp_path, monkeypatch):
         for expected in texts:
             assert expected in text, f"{name} [{tag}]: {expected!r} not in its output:\n{text}"
         assert _figures(cells[tag]) == figures, f"{name} [{tag}]: {_figures(cells[tag])} figures, expected {figures}"
+
+
+def test_bootstrap_ci_golden_values_and_edge_cases():
+    # Golden values of the seeded percentile bootstrap on a fixed sample (numpy's default_rng(0)).
+    ci = report.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0], n_resamples=10_000, seed=0)
+    assert (ci.estimate, ci.n) == (3.0, 5)
+    assert (ci.low, ci.high) == pytest.approx((1.8, 4.2))
+    assert report.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0], seed=0) == ci  # reproducible
+    assert report.bootstrap_ci([1.0, np.nan, 2.0, 3.0, np.inf, 4.0, 5.0], seed=0) == ci  # non-finite dropped
+    assert ci.fmt(2) == "3.00 [1.80, 4.20]" and report.bootstrap_ci([0.25], seed=0).fmt(1, pct=True) == "25.0% [25.0, 25.0]"
+    one = report.bootstrap_ci([0.7])
+    assert (one.estimate, one.low, one.high, one.n) == (0.7, 0.7, 0.7, 1)
+    empty = report.bootstrap_ci([np.nan])
+    assert empty.n == 0 and np.isnan(empty.estimate) and empty.fmt() == "n/a"
+    med = report.bootstrap_ci([1.0, 2.0, 100.0], statistic=np.median, seed=0)
+    assert med.estimate == 2.0 and 1.0 <= med.low <= med.high <= 100.0
+    with pytest.raises(ValueError, match="level"):
+        report.bootstrap_ci([1.0, 2.0], level=95)
+
+
+def test_bootstrap_ci_covers_the_mean_of_a_known_distribution():
+    # Coverage of the 95% interval for the mean of a normal sample of 30: the percentile bootstrap
+    # under-covers a little at small n; over 400 samples it must land near 0.95.
+    rng = np.random.default_rng(123)
+    hits = 0
+    for i in range(400):
+        ci = report.bootstrap_ci(rng.normal(2.0, 1.0, size=30), n_resamples=2000, seed=i)
+        hits += ci.low <= 2.0 <= ci.high
+    assert 0.89 <= hits / 400 <= 0.98, hits / 400
+
+
+def test_bootstrap_compare_pairs_seeds():
+    a, b = np.array([10.0, 20.0, 30.0, 40.0]), np.array([11.0, 21.0, 31.0, 41.0])
+    # Paired, the difference is exactly -1 in every resample; unpaired, the seed spread widens it.
+    paired = report.bootstrap_compare(a, b, "diff", paired=True)
+    assert (paired.estimate, paired.low, paired.high, paired.n) == pytest.approx((-1.0, -1.0, -1.0, 4))
+    unpaired = report.bootstrap_compare(a, b, "diff", paired=False)
+    assert unpaired.low < -5 and unpaired.high > 3
+    ratio = report.bootstrap_compare(2 * b, b, "ratio")
+    assert (ratio.estimate, ratio.low, ratio.high) == pytest.approx((2.0, 2.0, 2.0))
+    dropped = report.bootstrap_compare([1.0, np.nan, 3.0], [1.0, 2.0, np.nan], "diff")
+    assert dropped.n == 1 and dropped.estimate == 0.0
+    with pytest.raises(ValueError, match="same length"):
+        report.bootstrap_compare([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="kind"):
+        report.bootstrap_compare([1.0], [1.0], "product")
+
+
+def test_three_term_sweep_cells_and_routes():
+    sweep = experiments.load_sweep(os.path.join(ROOT, "configs", "experiments", "three_term.py"))
+    cells = experiments.expand(sweep)
+    ids = [cid for cid, _ in cells]
+    assert len(ids) == len(set(ids)) == 11 * 5  # 11 (route, setting) pairs x 5 seeds
+    for cid, overrides in cells:
+        config = experiments.cell_config(sweep, overrides, "")  # validates (an anchor needs an exact source)
+        name = report.route_name(config.proximal.source, config.proximal.anchor)
+        assert name in report.THREE_TERM_ORDER, cid
+    assert "source=snapshot__anchor=recompute__staleness=8__dtype=int8__logit_noise_std=0.5__seed=4" in ids
+    assert report.route_name("snapshot", None) == "exact" and report.route_name("snapshot", "None") == "exact"
+    assert report.route_name("snapshot", "ewma") == "snapshot + ewma"
+
+
+def test_stability_columns():
+    import pandas as pd
+
+    steps = pd.DataFrame({"perf/grad_norm": [1.0, 1.0, 1.2, 5.0, 0.9], "train/skipped_nonfinite": [0, 0, 1, 0, 0]})
+    evals = pd.DataFrame({"step": [0, 5, 10, 15], "eval/success_rate": [0.2, 0.8, 0.5, 0.9]})
+    out = experiments._stability(steps, evals)
+    assert out["grad_norm_max"] == 5.0 and out["grad_norm_max_over_median"] == pytest.approx(5.0)
+    assert out["grad_spikes"] == 1 and out["skipped_nonfinite"] == 1
+    assert out["success_drawdown"] == pytest.approx(0.3)
+
+
+def test_three_term_report_reads_the_committed_results(tmp_path):
+    results = os.path.join(ROOT, report.COMMITTED_RESULTS, "three_term")
+    if not os.path.exists(os.path.join(results, "runs.csv")):
+        pytest.skip("no committed three-term results")
+    text = report.three_term_report(results, str(tmp_path))
+    for name in ("recompute", "exact", "three-term"):
+        assert f"| {name} |" in text
+    assert "paired comparisons" in text and os.path.getsize(tmp_path / "curves.png") > 0
+
+
+@pytest.mark.slow
+def test_three_term_notebook_executes_on_the_committed_results(tmp_path):
+    # Notebook 04 reads only the committed tables (docs/results/three_term) and carries its outputs.
+    import nbclient
+    import nbformat
+
+    if not os.path.exists(os.path.join(ROOT, report.COMMITTED_RESULTS, "three_term", "runs.csv")):
+        pytest.skip("no committed three-term results")
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "04_three_term.ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
+    cells = {tag: c for c in nb.cells for tag in c.metadata.get("tags", [])}
+    assert "| three-term |" in _text(cells["q1-table"]) and "| recompute |" in _text(cells["q2-table"])
+    assert "ratio to exact" in _text(cells["q3-table"]) and "Q3:" in _text(cells["answers"])
+    for tag in ("q1-figure", "q2-figure", "q3-figure", "curves"):
+        assert _figures(cells[tag]) == 1, tag

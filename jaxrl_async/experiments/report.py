@@ -10,10 +10,18 @@ against learner wall-clock per route, steps to a target success rate, and per-ro
 cost. Every number is a mean over seeds with its spread (std over seeds, `n` seeds).
 The tables are pandas DataFrames (`load`); `seed_stats` is the one aggregation behind
 every table and figure.
+
+    python -m jaxrl_async.experiments.report --three_term=runs/experiments/three_term \
+        --out=runs/experiments/three_term_report
+
+writes the three-term sweep's report instead (`three_term_report`): per setting, the routes'
+learning, masks, stability and cost with 95% percentile-bootstrap intervals over seeds
+(`bootstrap_ci`, `bootstrap_compare`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
@@ -21,9 +29,10 @@ import numpy as np
 import pandas as pd
 
 from jaxrl_async.core.proximal import Route
+from jaxrl_async.experiments.sweep import GRAD_SPIKE_FACTOR
 
 ROUTE_ORDER = tuple(r.value for r in Route)  # every proximal.source, exact first
-AXES = ("source", "staleness", "dtype", "seed", "is_cap", "token_mask")
+AXES = ("source", "staleness", "dtype", "seed", "is_cap", "token_mask", "anchor", "logit_noise_std")
 TEXT_COLUMNS = AXES + ("cell", "config")  # read as strings, so `staleness == "4"` and `token_mask == "None"` work
 
 
@@ -362,6 +371,290 @@ def report(routes_dir: str, thresholds_dir: str | None, out: str, target: float 
     return text
 
 
+# ---------------------------------------------------------------------------------------------
+# Bootstrap confidence intervals over seeds, and the three-term sweep (configs/experiments/three_term.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A statistic over seeds with its percentile-bootstrap interval: `estimate` on the sample
+    itself, `[low, high]` the percentile interval, `n` the number of (finite) seeds."""
+    estimate: float
+    low: float
+    high: float
+    n: int
+
+    def fmt(self, digits: int = 2, pct: bool = False) -> str:
+        if not np.isfinite(self.estimate):
+            return "n/a"
+        scale, unit = (100.0, "%") if pct else (1.0, "")
+        return (f"{self.estimate * scale:.{digits}f}{unit} "
+                f"[{self.low * scale:.{digits}f}, {self.high * scale:.{digits}f}]")
+
+
+def _clean(values) -> np.ndarray:
+    v = np.asarray(values, dtype=float).ravel()
+    return v[np.isfinite(v)]
+
+
+def bootstrap_ci(values, statistic=np.mean, n_resamples: int = 10_000, level: float = 0.95,
+                 seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of `statistic` over `values` (one value per seed).
+
+    Resamples the finite values with replacement `n_resamples` times (numpy's default_rng(seed),
+    so the interval is reproducible) and takes the (1 - level) / 2 and (1 + level) / 2
+    percentiles of the resampled statistic. `statistic(x, axis=1)` must reduce rows (np.mean,
+    np.median). With one value the interval is that value; with none, nan and n = 0. With 5
+    seeds the interval is narrow by construction (a percentile bootstrap under-covers at small
+    n): read it as the spread the seeds show, not a guarantee.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    v = _clean(values)
+    if v.size == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), 0)
+    rng = np.random.default_rng(seed)
+    stats = statistic(v[rng.integers(0, v.size, size=(n_resamples, v.size))], axis=1)
+    low, high = np.percentile(stats, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return Interval(float(statistic(v[None, :], axis=1)[0]), float(low), float(high), int(v.size))
+
+
+def bootstrap_compare(a, b, kind: str = "diff", paired: bool = True, n_resamples: int = 10_000,
+                      level: float = 0.95, seed: int = 0) -> Interval:
+    """Interval of mean(a) - mean(b) (`kind="diff"`) or mean(a) / mean(b) (`"ratio"`).
+
+    `paired`: `a[i]` and `b[i]` are the same seed (same warm start and task seeds), so the seeds
+    are resampled together and pairs with a non-finite side are dropped; else each side is
+    resampled on its own.
+    """
+    if kind not in ("diff", "ratio"):
+        raise ValueError(f"kind must be 'diff' or 'ratio'; got {kind!r}")
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if paired:
+        if a.shape != b.shape:
+            raise ValueError(f"paired samples need the same length; got {a.size} and {b.size}")
+        keep = np.isfinite(a) & np.isfinite(b)
+        a, b = a[keep], b[keep]
+    else:
+        a, b = _clean(a), _clean(b)
+    n = int(min(a.size, b.size))
+    if n == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), 0)
+    op = np.subtract if kind == "diff" else np.divide
+    rng = np.random.default_rng(seed)
+    if paired:
+        idx = rng.integers(0, a.size, size=(n_resamples, a.size))
+        ia, ib = idx, idx
+    else:
+        ia = rng.integers(0, a.size, size=(n_resamples, a.size))
+        ib = rng.integers(0, b.size, size=(n_resamples, b.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stats = op(a[ia].mean(axis=1), b[ib].mean(axis=1))
+        estimate = float(op(a.mean(), b.mean()))
+    low, high = np.percentile(stats, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return Interval(estimate, float(low), float(high), n)
+
+
+# The routes of the three-term sweep: (proximal.source, proximal.anchor) -> a name for the tables.
+THREE_TERM_ROUTES = {
+    ("recompute", "None"): "recompute",
+    ("snapshot", "None"): "exact",
+    ("snapshot", "recompute"): "three-term",
+    ("revised_ewma", "None"): "revised_ewma as pi_old",
+    ("snapshot", "revised_ewma"): "three-term, revised_ewma anchor",
+}
+THREE_TERM_ORDER = tuple(THREE_TERM_ROUTES.values())
+# A run whose held-out success falls this far below its own running best has collapsed.
+COLLAPSE_DRAWDOWN = 0.2
+
+
+def route_name(source: str, anchor) -> str:
+    """The three-term sweep's name of a (source, anchor) pair; other pairs as `source + anchor`."""
+    anchor = "None" if anchor is None or (isinstance(anchor, float) and np.isnan(anchor)) or anchor == "" else anchor
+    return THREE_TERM_ROUTES.get((source, str(anchor)), source if anchor == "None" else f"{source} + {anchor}")
+
+
+def with_route(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` with a `route` column (the sweep's name of its source and anchor)."""
+    anchors = runs["anchor"] if "anchor" in runs else pd.Series("None", index=runs.index)
+    return runs.assign(route=[route_name(s, a) for s, a in zip(runs["source"], anchors)])
+
+
+def three_term_runs(runs: pd.DataFrame, curves: pd.DataFrame, target: float) -> pd.DataFrame:
+    """One row per run with `route`, `to_target_step` / `to_target_wall_s` (nan: never reached),
+    `to_target_step_censored` (an unreached run counted at its step budget: a lower bound) and
+    `collapsed` (held-out success fell `COLLAPSE_DRAWDOWN` below its running best)."""
+    rows = with_route(_with_reach(runs, curves, target))
+    rows["to_target_step_censored"] = rows["to_target_step"].fillna(rows["steps"].astype(float))
+    rows["collapsed"] = (rows["success_drawdown"] >= COLLAPSE_DRAWDOWN).astype(float)
+    return rows
+
+
+def settings_in(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The (staleness, dtype, logit_noise_std) settings present, ordered."""
+    noise = runs["logit_noise_std"] if "logit_noise_std" in runs else pd.Series("0.0", index=runs.index)
+    found = set(zip(runs["staleness"], runs["dtype"], noise))
+    return sorted(found, key=lambda s: (float(s[2]), s[1], int(s[0])))
+
+
+def _setting_rows(rows: pd.DataFrame, setting) -> pd.DataFrame:
+    st, dt, noise = setting
+    return select(rows, staleness=st, dtype=dt, logit_noise_std=noise) if "logit_noise_std" in rows else \
+        select(rows, staleness=st, dtype=dt)
+
+
+def setting_name(setting) -> str:
+    st, dt, noise = setting
+    return f"staleness {st}, {dt} sampler" + (f", logit noise {noise}" if float(noise) else "")
+
+
+def _routes_of(rows: pd.DataFrame) -> list[str]:
+    present = set(rows["route"])
+    return [r for r in THREE_TERM_ORDER if r in present] + sorted(present - set(THREE_TERM_ORDER))
+
+
+def _by_seed(rows: pd.DataFrame, route: str, key: str) -> pd.Series:
+    sel = rows[rows["route"] == route]
+    return pd.Series(sel[key].to_numpy(float), index=sel["seed"].astype(str)).sort_index()
+
+
+def three_term_learning_table(rows: pd.DataFrame, target: float, **bootstrap) -> str:
+    """Per route at one setting: final success, steps and learner seconds to `target`, discrepancy
+    rejection and truncation, the `recompute` audit on the exact batches, the staleness weight's
+    truncation, the effective clip fraction. Means over seeds with 95% percentile-bootstrap intervals."""
+    body = []
+    for route in _routes_of(rows):
+        sel = rows[rows["route"] == route]
+        reached = int(sel["to_target_step"].notna().sum())
+        steps = bootstrap_ci(sel["to_target_step_censored"], **bootstrap)
+        steps_text = steps.fmt(1) if reached == len(sel) else f">= {steps.fmt(1)}"
+        audit = sel.get("audit/recompute/mask/token_frac", pd.Series(dtype=float))
+        body.append([
+            route, f"{len(sel)}", bootstrap_ci(sel["success_final"], **bootstrap).fmt(3),
+            f"{steps_text} ({reached}/{len(sel)})",
+            bootstrap_ci(sel["to_target_wall_s"], **bootstrap).fmt(1),
+            bootstrap_ci(sel["mask/token_frac"], **bootstrap).fmt(2, pct=True),
+            bootstrap_ci(sel["is/truncated_frac"], **bootstrap).fmt(2, pct=True),
+            bootstrap_ci(audit, **bootstrap).fmt(2, pct=True),
+            bootstrap_ci(sel.get("staleness/is_truncated_frac", pd.Series(dtype=float)), **bootstrap).fmt(2, pct=True),
+            bootstrap_ci(sel["ratio/effective_clip_frac"], **bootstrap).fmt(2, pct=True)])
+    columns = ["route", "seeds", "final success", f"steps to {target:g} (reached)", f"learner s to {target:g} (runs reaching it)",
+               "discrepancy rejected", "discrepancy truncated", "recompute would reject (audit)",
+               "staleness weight truncated", "effective clip"]
+    return markdown(pd.DataFrame(body, columns=columns))
+
+
+def three_term_stability_table(rows: pd.DataFrame, **bootstrap) -> str:
+    """Per route at one setting: collapses, success drawdown, gradient-norm spikes, skipped updates, cost."""
+    body = []
+    for route in _routes_of(rows):
+        sel = rows[rows["route"] == route]
+        body.append([
+            route, f"{int(sel['collapsed'].sum())}/{len(sel)}",
+            bootstrap_ci(sel["success_drawdown"], **bootstrap).fmt(3),
+            bootstrap_ci(sel["grad_norm_max_over_median"], **bootstrap).fmt(2),
+            f"{int(sel['grad_spikes'].sum())} ({int((sel['grad_spikes'] > 0).sum())}/{len(sel)} runs)",
+            f"{int(np.nansum(sel['skipped_nonfinite']))}",
+            bootstrap_ci(sel["perf/train_s"], **bootstrap).fmt(3),
+            fmt(float(sel["proximal/forward_passes"].mean()))])
+    columns = ["route", f"collapsed (drawdown >= {COLLAPSE_DRAWDOWN:g})", "max success drawdown",
+               "max / median grad norm", f"grad spikes (> {GRAD_SPIKE_FACTOR:g}x median)", "skipped non-finite",
+               "train s/step", "forward passes/step"]
+    return markdown(pd.DataFrame(body, columns=columns))
+
+
+def three_term_comparisons(rows: pd.DataFrame, pairs, **bootstrap) -> str:
+    """Paired (by seed) differences and ratios between routes at one setting: final success
+    difference, steps-to-target ratio (unreached runs at the step budget), discrepancy-rejection
+    difference, train-time ratio; each with its 95% bootstrap interval."""
+    body = []
+    present = set(rows["route"])
+    for a, b in pairs:
+        if a not in present or b not in present:
+            continue
+
+        def paired(key, kind):
+            sa, sb = _by_seed(rows, a, key), _by_seed(rows, b, key)
+            seeds = sa.index.intersection(sb.index)
+            return bootstrap_compare(sa[seeds], sb[seeds], kind=kind, **bootstrap)
+
+        body.append([f"{a} vs {b}", paired("success_final", "diff").fmt(3),
+                     paired("to_target_step_censored", "ratio").fmt(2),
+                     paired("mask/token_frac", "diff").fmt(2, pct=True),
+                     paired("perf/train_s", "ratio").fmt(2)])
+    columns = ["A vs B", "final success A - B", "steps to target A / B", "discrepancy rejected A - B",
+               "train s/step A / B"]
+    return markdown(pd.DataFrame(body, columns=columns)) if body else "(no pair of these routes ran here)"
+
+
+# The comparisons each question of issue 15 asks for, by the setting's sampler numerics.
+THREE_TERM_PAIRS = (
+    ("three-term", "recompute"), ("three-term", "exact"), ("exact", "recompute"),
+    ("revised_ewma as pi_old", "exact"), ("three-term, revised_ewma anchor", "exact"),
+    ("three-term, revised_ewma anchor", "three-term"), ("revised_ewma as pi_old", "recompute"),
+)
+
+
+def plot_three_term_curves(rows_curves: pd.DataFrame, settings, path: str | None = None):
+    """One panel per setting: held-out success against RL step, mean over seeds (band: ± std), per route."""
+    import matplotlib
+
+    if path:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.8 * len(settings), 3.3), sharey=True, squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        sel = _setting_rows(rows_curves, setting)
+        for route in _routes_of(sel):
+            xs, m, s = mean_curve(sel[sel["route"] == route])
+            color = f"C{THREE_TERM_ORDER.index(route) if route in THREE_TERM_ORDER else len(THREE_TERM_ORDER)}"
+            ax.plot(xs, m, color=color, label=route, lw=1.5)
+            ax.fill_between(xs, m - s, m + s, color=color, alpha=0.12)
+        ax.set_title(setting_name(setting), fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out success")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    fig.tight_layout()
+    names = [k for k in THREE_TERM_ORDER if k in handles]
+    fig.legend([handles[k] for k in names], names, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if path:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return fig
+
+
+def three_term_report(results_dir: str, out: str, target: float = 0.7, n_resamples: int = 10_000,
+                      seed: int = 0) -> str:
+    """The three-term sweep's tables (markdown, also `<out>/report.md`) and its curves
+    (`<out>/curves.png`): per setting, learning and masks, stability and cost, and the paired
+    comparisons between routes; 95% percentile-bootstrap intervals over seeds."""
+    os.makedirs(out, exist_ok=True)
+    runs, curves = load(results_dir)
+    rows = three_term_runs(runs, curves, target)
+    bootstrap = {"n_resamples": n_resamples, "seed": seed}
+    settings = settings_in(rows)
+    parts = [f"Results from `{results_dir}` ({len(rows)} runs). Means over seeds with 95% percentile-bootstrap "
+             f"intervals ({n_resamples} resamples over seeds, seed {seed}); comparisons are paired by seed. "
+             f"Steps to {target:g}: held-out success interpolated between evaluations; a run that never "
+             f"reaches it counts at its step budget (marked >=, a lower bound)."]
+    for setting in settings:
+        sel = _setting_rows(rows, setting)
+        parts.append(f"\n### {setting_name(setting)}: learning and masks\n")
+        parts.append(three_term_learning_table(sel, target, **bootstrap))
+        parts.append(f"\n### {setting_name(setting)}: stability and cost\n")
+        parts.append(three_term_stability_table(sel, **bootstrap))
+        parts.append(f"\n### {setting_name(setting)}: paired comparisons\n")
+        parts.append(three_term_comparisons(sel, THREE_TERM_PAIRS, **bootstrap))
+    curve_rows = with_route(curves)
+    plot_three_term_curves(curve_rows, settings, os.path.join(out, "curves.png"))
+    text = "\n".join(parts) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def main(argv):
     """`python -m jaxrl_async.experiments.report`: the flags are defined below, in `__main__`."""
     from absl import app, flags, logging
@@ -370,6 +663,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.three_term:
+        print(three_term_report(FLAGS.three_term, FLAGS.out, FLAGS.target))
+        return
     print(report(FLAGS.routes, FLAGS.thresholds, FLAGS.out, FLAGS.target))
 
 
@@ -381,4 +677,6 @@ if __name__ == "__main__":
                         "Output directory of the threshold sweep (its table is left out when it has no runs.csv).")
     flags.DEFINE_string("out", "runs/experiments/report", "Where report.md and the figures go.")
     flags.DEFINE_float("target", 0.7, "Held-out success rate for steps-to-target.")
+    flags.DEFINE_string("three_term", None, "Output directory of the three-term sweep "
+                        "(configs/experiments/three_term.py): write its report (bootstrap intervals) instead.")
     app.run(main)

@@ -46,7 +46,13 @@ MEAN_METRICS = (
     "proximal/forward_passes", "proximal/param_copies", "proximal/sampler_stall_s", "proximal/ewma_beta",
     "rollout/success_rate", "rollout/partial_frac",
     "perf/step_s", "perf/sample_s", "perf/train_s",
+    # the three-term loss's staleness weight pi_prox / pi_old, and the gradient norm (before clipping)
+    "staleness/is_weight_mean", "staleness/is_weight_max", "staleness/is_truncated_frac", "staleness/mask_frac",
+    "staleness/kl_k1", "perf/grad_norm",
 )
+
+# A gradient-norm spike: an RL step whose (pre-clip) gradient norm exceeds this multiple of the run's median.
+GRAD_SPIKE_FACTOR = 3.0
 
 DEFAULT_WARMSTART_CACHE = "runs/experiments/warmstart_cache"
 
@@ -279,9 +285,10 @@ def collect(out: str, cells: list[tuple[str, dict]]):
         later = steps.iloc[1:]  # steps[0] holds the compilations
         for key in MEAN_METRICS:
             run[key] = float(later[key].mean()) if key in later and later[key].notna().any() else float("nan")
+        evals = metrics[metrics["eval/success_rate"].notna()] if "eval/success_rate" in metrics else metrics.iloc[:0]
+        run.update(_stability(steps, evals))
         run["config"] = json.dumps(summary["config"], sort_keys=True)
         runs.append(run)
-        evals = metrics[metrics["eval/success_rate"].notna()] if "eval/success_rate" in metrics else metrics.iloc[:0]
         for step, success in zip(evals["step"], evals["eval/success_rate"]):
             # Learner wall-clock up to this evaluation: the RL steps before it, evaluation excluded.
             curves.append({"cell": cid, **axes, "step": int(step), "success": float(success),
@@ -291,6 +298,29 @@ def collect(out: str, cells: list[tuple[str, dict]]):
         if len(table):
             table.to_csv(os.path.join(out, name), index=False, na_rep="nan")
     return runs, curves
+
+
+def _stability(steps, evals) -> dict:
+    """Stability of one run: the largest (pre-clip) gradient norm and its ratio to the run's median, the
+    number of spikes (steps above `GRAD_SPIKE_FACTOR` x the median), the largest drop of held-out success
+    below its running best (`success_drawdown`; a collapse shows as a large one), and the updates skipped
+    for a non-finite loss or gradient. `steps`: the RL steps; `evals`: the evaluations."""
+    import numpy as np
+
+    out = {"grad_norm_max": float("nan"), "grad_norm_max_over_median": float("nan"), "grad_spikes": float("nan"),
+           "success_drawdown": float("nan"), "skipped_nonfinite": float("nan")}
+    if "perf/grad_norm" in steps and steps["perf/grad_norm"].notna().any():
+        g = steps["perf/grad_norm"].dropna().to_numpy(float)
+        med = float(np.median(g))
+        out["grad_norm_max"] = float(g.max())
+        out["grad_norm_max_over_median"] = float(g.max() / med) if med > 0 else float("nan")
+        out["grad_spikes"] = float((g > GRAD_SPIKE_FACTOR * med).sum())
+    if len(evals):
+        s = evals.sort_values("step")["eval/success_rate"].to_numpy(float)
+        out["success_drawdown"] = float((np.maximum.accumulate(s) - s).max())
+    if "train/skipped_nonfinite" in steps:
+        out["skipped_nonfinite"] = float(steps["train/skipped_nonfinite"].fillna(0).sum())
+    return out
 
 
 def main(argv):

@@ -196,6 +196,32 @@ def test_background_write_error_surfaces(tmp_path, monkeypatch):
     assert not [n for n in os.listdir(tmp_path) if not n.startswith("v_") and not n.startswith(".")]
 
 
+def test_a_transient_background_write_failure_is_retried(tmp_path, monkeypatch):
+    """The soak's mid-write truncation: one failed save is retried from scratch, the version
+    lands on disk and the learner goes on (a persistent failure is raised: the test above)."""
+    import jaxrl_async.runtime.versions as versions_lib
+
+    store = VersionStore(str(tmp_path), capacity=3, target=_tree(0), writer=True, background=True)
+    real, calls = versions_lib.write_manifest, []
+
+    def flaky(directory):
+        calls.append(directory)
+        if len(calls) == 2:  # version 1's first attempt
+            raise OSError("file truncated under the writer")
+        real(directory)
+
+    monkeypatch.setattr(versions_lib, "write_manifest", flaky)
+    store.publish(0, _tree(0))
+    store.publish(1, _tree(1))
+    store.publish(2, _tree(2))  # no error from version 1
+    store.close()
+    assert store.versions() == [0, 1, 2]
+    assert store.stats["write_retries"] == 1
+    reader = VersionStore(str(tmp_path), capacity=3, target=_tree(0), cache_size=0)
+    assert float(reader.get(1)["s"]) == 1.0
+    assert not [n for n in os.listdir(tmp_path) if not n.startswith("v_")]
+
+
 def test_cluster_publishes_to_the_slot_and_the_ring_buffer(tmp_path, tiny_config):
     from jaxrl_async.cluster import RLCluster
 

@@ -32,7 +32,8 @@ a time (a publish waits for the previous write first, so at most one is in fligh
 its write lands, the version is served from memory by this instance's `get` (the learner's
 snapshot route) but is not yet in `versions()` or visible to readers in other processes,
 which get new versions through the shared-memory hand-off (`runtime.handoff`) instead. A
-failed background write is raised by the next `publish`, `flush` or `close`.
+failed background write is retried once from scratch (`stats["write_retries"]`); a second
+failure is raised by the next `publish`, `flush` or `close`.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ class VersionStore:
         # version -> directory identity of versions found corrupt (skipped by `versions()`).
         self._corrupt: dict[int, tuple[int, int]] = {}
         self.stats = {"disk_reads": 0, "cache_hits": 0, "bytes_read": 0, "bytes_written": 0, "evictions": 0,
-                      "corrupt": 0, "publish_wait_s": 0.0}
+                      "corrupt": 0, "publish_wait_s": 0.0, "write_retries": 0}
         os.makedirs(self.directory, exist_ok=True)
         if writer:
             for name in os.listdir(self.directory):
@@ -343,13 +344,28 @@ class VersionStore:
         tmp = os.path.join(self.directory, f"{_TMP_PREFIX}v_{version:08d}-{uuid.uuid4().hex[:8]}")
         # A checkpointer of its own: the reading thread may be restoring with self._checkpointer.
         checkpointer = self._checkpointer if not self.background else self._writer_checkpointer()
-        try:
-            checkpointer.save(tmp, args=ocp.args.StandardSave(params))
-            write_manifest(tmp)  # before the rename: a version appears with its manifest
-            os.rename(tmp, self._path(version))  # the one step that makes the version visible
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # A background write is retried once from scratch: a transient failure (a file
+        # truncated or removed under Orbax mid-write, as the chaos soak does) must not stop
+        # the learner; a persistent one (disk full) fails twice and is raised.
+        attempts = 2 if self.background else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                checkpointer.save(tmp, args=ocp.args.StandardSave(params))
+                write_manifest(tmp)  # before the rename: a version appears with its manifest
+                os.rename(tmp, self._path(version))  # the one step that makes the version visible
+                break
+            except Exception as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if attempt == attempts:
+                    raise
+                _log.warning("writing parameter version %d to %s failed (%s: %s); retrying once",
+                             version, tmp, type(e).__name__, e)
+                with self._lock:
+                    self.stats["write_retries"] += 1
+                tmp = os.path.join(self.directory, f"{_TMP_PREFIX}v_{version:08d}-{uuid.uuid4().hex[:8]}")
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         with self._lock:
             self.stats["bytes_written"] += _nbytes(params)
             self._remember(version, self._identity(version), params)

@@ -106,6 +106,20 @@ def _jsonl(path: str) -> list[dict]:
     return out
 
 
+def _surviving_timeline(ldir: str, final_steps: int):
+    """(every take record, {step: the surviving take}, keys trained, keys dropped as stale) from the
+    learner's ledger: for each step < final_steps, the take of the newest learner epoch (a resumed
+    learner redoes the steps after its checkpoint under a higher epoch)."""
+    takes = _jsonl(os.path.join(ldir, "learner.jsonl"))
+    surviving: dict[int, dict] = {}
+    for e in takes:
+        if e["step"] < final_steps and (e["step"] not in surviving or e["epoch"] >= surviving[e["step"]]["epoch"]):
+            surviving[e["step"]] = e
+    trained = [k for s in sorted(surviving) for k, _ in surviving[s]["trained"]]
+    dropped = [k for s in sorted(surviving) for k, _ in surviving[s]["dropped"]]
+    return takes, surviving, trained, dropped
+
+
 def account(workdir: str, final_steps: int, groups_per_step: int, bound: int) -> dict:
     """Exactly-once accounting of a finished run from the queue's ledgers and metrics.jsonl.
 
@@ -117,13 +131,7 @@ def account(workdir: str, final_steps: int, groups_per_step: int, bound: int) ->
     from jaxrl_async.runtime.spool import TrajectoryQueue
 
     ldir = ledger_dir(workdir)
-    takes = _jsonl(os.path.join(ldir, "learner.jsonl"))
-    surviving: dict[int, dict] = {}
-    for e in takes:
-        if e["step"] < final_steps and (e["step"] not in surviving or e["epoch"] >= surviving[e["step"]]["epoch"]):
-            surviving[e["step"]] = e
-    trained = [k for s in sorted(surviving) for k, _ in surviving[s]["trained"]]
-    dropped = [k for s in sorted(surviving) for k, _ in surviving[s]["dropped"]]
+    takes, surviving, trained, dropped = _surviving_timeline(ldir, final_steps)
     puts = [p for name in sorted(os.listdir(ldir)) if name.startswith("put-")
             for p in _jsonl(os.path.join(ldir, name))] if os.path.isdir(ldir) else []
     queue = TrajectoryQueue(queue_dir(workdir), 1)
@@ -169,13 +177,7 @@ def account_ray(workdir: str, final_steps: int, groups_per_step: int, bound: int
     from jaxrl_async.runtime.ray_runtime import _parse_key, ledger_dir, state_path
 
     ldir = ledger_dir(workdir)
-    takes = _jsonl(os.path.join(ldir, "learner.jsonl"))
-    surviving: dict[int, dict] = {}
-    for e in takes:
-        if e["step"] < final_steps and (e["step"] not in surviving or e["epoch"] >= surviving[e["step"]]["epoch"]):
-            surviving[e["step"]] = e
-    trained = [k for s in sorted(surviving) for k, _ in surviving[s]["trained"]]
-    dropped = [k for s in sorted(surviving) for k, _ in surviving[s]["dropped"]]
+    takes, surviving, trained, dropped = _surviving_timeline(ldir, final_steps)
     names = sorted(os.listdir(ldir)) if os.path.isdir(ldir) else []
     puts: dict[int, list] = collections.defaultdict(list)  # learner epoch -> its put records
     closes: dict[int, dict] = {}
@@ -292,7 +294,8 @@ class Progress:
         return grew
 
 
-def _children(pid: int) -> list[int]:
+def _descendants_running(pid: int, marker: str) -> list[int]:
+    """Live (not zombie) processes under `pid` whose command line contains `marker`."""
     import psutil
 
     try:
@@ -302,29 +305,21 @@ def _children(pid: int) -> list[int]:
     out = []
     for p in kids:
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+            if p.status() != psutil.STATUS_ZOMBIE and marker in " ".join(p.cmdline()):
                 out.append(p.pid)
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def _children(pid: int) -> list[int]:
+    """The sampler processes (multiprocessing spawn children) under `pid`."""
+    return _descendants_running(pid, "spawn_main")
 
 
 def _scorers(pid: int) -> list[int]:
     """The dedicated old-log-prob scorer processes (`python -m jaxrl_async.runtime.scorer`) under `pid`."""
-    import psutil
-
-    try:
-        kids = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    out = []
-    for p in kids:
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and "jaxrl_async.runtime.scorer" in " ".join(p.cmdline()):
-                out.append(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+    return _descendants_running(pid, "jaxrl_async.runtime.scorer")
 
 
 def _truncate_newest_version(workdir: str, rng, mid_write: bool) -> Optional[str]:

@@ -276,12 +276,21 @@ def bench_async_vs_sync(steps: int) -> dict:
         episodes = c.rl.groups_per_step * c.rl.group_size
         step_s = float(np.mean([r["perf/step_s"] for r in rows]))
         out[mode] = {"episodes_per_s": episodes / step_s, "step_s": step_s}
+        if mode == "process":
+            # Where the asynchronous learner's step goes: waiting for a batch (idle), the update
+            # and its host work, publishing the new version (shared slot + background ring buffer).
+            wait = float(np.mean([r["perf/learner_wait_s"] for r in rows]))
+            train = float(np.mean([r["perf/train_s"] for r in rows]))
+            publish = float(np.mean([r.get("perf/publish_s", 0.0) for r in rows]))
+            out[mode].update(learner_wait_s=wait, train_s=train, publish_s=publish, idle_frac=wait / step_s,
+                             sampler_gate_wait_s=float(np.mean([r["perf/sampler_gate_wait_s"] for r in rows])))
         if mode == "inline":
             t_sample = float(np.mean([r["perf/sample_s"] for r in rows]))
             t_train = float(np.mean([r["perf/train_s"] for r in rows]))
             out["ideal_overlap_bound"] = (t_sample + t_train) / max(t_sample, t_train)
             out["inline"].update(sample_s=t_sample, train_s=t_train)
     out["async_vs_sync"] = out["process"]["episodes_per_s"] / out["inline"]["episodes_per_s"]
+    out["async_vs_overlap_bound"] = out["async_vs_sync"] / out["ideal_overlap_bound"]
     return out
 
 
@@ -474,7 +483,14 @@ def _print_async(res, steps: int):
     print(f"| inline (sync) | {r['inline']['episodes_per_s']:.1f} | 1.00 |")
     print(f"| process (async, 1 sampler) | {r['process']['episodes_per_s']:.1f} | {r['async_vs_sync']:.2f} |")
     print(f"| ideal overlap bound (T_sample + T_train) / max(...) from the inline run | | "
-          f"{r['ideal_overlap_bound']:.2f} |\n")
+          f"{r['ideal_overlap_bound']:.2f} |")
+    print(f"async/sync as a share of the overlap bound: {r['async_vs_overlap_bound']:.2f}\n")
+    i, p = r["inline"], r["process"]
+    print("where a step goes (s, means over steps 2+)\n| runtime | step | sampling / waiting for data | "
+          "update, host work, publish | of which publish | learner idle |\n|---|---|---|---|---|---|")
+    print(f"| inline | {i['step_s']:.3f} | {i['sample_s']:.3f} (sampling) | {i['train_s']:.3f} | | |")
+    print(f"| process | {p['step_s']:.3f} | {p['learner_wait_s']:.3f} (waiting) | {p['train_s']:.3f} | "
+          f"{p['publish_s']:.4f} | {p['idle_frac']:.0%} |\n")
 
 
 def _print_handoff(res):

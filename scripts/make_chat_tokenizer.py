@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxrl_async.envs import ENV_NAMES  # noqa: E402
 from jaxrl_async.envs import chat_tokenizer as ct  # noqa: E402
-from jaxrl_async.envs.chat import ChatEnv, chat_expert_episode, make_chat_env  # noqa: E402
+from jaxrl_async.envs.base import expert_episode  # noqa: E402
+from jaxrl_async.envs.chat import ChatEnv, make_chat_env  # noqa: E402
 
 NOISES = (0.0, 0.3, 1.0)
 
@@ -38,7 +39,7 @@ def corpus(tokenizer, episodes: int) -> list[str]:
         for k, noise in enumerate(NOISES):
             rng = np.random.default_rng([k, 7])
             for seed in range(episodes):
-                chat_expert_episode(env, seed, rng, noise)
+                expert_episode(env, seed, rng, noise)
                 texts.append(env.conversation_text())
     return texts
 

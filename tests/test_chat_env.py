@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from jaxrl_async.envs import ENV_NAMES
+from jaxrl_async.envs.base import expert_episode
 from jaxrl_async.envs import chat_tokenizer as ct
 from jaxrl_async.envs.chat import (
     CHAT_ERRORS,
     ChatEnv,
-    chat_expert_episode,
     make_chat_env,
     parse_chatml,
     parse_llama3,
@@ -107,7 +107,7 @@ def llama(tmp_path_factory):
         env = make_chat_env(name, boot)
         rng = np.random.default_rng(0)
         for seed in range(8):
-            chat_expert_episode(env, seed, rng, 0.5)
+            expert_episode(env, seed, rng, 0.5)
             texts.append(env.conversation_text())
     tok = ct.train_bpe(texts, ct.LLAMA3_SPECIALS, vocab_size=1000, pattern=ct.LLAMA3_PATTERN)
     return hf.load_tokenizer(_save_llama(tok, str(root / "tok")))
@@ -138,7 +138,7 @@ def test_chatml_round_trip(chatml, name):
     assert env.format == "chatml" and env.eot_id == chatml.token_to_id("<|im_end|>")
     rng = np.random.default_rng(1)
     for seed in range(24):
-        ep = chat_expert_episode(env, seed, rng, (0.0, 0.5, 1.0)[seed % 3])
+        ep = expert_episode(env, seed, rng, (0.0, 0.5, 1.0)[seed % 3])
         _check_episode(env, ep)
 
 
@@ -147,7 +147,7 @@ def test_expert_succeeds_at_noise_0(chatml, name):
     env = make_chat_env(name, chatml)
     rng = np.random.default_rng(2)
     for seed in range(20):
-        ep = chat_expert_episode(env, seed, rng, 0.0)
+        ep = expert_episode(env, seed, rng, 0.0)
         assert ep.success and ep.reward == 1.0, seed
         assert all(m.get("tool_calls") for m in env.messages if m["role"] == "assistant")
 
@@ -288,7 +288,7 @@ def test_llama3_round_trip(llama, name):
     rng = np.random.default_rng(5)
     for seed in range(12):
         noise = (0.0, 0.5, 1.0)[seed % 3]
-        ep = chat_expert_episode(env, seed, rng, noise)
+        ep = expert_episode(env, seed, rng, noise)
         _check_episode(env, ep)
         assert ep.tokens[0] == llama.token_to_id("<|begin_of_text|>")
         if noise == 0.0:
@@ -317,7 +317,7 @@ def test_shipped_tokenizer_matches_transformers(chatml):
     env = make_chat_env("tooluse", chatml)
     rng = np.random.default_rng(6)
     for seed in range(6):
-        chat_expert_episode(env, seed, rng, 0.6)
+        expert_episode(env, seed, rng, 0.6)
         for gen in (True, False):
             kwargs = dict(tools=env.tools, add_generation_prompt=gen)
             text = chatml.render_chat_template(env.messages, **kwargs)
@@ -336,7 +336,7 @@ def test_tokenizer_build_is_deterministic(tmp_path):
         env = make_chat_env(name, hf.load_tokenizer(ct.SHIPPED_TOKENIZER))
         rng = np.random.default_rng(0)
         for seed in range(6):
-            chat_expert_episode(env, seed, rng, 0.5)
+            expert_episode(env, seed, rng, 0.5)
             texts.append(env.conversation_text())
     files = []
     for k in range(2):

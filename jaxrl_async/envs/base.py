@@ -103,6 +103,9 @@ class Env(abc.ABC):
     """A multi-turn task; one episode at a time (``reset`` then ``step`` until done)."""
 
     name: str = "env"
+    # The padding and end-of-turn ids of the env's vocabulary (a chat env has its tokenizer's).
+    pad_id: int = Tokenizer.PAD
+    eot_id: int = Tokenizer.EOT
 
     def __init__(
         self,
@@ -237,15 +240,17 @@ class Env(abc.ABC):
         """A plausible but wrong (or random) action text."""
 
 
-def expert_episode(env: Env, seed: int, rng: np.random.Generator, noise: float) -> Episode:
-    """Runs the (noisy) expert for one episode and lays it out as the rollout does."""
+def expert_episode(env, seed: int, rng: np.random.Generator, noise: float) -> Episode:
+    """Runs the (noisy) expert for one episode and lays it out as the rollout does: tokens and
+    the loss mask (1 on the agent's tokens and their end-of-turn token, 0 on the prompt and
+    observations). `env`: an `Env` or an `envs.chat.ChatEnv` (each closes a turn with its `eot_id`)."""
     tokens = list(env.reset(seed))
     mask = [0] * len(tokens)
     reward, success, latency = 0.0, False, 0.0
     while not env.done:
         action = env.expert_action(rng, noise)[: env.max_turn_tokens]
         res = env.step(action)
-        tokens += action + [Tokenizer.EOT] + res.observation
+        tokens += action + [env.eot_id] + res.observation
         mask += [1] * (len(action) + 1) + [0] * len(res.observation)
         reward, success = res.reward, res.info["success"]
         latency += res.info["latency_s"]

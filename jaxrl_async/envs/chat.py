@@ -55,8 +55,8 @@ both. (A GPT-2-style regex, ``\\s+(?!\\S)``, splits ``\\n\\n{`` as ``\\n`` ``\\n
 but keeps ``\\n\\n`` whole at the end of the prompt: where the BPE merges ``\\n\\n``, the
 tokens differ there while the text stays equal.)
 
-``chat_expert_episode(env, seed, rng, noise)`` is ``base.expert_episode`` in this format:
-the scripted agent writes ``call_text`` of the task expert's action; with probability
+``base.expert_episode(env, seed, rng, noise)`` demonstrates a ``ChatEnv`` too (its turns end
+with the tokenizer's ``eot_id``): the scripted agent writes ``call_text`` of the task expert's action; with probability
 ``noise`` it errs: half the time the task's plausible wrong action, half the time a
 malformed call (bad JSON, unknown tool, wrong argument name, a number as a string).
 """
@@ -70,7 +70,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxrl_async.envs.base import ERROR_MESSAGES, Env, Episode, StepResult
+from jaxrl_async.envs.base import ERROR_MESSAGES, Env, StepResult
 from jaxrl_async.envs.tokenizer import MAX_NUMBER, TOKENIZER
 
 FORMATS = ("chatml", "llama3")
@@ -522,22 +522,6 @@ class ChatEnv:
         if self.env.done:
             raise RuntimeError(f"{self.name}: expert_action() called on a finished episode")
         return self.encode(self.expert_text(rng, noise))
-
-
-def chat_expert_episode(env: ChatEnv, seed: int, rng: np.random.Generator, noise: float) -> Episode:
-    """``base.expert_episode`` in the chat format: tokens and the loss mask (1 on the
-    agent's tokens and their end-of-turn token, 0 on the prompt and observations)."""
-    tokens = list(env.reset(seed))
-    mask = [0] * len(tokens)
-    reward, success, latency = 0.0, False, 0.0
-    while not env.done:
-        action = env.expert_action(rng, noise)[: env.max_turn_tokens]
-        res = env.step(action)
-        tokens += action + [env.eot_id] + res.observation
-        mask += [1] * (len(action) + 1) + [0] * len(res.observation)
-        reward, success = res.reward, res.info["success"]
-        latency += res.info["latency_s"]
-    return Episode(tokens, mask, reward, success, env.turn, latency)
 
 
 def make_chat_env(name: str, tokenizer=None, *, format: str | None = None, max_turn_tokens: int = 48,

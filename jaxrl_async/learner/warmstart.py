@@ -23,8 +23,6 @@ import orbax.checkpoint as ocp
 
 from jaxrl_async import config as config_lib
 from jaxrl_async.envs.base import Env, expert_episode
-from jaxrl_async.envs.chat import ChatEnv, chat_expert_episode
-from jaxrl_async.envs.tokenizer import TOKENIZER
 from jaxrl_async.learner import update as learner_lib
 
 
@@ -40,16 +38,15 @@ def demonstrations(make_env: Callable[[], Env], task_seeds, noise: float, seed: 
     Returns `tokens` `[N, max_len]` int32 (PAD-padded) and `loss_mask` `[N, max_len]` bool
     marking the agent's tokens (each turn's words and its end-of-turn token), the same
     layout the sampler produces, so the supervised and RL phases see identical contexts.
-    A chat env (`envs.chat.ChatEnv`) is demonstrated by `chat_expert_episode` and padded with its `pad_id`.
+    A chat env (`envs.chat.ChatEnv`) closes turns with its tokenizer's `eot_id` and is padded with its `pad_id`.
     """
     rng = np.random.default_rng(seed)
     env = make_env()
     n = len(task_seeds)
-    episode = chat_expert_episode if isinstance(env, ChatEnv) else expert_episode
-    tokens = np.full((n, max_len), getattr(env, "pad_id", TOKENIZER.PAD), np.int32)
+    tokens = np.full((n, max_len), env.pad_id, np.int32)
     mask = np.zeros((n, max_len), bool)
     for i, task_seed in enumerate(task_seeds):
-        ep = episode(env, int(task_seed), rng, noise)
+        ep = expert_episode(env, int(task_seed), rng, noise)
         length = min(len(ep.tokens), max_len)
         tokens[i, :length] = ep.tokens[:length]
         mask[i, :length] = ep.loss_mask[:length]

@@ -255,19 +255,7 @@ class Attention(nnx.Module):
         q = _rotary(q, positions, inv_freq)
         k = _rotary(k, positions, inv_freq)
 
-        if cache is None:
-            keys, values, key_pos = k, v, positions
-        else:
-            rows = jnp.arange(b)[:, None]
-            cache = {
-                "k": cache["k"].at[layer, rows, positions].set(k.astype(cache["k"].dtype)),
-                "v": cache["v"].at[layer, rows, positions].set(v.astype(cache["v"].dtype)),
-            }
-            keys, values = cache["k"][layer].astype(dt), cache["v"][layer].astype(dt)
-            s = keys.shape[1]
-            key_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-
-        mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, Tq, Tk]
+        keys, values, mask, cache = _tf.attention_keys(k, v, positions, cache, layer, dt)
         qg = q.reshape(b, t, kvh, h // kvh, dh)  # query head i uses kv head i // group
         scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, keys).astype(jnp.float32)
         scores = scores * (dh ** -0.5)

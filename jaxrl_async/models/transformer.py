@@ -170,6 +170,33 @@ def _rotary(x: Array, positions: Array) -> Array:
     return out.astype(x.dtype)
 
 
+def attention_keys(k, v, positions, cache, layer, dtype):
+    """The keys and values a layer attends to, and its causal mask, with or without a KV cache.
+
+    k, v: this call's keys and values `[B, T, Hkv, Dh]` at `positions` `[B, T]`. Without a
+    cache they are all there is. With one (`{"k", "v"}` of `[L, B, S, Hkv, Dh]`), they are
+    written at their positions into layer `layer` and the layer's whole cache is read back
+    in `dtype` (the compute dtype). Returns (keys, values `[B, Tk, Hkv, Dh]`, mask `[B, Tq, Tk]` bool: key
+    position <= query position, cache or None). Shared by both model families.
+    """
+    b = k.shape[0]
+    if cache is None:
+        keys, values, key_pos = k, v, positions  # [B, T]
+    else:
+        # Scatter into the whole [L, B, S, H, Dh] buffer (not a per-layer slice that
+        # is restacked afterwards): with the cache donated, XLA updates it in place.
+        rows = jnp.arange(b)[:, None]  # [B, 1], broadcasts against positions [B, T]
+        cache = {
+            "k": cache["k"].at[layer, rows, positions].set(k.astype(cache["k"].dtype)),
+            "v": cache["v"].at[layer, rows, positions].set(v.astype(cache["v"].dtype)),
+        }
+        keys, values = cache["k"][layer].astype(dtype), cache["v"][layer].astype(dtype)
+        s = keys.shape[1]
+        key_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, Tq, Tk]
+    return keys, values, mask, cache
+
+
 class Block(nnx.Module):
     """Pre-norm transformer block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
 
@@ -214,22 +241,7 @@ class Block(nnx.Module):
         q = _rotary(q, positions)
         k = _rotary(k, positions)
 
-        if cache is None:
-            keys, values = k, v
-            key_pos = positions  # [B, T]
-        else:
-            # Scatter into the whole [L, B, S, H, Dh] buffer (not a per-layer slice that
-            # is restacked afterwards): with the cache donated, XLA updates it in place.
-            rows = jnp.arange(b)[:, None]  # [B, 1], broadcasts against positions [B, T]
-            cache = {
-                "k": cache["k"].at[layer, rows, positions].set(k.astype(cache["k"].dtype)),
-                "v": cache["v"].at[layer, rows, positions].set(v.astype(cache["v"].dtype)),
-            }
-            keys, values = cache["k"][layer].astype(dt), cache["v"][layer].astype(dt)
-            s = keys.shape[1]
-            key_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-
-        mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, Tq, Tk]
+        keys, values, mask, cache = attention_keys(k, v, positions, cache, layer, dt)
         # Scores in the compute dtype, softmax in float32 (as attention kernels do).
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys).astype(jnp.float32)
         scores = scores / math.sqrt(self.head_dim)

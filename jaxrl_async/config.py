@@ -58,6 +58,9 @@ def base_config() -> config_dict.ConfigDict:
     c.sampler = config_dict.ConfigDict()
     c.sampler.temperature = 1.0  # sampling temperature of the behaviour policy
     c.sampler.chunk = 16  # decode steps between checks for new weights (partial rollouts)
+    # KV-cache slots per generate call (the decode batch): 0 = one per episode; fewer than the call's episodes =
+    # continuous batching (a slot whose episode ends takes the next one, so short episodes don't wait for long ones)
+    c.sampler.slots = 0
 
     c.rl = config_dict.ConfigDict()
     c.rl.groups_per_step = 16  # task instances per RL step
@@ -219,6 +222,9 @@ def validate(config) -> None:
               "runtime.sampler_startup_s", "runtime.wait_log_s"):
         positive(f, integer=False)
     if given["rl.advantage"] == "rloo" and given["rl.group_size"] < 2:
+    if isinstance(given["sampler.slots"], bool) or not isinstance(given["sampler.slots"], int) or given["sampler.slots"] < 0:
+        raise ValueError(f"config.sampler.slots must be an integer >= 0 (0 = one KV-cache slot per episode); "
+                         f"got {given['sampler.slots']!r}")
         raise ValueError("config.rl.group_size must be >= 2 with rl.advantage='rloo' (leave-one-out needs a peer)")
     batch = given["rl.groups_per_step"] * given["rl.group_size"]
     if batch % given["optim.num_minibatches"]:

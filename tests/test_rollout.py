@@ -10,7 +10,7 @@ from jaxrl_async.learner import update as learner_lib
 from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.envs import make_env
 from jaxrl_async.envs.tokenizer import TOKENIZER
-from jaxrl_async.rollout.sampler import Sampler
+from jaxrl_async.rollout.sampler import RolloutStats, Sampler
 from jaxrl_async.rollout.trajectory import collate
 
 MAX_LEN = 64
@@ -198,3 +198,82 @@ def test_prefill_then_decode_matches_decoding_token_by_token(setup):
         _, cache = model_lib.decode_step(graphdef, p0, cache, tok, jnp.asarray([MAX_LEN, t], jnp.int32), num, key)
     out, _ = model_lib.decode_step(graphdef, p0, cache, tokens[:, 11], jnp.full((2,), 11, jnp.int32), num, key)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+# Continuous batching: more episodes than KV-cache slots; a slot whose episode ends takes the next one.
+
+
+@pytest.mark.parametrize("exact_route", [None, "interrupt"])
+def test_continuous_batching_through_fewer_slots_keeps_versions_and_logp(setup, exact_route):
+    cfg, graphdef, p0, p1 = setup
+    n, slots = 3 * B, 5
+    envs = [make_env("search", n=8, max_turns=4) for _ in range(n)]
+    sampler = Sampler(graphdef, cfg, model_lib.Numerics("fp32"), exact_route=exact_route)
+    sampler.update_params(p0, 0)
+    trajs, stats = sampler.generate(envs, list(range(n)), [i // 2 for i in range(n)], jax.random.key(5),
+                                    weight_source=lambda step: (p1, 1) if step >= 24 else None, chunk=8, slots=slots)
+    assert stats.episodes == n and stats.slots == slots and stats.weight_switches == 1
+    # Every episode ran to its end, in input order, with its own task seed and group.
+    assert [t.task_seed for t in trajs] == list(range(n)) and [t.group_id for t in trajs] == [i // 2 for i in range(n)]
+    assert all(t.num_turns >= 1 and (t.tokens[0] == TOKENIZER.BOS) for t in trajs)
+    batch = collate(trajs, MAX_LEN)
+    gen, versions = batch.loss_mask, batch.versions
+    # Episodes started after the switch generate only under version 1; some episodes span it.
+    assert set(np.unique(versions[gen])) == {0, 1}
+    assert any(t.is_partial for t in trajs)
+    assert (versions[-1][gen[-1]] == 1).all()
+    tokens = jnp.asarray(batch.tokens)
+    for v, p in ((0, p0), (1, p1)):
+        sel = gen & (versions == v)
+        lp = np.asarray(learner_lib.token_logprobs(graphdef, p, tokens))
+        np.testing.assert_allclose(batch.behav_logp[sel], lp[sel], atol=1e-5)
+        if exact_route is not None:  # the sampler's exact old log-probs: each token's own version
+            np.testing.assert_allclose(batch.old_logp[sel], lp[sel], atol=1e-5)
+    # Five slots decode fewer slot-steps than one slot per episode would: the same work in fewer rows.
+    assert stats.decode_steps * slots < sum(len(t.tokens) for t in trajs) * 2
+
+
+def test_continuous_batching_is_deterministic_and_one_slot_per_episode_is_the_plain_batch(setup):
+    cfg, graphdef, p0, _ = setup
+    sampler = Sampler(graphdef, cfg, model_lib.Numerics("bf16"))
+    sampler.update_params(p0, 0)
+
+    def run(slots):
+        return sampler.generate(_envs(), list(range(B)), list(range(B)), jax.random.key(9), slots=slots)
+
+    (a, sa), (b, sb), (c, sc) = run(3), run(3), run(None)
+    for x, y in zip(a, b):
+        for k in ("tokens", "loss_mask", "behav_logp", "versions"):
+            np.testing.assert_array_equal(getattr(x, k), getattr(y, k))
+    assert sa.decode_steps == sb.decode_steps and sc.slots == B
+    d, _ = run(B)  # as many slots as episodes: exactly the plain batch
+    for x, y in zip(c, d):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+    assert sa.decode_steps > sc.decode_steps  # three slots take more decode steps than eight
+    with pytest.raises(ValueError, match="slots"):
+        run(0)
+
+
+def test_sampler_slots_config_is_validated_and_reaches_generate(setup, monkeypatch):
+    from jaxrl_async import config as config_lib
+    from jaxrl_async.runtime import base as runtime_base
+
+    for bad in (-1, True):
+        c = config_lib.base_config()
+        c.sampler.slots = bad
+        with pytest.raises(ValueError, match=r"sampler\.slots"):
+            config_lib.validate(c)
+    c = config_lib.base_config()
+    c.sampler.slots = 3
+    config_lib.validate(c)
+    seen = {}
+
+    def fake_generate(envs, task_seeds, group_ids, key, weight_source=None, chunk=16, slots=None):
+        seen["slots"], seen["episodes"] = slots, len(envs)
+        return [], RolloutStats()
+
+    cfg, graphdef, p0, _ = setup
+    sampler = Sampler(graphdef, cfg, model_lib.Numerics("fp32"))
+    monkeypatch.setattr(sampler, "generate", fake_generate)
+    runtime_base.generate_sampler_batch(sampler, lambda: make_env("search", n=8, max_turns=4), c, 0, 0, 0, None, 0.0)
+    assert seen == {"slots": 3, "episodes": c.runtime.sampler_groups * c.rl.group_size}

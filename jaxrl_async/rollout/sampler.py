@@ -60,6 +60,7 @@ from jaxrl_async.rollout.trajectory import Trajectory
 @dataclasses.dataclass
 class RolloutStats:
     episodes: int = 0
+    slots: int = 0  # KV-cache slots (the decode batch); fewer than episodes: continuous batching
     generated_tokens: int = 0
     decode_steps: int = 0
     weight_switches: int = 0
@@ -97,11 +98,14 @@ def _sample_inverse_cdf(logp, key, temperature: float):
     return tokens, jnp.take_along_axis(sample_logp, tokens[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "numerics", "temperature", "model", "pad", "eot"),
-                   donate_argnames=("cache",))
 def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, turn_start, budget, step, limit,
                  numerics, temperature, model=model_lib, pad=TOKENIZER.PAD, eot=TOKENIZER.EOT):
     """Many decode steps in one device call, until the host is needed.
+
+    Not jitted here: `Sampler` jits it once per (graphdef, numerics, temperature, model, pad,
+    eot) with those bound (`_loop_fn`), so a call hashes no static argument (hashing an NNX
+    graphdef costs about 0.25 ms, as much as a quarter of a decode step on a CPU) and passes
+    host arrays straight to the compiled function.
 
     Fixed-shape batch state, one row per slot: ctx [B, max_len] int32 (each slot's known
     context, prompt, generated tokens and observations, PAD after it), length [B] (tokens in
@@ -172,14 +176,19 @@ def _bucket(n: int, cap: int) -> int:
 
 
 class _Slots:
-    """Host-side state of every episode, one row per KV-cache slot (numpy, fixed shape).
+    """Host-side state of every episode of a generate call, one row per episode (numpy, fixed
+    shape), and which KV-cache slot each episode runs in.
+
+    Episodes are started (their env reset, the prompt appended) when a slot takes them:
+    with fewer slots than episodes, a slot whose episode ends takes the next waiting one
+    (continuous batching). `slot_ep[s]` is the episode in KV-cache slot s (-1: none left).
 
     Columns 0..max_len: a forced end-of-turn token can land at index max_len before the
     episode is cut back to the context (it is never fed to the model).
     """
 
     def __init__(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], max_len: int,
-                 old_logp: bool, pad: int = TOKENIZER.PAD):
+                 old_logp: bool, pad: int = TOKENIZER.PAD, num_slots: Optional[int] = None):
         b = len(envs)
         self.pad = pad
         self.envs, self.task_seeds, self.group_ids = list(envs), list(task_seeds), list(group_ids)
@@ -202,9 +211,28 @@ class _Slots:
         self.old = np.zeros((b, max_len + 1), np.float32) if old_logp else None
         self.unscored = np.zeros(b, np.int32)  # tokens before this index are scored (or submitted)
         self.segment_ended = np.zeros(b, bool)  # a segment ended at this decode step (dedicated route)
-        for i, (env, seed) in enumerate(zip(envs, task_seeds)):
-            self.append(i, env.reset(seed))
-            self.turn_start[i] = self.length[i]
+        n = b if num_slots is None else max(1, min(int(num_slots), b))
+        self.slot_ep = np.full(n, -1, np.int64)
+        self.next_episode = 0
+        for slot in range(n):
+            self.start_next(slot)
+
+    def start_next(self, slot: int) -> bool:
+        """Gives `slot` the next waiting episode (its env is reset now); False when none is left."""
+        i = self.next_episode
+        if i >= len(self.envs):
+            self.slot_ep[slot] = -1
+            return False
+        self.next_episode += 1
+        self.slot_ep[slot] = i
+        self.append(i, self.envs[i].reset(self.task_seeds[i]))
+        self.turn_start[i] = self.length[i]
+        return True
+
+    def running(self) -> np.ndarray:
+        """[S] bool: slots whose episode is not done (they advance in the decode loop)."""
+        live = self.slot_ep >= 0
+        return live & ~self.done[np.where(live, self.slot_ep, 0)]
 
     def __len__(self) -> int:
         return len(self.envs)
@@ -295,6 +323,7 @@ class Sampler:
         self.inf_params = None
         self.learner_params = None  # float32 params of `version` (interrupt route only)
         self.version = -1
+        self._loops: dict = {}  # (pad, eot) -> the compiled decode loop (`_loop_fn`)
 
     def update_params(self, params, version: int) -> None:
         """Loads learner params (converted to inference numerics) as `version`.
@@ -309,110 +338,135 @@ class Sampler:
         elif self.exact_route == Route.DEDICATED:
             self.scorer.prefetch(self.version)
 
-    def generate(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], key,
-                 weight_source: Optional[WeightSource] = None, chunk: int = 16) -> tuple[list[Trajectory], RolloutStats]:
-        """Runs one episode per env to completion, all slots batched together.
+    def _loop_fn(self, pad: int, eot: int):
+        """The decode loop compiled for this sampler and vocabulary: graphdef, numerics,
+        temperature, model family and token ids bound, the KV cache donated."""
+        fn = self._loops.get((pad, eot))
+        if fn is None:
+            fn = jax.jit(functools.partial(_decode_loop, self.graphdef, numerics=self.numerics,
+                                           temperature=self.temperature, model=self.model, pad=pad, eot=eot),
+                         donate_argnums=(1,))
+            self._loops[(pad, eot)] = fn
+        return fn
 
-        envs, task_seeds, group_ids: one entry per episode (B of them).
+    def generate(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], key,
+                 weight_source: Optional[WeightSource] = None, chunk: int = 16,
+                 slots: Optional[int] = None) -> tuple[list[Trajectory], RolloutStats]:
+        """Runs one episode per env to completion, batched over KV-cache slots.
+
+        envs, task_seeds, group_ids: one entry per episode (N of them).
         weight_source: polled every `chunk` decode steps to switch weights mid-episode.
+        slots: KV-cache slots (the decode batch); None or >= N: one per episode. With fewer
+          slots than episodes, a slot whose episode ends takes the next one at once
+          (continuous batching on fixed shapes): episodes start in input order as slots free
+          up, so a long episode does not hold the other slots idle until the batch drains.
         Returns the trajectories in input order and rollout statistics.
 
         The decode steps run on the device (`_decode_loop`), many per call; the host takes
         over only when a slot's agent turn ends (the env answers), at a chunk boundary
         (weights may switch) and at the end. Known context (prompt, observations, the
         re-read after a switch) is fed inside the device loop, or prefilled in one batched
-        forward when long (`prefill_min`).
+        forward when long (`prefill_min`). The same key, episodes and `slots` give the same
+        tokens.
         """
         if self.inf_params is None:
             raise RuntimeError("Sampler.update_params must be called before generate")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots must be None or >= 1, got {slots}")
         t0 = time.perf_counter()
         max_len = self.model_config.max_len
         mode = self.exact_route
         self.pad, self.eot = _token_ids(envs)
-        slots = _Slots(envs, task_seeds, group_ids, max_len, old_logp=mode is not None, pad=self.pad)
-        b = len(slots)
+        loop_fn = self._loop_fn(self.pad, self.eot)
+        eps = _Slots(envs, task_seeds, group_ids, max_len, old_logp=mode is not None, pad=self.pad, num_slots=slots)
+        n, b = len(eps), len(eps.slot_ep)
         cache = self.model.init_cache(self.model_config, b, self.numerics)
-        stats = RolloutStats(episodes=b)
-        requests: list[tuple[int, list[tuple[int, int, int]]]] = []  # dedicated: (id, [(slot, lo, hi)] per row)
-        budget = jnp.asarray(slots.budget)
+        stats = RolloutStats(episodes=n, slots=b)
+        requests: list[tuple[int, list[tuple[int, int, int]]]] = []  # dedicated: (id, [(episode, lo, hi)] per row)
+        cols = np.arange(max_len)[None]
         far = 2**30
         step = 0  # the schedule's clock: decode steps, plus the steps prefilled context would have taken
         next_check = chunk
-        while not slots.done.all():
+        while not eps.done.all():
             if weight_source is not None and step >= next_check:
                 # A switch waits until every slot has re-read its context after the last one, so
                 # frequent publishing can never stall generation in endless re-reads.
-                rereading = bool((~slots.done & (slots.cursor < slots.reread_until)).any())
+                rereading = bool((~eps.done & (eps.cursor < eps.reread_until)).any())
                 update = None if rereading else weight_source(step)
                 if update is not None and update[1] != self.version:
                     if mode is not None:  # score what the outgoing version generated, then switch
-                        self._score_old(slots, [i for i in range(b) if slots.has_unscored(i)], requests, stats)
+                        self._score_old(eps, [i for i in range(n) if eps.has_unscored(i)], requests, stats)
                     self.update_params(*update)
                     stats.weight_switches += 1
-                    # Re-read the context under the new weights.
-                    slots.cursor[:] = 0
-                    slots.reread_until[:] = np.minimum(slots.length, max_len)
+                    # Re-read the context under the new weights (episodes not started yet have none).
+                    eps.cursor[:] = 0
+                    eps.reread_until[:] = np.minimum(eps.length, max_len)
                 next_check = (step // chunk + 1) * chunk
             if self.prefill_min is not None:
-                cache, width = self._prefill(slots, cache, stats, self.prefill_min)
+                cache, width = self._prefill(eps, cache, stats, self.prefill_min)
                 step += width
             limit = max(next_check, step + 1) if weight_source is not None else far
-            active = ~slots.done
-            length0 = slots.length.copy()
-            cache, key, ctx, length, cursor, active_out, behav, step_out = _decode_loop(
-                self.graphdef, self.inf_params, cache, key, jnp.asarray(slots.tokens[:, :max_len]),
-                jnp.asarray(length0), jnp.asarray(slots.cursor), jnp.asarray(active), jnp.asarray(slots.turn_start),
-                budget, np.int32(step), np.int32(limit), self.numerics, self.temperature, self.model, self.pad,
-                self.eot)
-            ctx, length, cursor, active_out, behav, step_out = jax.device_get(
-                (ctx, length, cursor, active_out, behav, step_out))
+            # The slots' rows of the episodes' state: host arrays go straight to the compiled loop.
+            active = eps.running()
+            ep = np.where(eps.slot_ep >= 0, eps.slot_ep, 0)
+            length0 = eps.length[ep]
+            cache, key, *out = loop_fn(self.inf_params, cache, key, eps.tokens[ep, :max_len], length0, eps.cursor[ep],
+                                       active, eps.turn_start[ep], eps.budget[ep], np.int32(step), np.int32(limit))
+            ctx, length, cursor, active_out, behav, step_out = jax.device_get(out)  # the cache and key stay on the device
             stats.loop_steps += int(step_out) - step
             step = int(step_out)
             stats.loop_calls += 1
-            slots.cursor[:] = cursor
-            # The tokens sampled in this call, all of the current version.
-            new = (np.arange(max_len)[None] >= length0[:, None]) & (np.arange(max_len)[None] < length[:, None])
-            slots.tokens[:, :max_len][new] = ctx[new]
-            slots.loss_mask[:, :max_len][new] = True
-            slots.behav[:, :max_len][new] = behav[new]
-            slots.versions[:, :max_len][new] = self.version
-            slots.length[:] = length
-            stats.generated_tokens += int(new.sum())
-            for i in np.flatnonzero(active & ~active_out):
-                self._end_turn(slots, int(i), max_len)
+            # The tokens sampled in this call, all of the current version, back into their episodes' rows.
+            run = np.flatnonzero(active)
+            eps.cursor[ep[run]] = cursor[run]
+            eps.length[ep[run]] = length[run]
+            rows, at = np.nonzero((cols >= length0[:, None]) & (cols < length[:, None]) & active[:, None])
+            e = ep[rows]
+            eps.tokens[e, at] = ctx[rows, at]
+            eps.loss_mask[e, at] = True
+            eps.behav[e, at] = behav[rows, at]
+            eps.versions[e, at] = self.version
+            stats.generated_tokens += len(rows)
+            for slot in np.flatnonzero(active & ~active_out):
+                i = int(ep[slot])
+                self._end_turn(eps, i, max_len)
+                if eps.done[i]:
+                    eps.start_next(int(slot))  # the slot takes the next waiting episode, if any
             if mode == Route.DEDICATED:
-                ended = np.flatnonzero(slots.segment_ended).tolist()
+                ended = np.flatnonzero(eps.segment_ended).tolist()
                 if ended:
-                    self._score_old(slots, ended, requests, stats)
+                    self._score_old(eps, ended, requests, stats)
         if mode is not None:
-            self._score_old(slots, [i for i in range(b) if slots.has_unscored(i)], requests, stats)
+            self._score_old(eps, [i for i in range(n) if eps.has_unscored(i)], requests, stats)
             if mode == Route.DEDICATED:
-                self._collect_old(slots, requests, stats)
+                self._collect_old(eps, requests, stats)
         stats.decode_steps = step
         stats.wall_s = time.perf_counter() - t0
-        return [slots.to_trajectory(i) for i in range(b)], stats
+        return [eps.to_trajectory(i) for i in range(n)], stats
 
-    def _prefill(self, slots: _Slots, cache, stats: RolloutStats, min_tokens: int):
-        """Writes every live slot's known context but its last token into the KV cache in one
+    def _prefill(self, eps: _Slots, cache, stats: RolloutStats, min_tokens: int):
+        """Writes every running slot's known context but its last token into the KV cache in one
         batched forward (the last token is fed by the decode loop, which samples after it).
         Returns the cache and the longest row's prefill: the decode steps it stands for."""
         max_len = self.model_config.max_len
-        pending = (~slots.done) & (slots.cursor < slots.length - 1)
-        n = np.where(pending, slots.length - 1 - slots.cursor, 0)
+        ep = np.where(eps.slot_ep >= 0, eps.slot_ep, 0)
+        cursor, length = eps.cursor[ep], eps.length[ep]
+        pending = eps.running() & (cursor < length - 1)
+        n = np.where(pending, length - 1 - cursor, 0)
         if n.max(initial=0) + 1 < min_tokens:  # + 1: the last known token, fed by the loop
             return cache, 0
         width = _bucket(int(n.max()), max_len)
         cols = np.arange(width)[None]
-        positions = slots.cursor[:, None] + cols
+        positions = cursor[:, None] + cols
         valid = cols < n[:, None]
-        tokens = np.take_along_axis(slots.tokens, np.minimum(positions, max_len), axis=1)
+        tokens = np.take_along_axis(eps.tokens[ep], np.minimum(positions, max_len), axis=1)
         tokens = np.where(valid, tokens, self.pad).astype(np.int32)
         positions = np.where(valid, positions, max_len).astype(np.int32)  # padding: the cache write is dropped
         cache = self.model.prefill(self.graphdef, self.inf_params, cache, jnp.asarray(tokens), jnp.asarray(positions),
                                   self.numerics)
-        slots.cursor[:] = np.where(pending, slots.length - 1, slots.cursor)
+        eps.cursor[ep[pending]] = length[pending] - 1
         stats.prefill_calls += 1
         stats.prefill_tokens += int(n.sum())
         return cache, int(n.max())

@@ -144,7 +144,7 @@ def generate_sampler_batch(sampler: Sampler, make_env, config, epoch: int, sampl
     key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
     trajs, stats = sampler.generate(
         [make_env() for _ in range(k * n)], np.repeat(seeds, n).tolist(), np.repeat(np.arange(k), n).tolist(),
-        key, weight_source=weight_source, chunk=config.sampler.chunk)
+        key, weight_source=weight_source, chunk=config.sampler.chunk, slots=config.sampler.slots or None)
     meta = {"sampler_id": sampler_id, "batch": batch, "tokens_per_s": stats.tokens_per_s,
             "gate_wait_s": gate_wait_s, "sample_s": stats.wall_s, "weight_switches": stats.weight_switches,
             **old_logp_metrics(stats)}

@@ -48,7 +48,8 @@ class InlineRuntime:
         t0 = time.perf_counter()
         trajs, stats = self.sampler.generate(
             [self.make_env() for _ in range(g * n)], np.repeat(seeds, n).tolist(), np.repeat(np.arange(g), n).tolist(),
-            jax.random.fold_in(self.key, step), weight_source, self.config.sampler.chunk)
+            jax.random.fold_in(self.key, step), weight_source, self.config.sampler.chunk,
+            slots=self.config.sampler.slots or None)
         return trajs, {
             "rollout/tokens_per_s": stats.tokens_per_s,
             "rollout/weight_switches": float(stats.weight_switches),

@@ -221,10 +221,10 @@ def validate(config) -> None:
     for f in ("optim.learning_rate", "optim.grad_clip", "warmstart.learning_rate", "runtime.hang_timeout_s",
               "runtime.sampler_startup_s", "runtime.wait_log_s"):
         positive(f, integer=False)
-    if given["rl.advantage"] == "rloo" and given["rl.group_size"] < 2:
     if isinstance(given["sampler.slots"], bool) or not isinstance(given["sampler.slots"], int) or given["sampler.slots"] < 0:
         raise ValueError(f"config.sampler.slots must be an integer >= 0 (0 = one KV-cache slot per episode); "
                          f"got {given['sampler.slots']!r}")
+    if given["rl.advantage"] == "rloo" and given["rl.group_size"] < 2:
         raise ValueError("config.rl.group_size must be >= 2 with rl.advantage='rloo' (leave-one-out needs a peer)")
     batch = given["rl.groups_per_step"] * given["rl.group_size"]
     if batch % given["optim.num_minibatches"]:

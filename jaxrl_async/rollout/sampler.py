@@ -161,6 +161,23 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
     return st["cache"], st["key"], st["ctx"], st["length"], st["cursor"], st["active"], st["behav"], st["step"]
 
 
+def _packed_loop(graphdef, treedef, numerics, temperature, model, pad, eot, leaves, cache, key, state, step, limit):
+    """`_decode_loop` with its inputs and outputs packed, so one call moves few arrays.
+
+    leaves: the inference params' leaves (`treedef` rebuilds them: flattening an NNX State in
+    Python on every call costs more than the transfers). state [B, max_len + 5] int32: ctx,
+    then the columns length, cursor, turn_start, budget, active. Returns (cache, key, out
+    [B, max_len + 4] int32: ctx, then length, cursor, active, step; behav [B, max_len]).
+    """
+    max_len = state.shape[1] - 5
+    length, cursor, turn_start, budget, active = (state[:, max_len + j] for j in range(5))
+    cache, key, ctx, length, cursor, active, behav, step = _decode_loop(
+        graphdef, jax.tree.unflatten(treedef, leaves), cache, key, state[:, :max_len], length, cursor, active > 0,
+        turn_start, budget, step, limit, numerics, temperature, model, pad, eot)
+    cols = jnp.stack([length, cursor, active.astype(jnp.int32), jnp.broadcast_to(step, length.shape)], axis=1)
+    return cache, key, jnp.concatenate([ctx, cols], axis=1), behav
+
+
 def _token_ids(envs: Sequence[Env]) -> tuple[int, int]:
     """(pad, end-of-turn) ids of the envs: a chat env's tokenizer's (`pad_id`, `eot_id`), else the word
     tokenizer's. One generate call serves one vocabulary."""
@@ -332,6 +349,7 @@ class Sampler:
         with); with the dedicated route the scorer is asked to load `version` from the ring buffer
         now, while it is surely retained."""
         self.inf_params = self.model.inference_params(params, self.numerics)
+        self._inf_leaves = tuple(jax.tree.leaves(self.inf_params))  # what the compiled decode loop takes
         self.version = int(version)
         if self.exact_route == Route.INTERRUPT:
             self.learner_params = params
@@ -339,14 +357,15 @@ class Sampler:
             self.scorer.prefetch(self.version)
 
     def _loop_fn(self, pad: int, eot: int):
-        """The decode loop compiled for this sampler and vocabulary: graphdef, numerics,
-        temperature, model family and token ids bound, the KV cache donated."""
-        fn = self._loops.get((pad, eot))
+        """The decode loop compiled for this sampler and vocabulary (`_packed_loop`): graphdef,
+        params treedef, numerics, temperature, model family and token ids bound, the KV cache
+        donated. Called as fn(param leaves, cache, key, state, step, limit)."""
+        treedef = jax.tree.structure(self.inf_params)
+        fn = self._loops.get((pad, eot, treedef))
         if fn is None:
-            fn = jax.jit(functools.partial(_decode_loop, self.graphdef, numerics=self.numerics,
-                                           temperature=self.temperature, model=self.model, pad=pad, eot=eot),
-                         donate_argnums=(1,))
-            self._loops[(pad, eot)] = fn
+            fn = jax.jit(functools.partial(_packed_loop, self.graphdef, treedef, self.numerics, self.temperature,
+                                           self.model, pad, eot), donate_argnums=(1,))
+            self._loops[(pad, eot, treedef)] = fn
         return fn
 
     def generate(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], key,
@@ -412,9 +431,12 @@ class Sampler:
             active = eps.running()
             ep = np.where(eps.slot_ep >= 0, eps.slot_ep, 0)
             length0 = eps.length[ep]
-            cache, key, *out = loop_fn(self.inf_params, cache, key, eps.tokens[ep, :max_len], length0, eps.cursor[ep],
-                                       active, eps.turn_start[ep], eps.budget[ep], np.int32(step), np.int32(limit))
-            ctx, length, cursor, active_out, behav, step_out = jax.device_get(out)  # the cache and key stay on the device
+            state = np.concatenate([eps.tokens[ep, :max_len], np.stack(
+                [length0, eps.cursor[ep], eps.turn_start[ep], eps.budget[ep], active.astype(np.int32)], axis=1)], axis=1)
+            cache, key, out, behav = loop_fn(self._inf_leaves, cache, key, state, np.int32(step), np.int32(limit))
+            out, behav = jax.device_get((out, behav))  # the cache and key stay on the device
+            ctx, length, cursor, active_out, step_out = (out[:, :max_len], out[:, max_len], out[:, max_len + 1],
+                                                         out[:, max_len + 2] > 0, out[0, max_len + 3])
             stats.loop_steps += int(step_out) - step
             step = int(step_out)
             stats.loop_calls += 1

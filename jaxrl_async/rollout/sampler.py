@@ -451,11 +451,9 @@ class Sampler:
             eps.behav[e, at] = behav[rows, at]
             eps.versions[e, at] = self.version
             stats.generated_tokens += len(rows)
-            for slot in np.flatnonzero(active & ~active_out):
-                i = int(ep[slot])
-                self._end_turn(eps, i, max_len)
-                if eps.done[i]:
-                    eps.start_next(int(slot))  # the slot takes the next waiting episode, if any
+            # The envs answer the slots whose agent turn ended. (Answering them while the device decodes the
+            # other slots, the slots rejoining a call later, was measured slower on a CPU: +38% decode steps.)
+            self._answer(eps, np.flatnonzero(active & ~active_out).tolist(), max_len)
             if mode == Route.DEDICATED:
                 ended = np.flatnonzero(eps.segment_ended).tolist()
                 if ended:
@@ -492,6 +490,15 @@ class Sampler:
         stats.prefill_calls += 1
         stats.prefill_tokens += int(n.sum())
         return cache, int(n.max())
+
+    def _answer(self, eps: _Slots, slots: list, max_len: int) -> None:
+        """The envs of `slots` (whose agent turns ended) answer; a slot whose episode is done
+        takes the next waiting episode, if any."""
+        for slot in slots:
+            i = int(eps.slot_ep[slot])
+            self._end_turn(eps, i, max_len)
+            if eps.done[i]:
+                eps.start_next(int(slot))
 
     def _end_turn(self, slots: _Slots, i: int, max_len: int) -> None:
         """Slot i stopped in the decode loop: its turn ended (end-of-turn token or budget) or

@@ -90,7 +90,9 @@ def bench_loss(b: int, t: int) -> dict:
 def bench_decode(b: int, steps: int) -> dict:
     """KV-cache decoding against re-running the full forward for every new token, and the
     sampler's whole multi-turn rollout (device decode loop, host round trips at turn ends,
-    environments, sampling) per decode step and in tokens/s.
+    environments, sampling) per decode step and in tokens/s, and 2b episodes through b slots
+    (continuous batching) against two batches of b. Rollouts are interleaved with bare
+    KV-cache passes and medians reported, so on a shared machine both see the same load.
 
     Both decoding paths get their per-step inputs prepared ahead (token column, positions,
     key), so the table compares the model calls, not the host-side helpers around them; on
@@ -120,7 +122,6 @@ def bench_decode(b: int, steps: int) -> dict:
             out = full(params, tokens)
         return out
 
-    t_cache = timeit(lambda: with_cache(), repeats=5)
     t_full = timeit(lambda: re_forward(), repeats=5)
 
     # The real sampler: default task and model, `b` episodes batched, fp32 numerics.
@@ -134,24 +135,44 @@ def bench_decode(b: int, steps: int) -> dict:
     sampler.update_params(task_params, 0)
     make = config_lib.env_factory(c)
 
-    def rollout(seed):
-        return sampler.generate([make() for _ in range(b)], list(range(seed, seed + b)), list(range(b)),
-                                jax.random.key(seed))[1]
+    def rollout(seed, n=b, slots=None):
+        return sampler.generate([make() for _ in range(n)], list(range(seed, seed + n)), list(range(n)),
+                                jax.random.key(seed), slots=slots)[1]
 
     rollout(0)  # compile
-    stats = [rollout(s) for s in (1, 2, 3, 4, 5)]
-    wall = sum(st.wall_s for st in stats)
-    steps_s = sum(st.decode_steps for st in stats) / wall
-    return {"batch": b, "tokens": steps, "kv_cache_tok_s": b * steps / t_cache, "re_forward_tok_s": b * steps / t_full,
-            "speedup": t_full / t_cache, "kv_cache_ms_per_step": 1e3 * t_cache / steps,
-            "sampler_decode_steps_per_s": steps_s, "sampler_ms_per_step": 1e3 / steps_s,
-            "sampler_vs_kv_cache_step": (1e3 / steps_s) / (1e3 * t_cache / steps),
-            "sampler_slot_tok_s": b * steps_s, "sampler_rollout_ms": 1e3 * wall / len(stats),
-            "sampler_generated_tok_s": sum(st.generated_tokens for st in stats) / wall,
+    rollout(0, 2 * b, b)
+    # Rollouts interleaved with bare KV-cache passes, medians: on a shared machine both see the same load.
+    stats, bare = [], []
+    for s in range(1, 11):
+        stats.append(rollout(s))
+        bare.append(timeit(lambda: with_cache(), repeats=1) / steps)
+    wall = np.array([st.wall_s for st in stats])
+    per_step = np.median(wall / np.array([st.decode_steps for st in stats]))
+    t_bare = float(np.median(bare))
+    # Continuous batching: 2b episodes through b slots, against the same episodes as two batches of b.
+    cont, two = [], []
+    for s in range(20, 25):
+        cont.append(rollout(100 * s, 2 * b, b))
+        x, y = rollout(100 * s, b), rollout(100 * s + b, b)
+        two.append((x.wall_s + y.wall_s, x.decode_steps + y.decode_steps, x.generated_tokens + y.generated_tokens))
+    two = np.array(two)
+    return {"batch": b, "tokens": steps, "kv_cache_tok_s": b / t_bare, "re_forward_tok_s": b * steps / t_full,
+            "speedup": t_full / steps / t_bare, "kv_cache_ms_per_step": 1e3 * t_bare,
+            "sampler_decode_steps_per_s": 1.0 / per_step, "sampler_ms_per_step": 1e3 * per_step,
+            "sampler_vs_kv_cache_step": per_step / t_bare,
+            "sampler_slot_tok_s": b / per_step, "sampler_rollout_ms": 1e3 * float(np.median(wall)),
+            "sampler_generated_tok_s": float(np.median([st.generated_tokens / st.wall_s for st in stats])),
             # Host round trips of the device decode loop and batched prefills, per rollout.
             "sampler_loop_calls": sum(st.loop_calls for st in stats) / len(stats),
             "sampler_prefill_calls": sum(st.prefill_calls for st in stats) / len(stats),
-            "sampler_decode_steps": sum(st.decode_steps for st in stats) / len(stats)}
+            "sampler_decode_steps": sum(st.decode_steps for st in stats) / len(stats),
+            # 2b episodes: continuous batching through b slots against two batches of b (medians over 5).
+            "continuous_rollout_ms": 1e3 * float(np.median([st.wall_s for st in cont])),
+            "continuous_decode_steps": float(np.median([st.decode_steps for st in cont])),
+            "continuous_generated_tok_s": float(np.median([st.generated_tokens / st.wall_s for st in cont])),
+            "two_batches_rollout_ms": 1e3 * float(np.median(two[:, 0])),
+            "two_batches_decode_steps": float(np.median(two[:, 1])),
+            "two_batches_generated_tok_s": float(np.median(two[:, 2] / two[:, 0]))}
 
 
 LEARNER_SCRIPT = r"""
@@ -450,6 +471,11 @@ def _print_decode(res):
           f"{r['sampler_rollout_ms']:.1f} ms per rollout of {r['sampler_decode_steps']:.0f} decode steps, "
           f"{r['sampler_generated_tok_s']:.0f} generated tokens/s, {r['sampler_loop_calls']:.1f} device-loop calls "
           f"(host round trips) and {r['sampler_prefill_calls']:.1f} prefills per rollout\n")
+    print(f"{2 * r['batch']} episodes through {r['batch']} slots (continuous batching): "
+          f"{r['continuous_rollout_ms']:.1f} ms, {r['continuous_decode_steps']:.0f} decode steps, "
+          f"{r['continuous_generated_tok_s']:.0f} generated tokens/s; as two batches of {r['batch']}: "
+          f"{r['two_batches_rollout_ms']:.1f} ms, {r['two_batches_decode_steps']:.0f} decode steps, "
+          f"{r['two_batches_generated_tok_s']:.0f} generated tokens/s\n")
 
 
 def _print_learner(res):

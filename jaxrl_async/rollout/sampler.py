@@ -92,7 +92,8 @@ def _sample_inverse_cdf(logp, key, temperature: float):
     threefry bits for [B, V] Gumbels cost about as much as the decode step itself.
     """
     sample_logp = jax.nn.log_softmax(logp / temperature, axis=-1)
-    cdf = jnp.cumsum(jnp.exp(sample_logp), axis=-1)  # [B, V]
+    # A log-depth scan: XLA:CPU lowers jnp.cumsum over V to a reduce-window, O(V^2) work per row.
+    cdf = jax.lax.associative_scan(jnp.add, jnp.exp(sample_logp), axis=1)  # [B, V]
     u = jax.random.uniform(key, (logp.shape[0], 1), jnp.float32) * cdf[:, -1:]
     tokens = jnp.minimum(jnp.sum(cdf <= u, axis=-1), logp.shape[-1] - 1).astype(jnp.int32)
     return tokens, jnp.take_along_axis(sample_logp, tokens[:, None], axis=-1)[:, 0]

@@ -223,3 +223,23 @@ def test_scorer_exits_when_closed(scorer):  # last: closes the module's scorer
     with pytest.raises(ScorerError):
         scorer.submit(np.zeros((1, MAX_LEN), np.int32), 0)
     scorer.close()  # idempotent
+
+
+def test_dedicated_route_with_continuous_batching_scores_every_episode(ring, scorer):
+    # 3B episodes through B slots (slots take the next episode as theirs end), a switch in the middle:
+    # every generated token gets the exact old log-prob of its own version from the scorer.
+    _, graphdef, params = ring
+    n = 3 * B
+    sampler = Sampler(graphdef, CFG, model_lib.Numerics("bf16"), exact_route="dedicated", scorer=scorer)
+    sampler.update_params(params[0], 0)
+    envs = [make_env("search", n=8, max_turns=4) for _ in range(n)]
+    trajs, stats = sampler.generate(envs, list(range(n)), [i // 2 for i in range(n)], jax.random.key(4),
+                                    weight_source=lambda step: (params[1], 1) if step >= 16 else None, chunk=8,
+                                    slots=B)
+    assert stats.slots == B and stats.episodes == n and stats.weight_switches == 1
+    batch = collate(trajs, MAX_LEN)
+    gen = batch.loss_mask
+    assert set(np.unique(batch.versions[gen])) == {0, 1}
+    ref, _ = _reference(ring, batch)
+    np.testing.assert_allclose(batch.old_logp[gen], ref[gen], atol=1e-5)
+    assert (batch.old_logp[~gen] == 0).all()

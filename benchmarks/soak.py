@@ -2,7 +2,7 @@
 
     python -m benchmarks.soak --seconds=600 --workdir=runs/soak                 (make soak)
     python -m benchmarks.soak --seconds=300 --runtime=ray --workdir=runs/soak_ray
-    python -m benchmarks.soak --seconds=60 --model=tiny --workdir=runs/soak_tiny (the slow test)
+    python -m benchmarks.soak --seconds=20 --every_kind --model=tiny --workdir=runs/soak_tiny (the slow test)
 
 The learner runs as a subprocess (`python -m jaxrl_async.train`). `--model=default` (the
 default) trains configs/default.py's model on its task with its batch (16 x 8 episodes per
@@ -15,7 +15,8 @@ takes a step a second: many faults a minute, no learning to speak of.
 
 After the first training step, a seeded injector, at random intervals (`--min_gap`..`--max_gap`
 seconds, one fault at a time: the next waits until training has progressed again), does
-one of:
+one of (in a seeded random order that goes through every kind before it repeats one; with
+`--every_kind` the soak goes on past `--seconds` until each kind has been injected once):
 
 - `sampler_kill` (process runtime): SIGKILL a sampler process (the learner restarts it);
 - `scorer_kill` (with `--proximal=dedicated`): SIGKILL an old-log-prob scorer process;
@@ -431,13 +432,16 @@ def soak(args) -> dict:
         startup_s = time.monotonic() - t_begin
         t0 = time.monotonic()
         end = t0 + args.seconds
+        # --every_kind: past --seconds, go on until every fault kind has been injected (not missed), up to
+        # --max_seconds after the first step.
+        hard_end = t0 + max(args.seconds, args.max_seconds) if args.every_kind else end
         faults: list[dict] = []
         pending: Optional[dict] = None  # the fault waiting for recovery
         stopped: dict[int, float] = {}  # pid -> when to SIGCONT
         order = list(rng.permutation(kinds))
         next_fault = t0 + rng.uniform(args.min_gap, args.max_gap)
         learner_restarts = unexpected_exits = 0
-        while time.monotonic() < end:
+        while time.monotonic() < end or (time.monotonic() < hard_end and set(kinds) - {f["kind"] for f in faults}):
             now = time.monotonic()
             if progress.poll() and pending is not None:
                 _recovered(pending, now)
@@ -569,12 +573,15 @@ def soak(args) -> dict:
                  "recovery_median_s": float(np.median([x for x in v if x is not None])) if any(x is not None for x in v) else None,
                  "recovery_max_s": max((x for x in v if x is not None), default=None)}
              for k, v in sorted(by_kind.items())}
+    kinds_missing = sorted(set(kinds) - {f["kind"] for f in faults})
     ok = (acc["duplicates_trained"] == 0 and acc["groups_lost"] == 0 and not acc["steps_missing"]
           and not acc["steps_short"] and acc["max_staleness_loss"] <= args.bound
-          and all(f.get("recovery_s") is not None for f in faults))
+          and all(f.get("recovery_s") is not None for f in faults)
+          and not (args.every_kind and kinds_missing))
     result = {"runtime": args.runtime, "model": args.model, "seconds": soak_s, "startup_s": startup_s,
               "total_s": t_end - t_begin, "seed": args.seed, "faults": faults, "by_kind": table,
-              "learner_restarts": learner_restarts, "unexpected_learner_exits": unexpected_exits,
+              "kinds": list(kinds), "kinds_missing": kinds_missing, "learner_restarts": learner_restarts,
+              "unexpected_learner_exits": unexpected_exits,
               "accounting": acc, "learning": learn, "final_success_rate": summary["final_success_rate"],
               "initial_success_rate": summary["initial_success_rate"], "ok": ok,
               "target_reached": learn["reached"]}
@@ -666,6 +673,8 @@ def format_table(r: dict) -> str:
     lines.append(f"| held-out success reached {learn['target']:g} | {reach} |")
     lines.append(f"| soak seconds (after {r['startup_s']:.0f} s startup; {r['total_s']:.0f} s in all) | "
                  f"{r['seconds']:.0f} |")
+    if r.get("kinds_missing"):
+        lines.append(f"| fault kinds never injected | {', '.join(r['kinds_missing'])} |")
     lines.append(f"| invariants hold | {'yes' if r['ok'] else 'NO'} |")
     return "\n".join(lines)
 
@@ -673,6 +682,10 @@ def format_table(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--every_kind", action="store_true",
+                   help="after --seconds, keep injecting until every fault kind has been injected at least once "
+                        "(at most --max_seconds after the first step); a kind still missing fails the invariants")
+    p.add_argument("--max_seconds", type=float, default=300.0, help="the limit of --every_kind")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="runs/soak")
     p.add_argument("--runtime", choices=("process", "ray"), default="process")

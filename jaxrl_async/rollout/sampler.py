@@ -1,7 +1,8 @@
 """Batched multi-turn generation with per-token versions and partial rollouts.
 
-The sampler keeps one KV-cache slot per episode and advances every slot by one token per
-decode step. The decode steps run on the device (`_decode_loop`, a `lax.while_loop` over a
+The sampler runs each episode in a KV-cache slot (one per episode, or fewer slots than
+episodes: a slot whose episode ends takes the next one, continuous batching) and advances
+every slot by one token per decode step. The decode steps run on the device (`_decode_loop`, a `lax.while_loop` over a
 fixed-shape batch state: context tokens, lengths, cursors, active flags, the KV cache and the
 PRNG key), many per call: the host takes over only when some slot ends its agent turn (the
 env must answer), at a chunk boundary (weights may switch) and when every slot is done. A

@@ -128,6 +128,7 @@ def base_config() -> config_dict.ConfigDict:
     c.runtime.num_samplers = 1  # process: sampler processes
     c.runtime.sampler_groups = 4  # process: groups (task instances x group_size) per sampler generate call
     c.runtime.queue_capacity = config_dict.placeholder(int)  # process: groups the queue holds; None = (max_staleness + 1) * groups_per_step
+    c.runtime.queue_fsync = True  # process: fsync queued groups and the queue's renames, so the queue also survives a machine crash (a killed process needs no fsync); False: skip them (tmpfs, throwaway runs)
     c.runtime.ring_capacity = config_dict.placeholder(int)  # versions K kept in the ring buffer; None = the fewest the runtime needs
     c.runtime.hang_timeout_s = 120.0  # process: a sampler with no sign of progress this long while the learner waits is killed and restarted
     c.runtime.sampler_startup_s = 300.0  # process: a new sampler may take this long (imports, compilation) before hang_timeout_s applies to it
@@ -245,6 +246,8 @@ def validate(config) -> None:
         if cap is not None and cap < given["rl.groups_per_step"]:
             raise ValueError(f"config.runtime.queue_capacity ({cap}) must hold at least one batch "
                              f"(config.rl.groups_per_step = {given['rl.groups_per_step']})")
+    if not isinstance(given["runtime.queue_fsync"], bool):
+        raise ValueError(f"config.runtime.queue_fsync must be True or False; got {given['runtime.queue_fsync']!r}")
     for f in ("runtime.ray_num_cpus", "runtime.ray_num_gpus"):
         v = given[f]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):

@@ -2,7 +2,10 @@
 
 Sampler processes (`sampler_process`) write complete groups into the spool queue
 (`spool`); the learner takes the oldest `G` per step, dropping (and counting) any older
-than `max_staleness`, which the samplers' staleness gate should make impossible.
+than `max_staleness`, which the samplers' staleness gate should make impossible. While it
+needs groups the spool does not hold, it waits on the samplers' doorbell (a semaphore each
+put posts, `spool.TrajectoryQueue.wait`), so it wakes as a group lands; with
+`runtime.queue_fsync` its renames are flushed once per step, not per take.
 
 While it waits for groups the learner restarts samplers that died or hung (no heartbeat for
 `runtime.hang_timeout_s`) and logs a status line every `runtime.wait_log_s` (queue depth, and
@@ -45,10 +48,12 @@ class ProcessRuntime:
         self.bound = config.runtime.max_staleness
         g = config.rl.groups_per_step
         capacity = config.runtime.queue_capacity or (self.bound + 1) * g
-        self.queue = TrajectoryQueue(queue_dir(workdir), capacity)
-        self.recovered = self.queue.recover(resume_step) if resume_step is not None else 0
         self.pool = sampler_process.SamplerPool(config, workdir, epoch, ring_capacity(config), capacity,
                                                 handoff)
+        # The samplers post the shared doorbell after each put: a waiting learner wakes at once.
+        self.queue = TrajectoryQueue(queue_dir(workdir), capacity, fsync=config.runtime.queue_fsync,
+                                     doorbell=self.pool.shared.doorbell)
+        self.recovered = self.queue.recover(resume_step) if resume_step is not None else 0
         self.dropped_stale = 0
         os.makedirs(sampler_process.ledger_dir(workdir), exist_ok=True)
         self._ledger = open(os.path.join(sampler_process.ledger_dir(workdir), "learner.jsonl"), "a")
@@ -76,15 +81,17 @@ class ProcessRuntime:
     def next_groups(self, step: int, version: int):
         """Takes the oldest `G` groups within the staleness bound; returns (trajectories, info)."""
         g = self.config.rl.groups_per_step
-        self.queue.set_step(step)
+        queue = self.queue
+        queue.set_step(step)
         t0 = time.perf_counter()
+        timing0 = dict(queue.timing)
         items, dropped, dropped_items = [], 0, []
         shared = self.pool.shared
         rt = self.config.runtime
         next_log = t0 + rt.wait_log_s
         while len(items) < g:
             self.pool.check()
-            want = min(g - len(items), self.queue.depth())
+            want = min(g - len(items), queue.depth())
             if want == 0:
                 for i in self.pool.check_hung(rt.hang_timeout_s, rt.sampler_startup_s):
                     self._warn(f"sampler {i} showed no sign of life for more than runtime.hang_timeout_s = "
@@ -94,17 +101,21 @@ class ProcessRuntime:
                 if now >= next_log:
                     self._warn(self.wait_status(step, now - t0, len(items)))
                     next_log = now + rt.wait_log_s
-                time.sleep(0.01)
+                # Until a sampler posts the doorbell (after its put), or the fallback poll: the
+                # pool and hang checks above still run at least that often.
+                queue.wait()
                 continue
             # Counted as taken before they leave the queue, so the samplers' gate never under-counts.
             shared.taken.value = len(items) + want
-            for item in self.queue.take(want, timeout=0):
+            for item in queue.take(want, timeout=0, sync=False):
                 if version - item.start_version > self.bound:
                     dropped += 1  # should not happen under the gate; never trained on
                     dropped_items.append(item)
                 else:
                     items.append(item)
             shared.taken.value = len(items)
+        # One flush of this step's renames (with fsync), before a checkpoint can include the step.
+        queue.sync()
         # The next batch is for version + 1 (set before `taken` is reset: see Shared).
         shared.next_version.value = version + 1
         shared.taken.value = 0
@@ -118,8 +129,15 @@ class ProcessRuntime:
         # Groups are numbered 0..G-1 within the batch (a sampler numbers them within its own call).
         trajs = [dataclasses.replace(t, group_id=j) for j, item in enumerate(items) for t in item.trajectories]
         metas = [item.meta for item in items]
+        spent = {k: queue.timing[k] - timing0[k] for k in timing0}
         return trajs, {
             **sampler_batch_metrics(metas, wait),
+            # The learner's share of the hand-off: blocked waiting for a group, and its own work
+            # (listing, renames, reading, unpickling, fsync); the rest of the wait is checks.
+            "perf/queue_wait_s": spent["take_wait_s"],
+            "perf/queue_take_s": sum(v for k, v in spent.items() if k != "take_wait_s"),
+            "perf/queue_read_s": spent["take_read_s"] + spent["take_unpickle_s"],
+            "perf/queue_sync_s": spent["take_sync_s"],
             "queue/depth": float(self.queue.depth()),
             "queue/dropped_stale": float(dropped),
             "queue/dropped_stale_total": float(self.dropped_stale),

@@ -78,6 +78,9 @@ class Shared:
         self.loaded_version = _CTX.Array("i", [-1] * num_samplers, lock=False)  # newest version each has loaded
         self.ready = _CTX.Array("i", num_samplers, lock=False)  # 1 once a sampler has decoded its first chunk
         self.stop = _CTX.Event()
+        # Posted by a sampler after each put; the learner waits on it for groups (spool's doorbell). A
+        # semaphore: its post and wait are atomic, so a SIGKILLed sampler can leave it in no bad state.
+        self.doorbell = _CTX.Semaphore(0)
 
 
 def ledger_dir(workdir: str) -> str:
@@ -100,7 +103,9 @@ def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
         except FileNotFoundError:  # the learner is gone (we exit at the next check) or closing
             slot = None
     source = WeightSource(store, slot)
-    queue = TrajectoryQueue(queue_dir(spec.workdir), spec.queue_capacity)
+    # Each put posts the learner's doorbell, so a learner waiting for this group wakes at once.
+    queue = TrajectoryQueue(queue_dir(spec.workdir), spec.queue_capacity, fsync=config.runtime.queue_fsync,
+                            doorbell=shared.doorbell)
     rows = config.runtime.sampler_groups * config.rl.group_size
     sampler, scorer = make_sampler(config, graphdef, spec.workdir, rows)
     shared.heartbeat[spec.sampler_id] = time.time()

@@ -23,6 +23,21 @@ consumed (never lost, never duplicated); re-running the operation finishes the j
 Concurrency model: many producers, one consumer (the learner). Only the consumer moves or
 deletes item files. A key is produced by one live producer at a time (a restarted sampler
 regenerates the keys of its dead predecessor).
+
+Waking the consumer: with a ``doorbell`` (a ``multiprocessing.Semaphore`` shared by every
+instance on the directory) a producer posts it after each rename, and a waiting consumer
+wakes at once instead of at its next poll. A semaphore, not an ``Event``: posting and
+waiting are single atomic operations, so a producer SIGKILLed at any point leaves nothing
+half-done (an ``Event`` takes a lock that a killed holder would keep forever). The
+directory stays the truth: the doorbell only says "look again", a post without an item (or
+an item whose producer died before posting) costs one extra look, and the consumer still
+polls every ``_DOORBELL_POLL_S`` (``_POLL_S`` without a doorbell).
+
+Durability (``fsync``): a process crash, SIGKILL included, needs no fsync at all (the page
+cache survives it, and the rename is atomic). fsync is for a crash of the machine: item
+files are flushed before their rename, and directory entries after it. The consumer flushes
+its renames into ``accepted/`` once per learner step (``sync``), before any checkpoint can
+include the step, rather than after every ``take``.
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ from typing import Optional
 _ITEM = ".item"
 _TMP = ".tmp."
 _POLL_S = 0.01
+_DOORBELL_POLL_S = 0.1  # with a doorbell: the fallback poll (a producer killed between rename and post)
 _STALE_TMP_S = 60.0
 
 
@@ -49,6 +65,15 @@ class Item:
     trajectories: list  # list[rollout.Trajectory]
     start_version: int  # parameter version the episodes started with (oldest token version)
     meta: dict = dataclasses.field(default_factory=dict)  # free-form, JSON-able
+
+
+_TIMING = (
+    # producer: looking the key up and waiting for room; pickling; writing the temp file;
+    # fsyncing it and the directory; the rename (the commit); posting the doorbell
+    "put_check_s", "put_pickle_s", "put_write_s", "put_fsync_s", "put_rename_s",
+    # consumer: listing and dedup; waiting for items; the renames (the commit); reading the
+    # files; unpickling; fsyncing directories
+    "take_scan_s", "take_wait_s", "take_rename_s", "take_read_s", "take_unpickle_s", "take_sync_s")
 
 
 def _quote(key: str) -> str:
@@ -88,9 +113,15 @@ class TrajectoryQueue:
         producers racing for the last slot can overshoot it by at most one item each.
       fsync: flush item files and directory entries to disk, so the queue also survives a
         machine crash; a process crash alone needs no fsync (the page cache survives it).
+      doorbell: a ``multiprocessing.Semaphore`` (anything with ``release()`` and
+        ``acquire(block, timeout)``) shared by producers and consumer: `put` posts it, a
+        waiting `take` / `wait` wakes on it. None: the consumer polls every ``_POLL_S``.
+
+    ``timing`` accumulates the seconds each part of `put` and `take` took in this instance
+    (the benchmarks and the process runtime's ``perf/queue_*`` metrics read it).
     """
 
-    def __init__(self, directory: str, capacity: int, *, fsync: bool = True):
+    def __init__(self, directory: str, capacity: int, *, fsync: bool = True, doorbell=None):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.directory = directory
@@ -102,8 +133,11 @@ class TrajectoryQueue:
         for d in (self._spool, self._accepted, self._consumed):
             os.makedirs(d, exist_ok=True)
         self._step = 0
+        self.doorbell = doorbell
+        self._unsynced = False  # renames into accepted/ not yet flushed (fsync only)
         self.stats = dict(put=0, duplicates_dropped=0, taken=0, recovered=0, released=0,
                           stale_tmp_removed=0)
+        self.timing = dict.fromkeys(_TIMING, 0.0)
 
     # ---------------------------------------------------------------- inspection
 
@@ -145,27 +179,40 @@ class TrajectoryQueue:
         """Atomically add `item`; False if the spool stayed full for `timeout` seconds.
 
         A key already waiting or consumed is a no-op returning True: a restarted producer
-        regenerating a group it had already handed over.
+        regenerating a group it had already handed over. Posts the doorbell after the rename.
         """
+        t = self.timing
+        t0 = time.perf_counter()
         qkey = _quote(item.key)
         if self._state(qkey) is not None:
             self.stats["duplicates_dropped"] += 1
+            t["put_check_s"] += time.perf_counter() - t0
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.depth() >= self.capacity:
             if deadline is not None and time.monotonic() >= deadline:
+                t["put_check_s"] += time.perf_counter() - t0
                 return False
             time.sleep(_POLL_S)
+        t1 = time.perf_counter()
+        t["put_check_s"] += t1 - t0
         data = pickle.dumps(item, protocol=5)
+        t2 = time.perf_counter()
+        t["put_pickle_s"] += t2 - t1
         while True:
             # The put time orders equal start_versions across producers (FIFO).
             name = f"{int(item.start_version)}.{time.time_ns()}.{qkey}{_ITEM}"
             tmp = os.path.join(self._spool, f"{_TMP}{os.getpid()}.{uuid.uuid4().hex}")
             with open(tmp, "wb") as f:
                 f.write(data)
+                f.flush()
+                t3 = time.perf_counter()
                 if self.fsync:
-                    f.flush()
                     os.fsync(f.fileno())
+                t4 = time.perf_counter()
+            t["put_write_s"] += (t3 - t2) + (time.perf_counter() - t4)
+            t["put_fsync_s"] += t4 - t3
+            t2 = time.perf_counter()
             try:
                 os.replace(tmp, os.path.join(self._spool, name))
                 break
@@ -173,7 +220,12 @@ class TrajectoryQueue:
                 # The consumer took our temp file for a dead producer's leftover (we were
                 # stalled > a minute between write and rename): write it again.
                 continue
+        t5 = time.perf_counter()
+        t["put_rename_s"] += t5 - t2
         self._sync_dir(self._spool)
+        if self.doorbell is not None:
+            self.doorbell.release()
+        t["put_fsync_s"] += time.perf_counter() - t5
         self.stats["put"] += 1
         return True
 
@@ -183,33 +235,86 @@ class TrajectoryQueue:
         """The learner step that the next `take` belongs to (tags accepted items)."""
         self._step = int(step)
 
-    def take(self, n: int, timeout: Optional[float] = None) -> list[Item]:
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until a producer posts the doorbell or `timeout` seconds pass; True if woken.
+
+        timeout: at most this long (default: the fallback poll, ``_DOORBELL_POLL_S``). Without
+        a doorbell: sleeps ``min(timeout, _POLL_S)`` and returns False. Posts that piled up are
+        drained, so one wait answers every put that came before it; call it only after looking
+        at the spool (a put that lands after the look posts after it, and wakes this wait).
+        """
+        t0 = time.perf_counter()
+        try:
+            if self.doorbell is None:
+                time.sleep(_POLL_S if timeout is None else max(0.0, min(timeout, _POLL_S)))
+                return False
+            woken = self.doorbell.acquire(True, _DOORBELL_POLL_S if timeout is None else max(0.0, timeout))
+            if woken:
+                while self.doorbell.acquire(False):  # drain: the next look sees all of their items
+                    pass
+            return woken
+        finally:
+            self.timing["take_wait_s"] += time.perf_counter() - t0
+
+    def take(self, n: int, timeout: Optional[float] = None, *, sync: bool = True) -> list[Item]:
         """Up to `n` waiting items, oldest start_version first (ties: put order).
 
         Waits until `n` are waiting (so that the oldest of them are chosen) or `timeout`
         runs out, then takes what there is. Taken items are renamed into ``accepted/``
         with the current step and are never returned again unless `recover`-ed.
+
+        sync: with ``fsync``, flush the renames before returning; False leaves that to a
+        later `sync()` (the process runtime syncs once per learner step, not per take).
         """
+        t = self.timing
+        t0 = time.perf_counter()
         self._remove_stale_tmp()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             waiting = self._dedup_waiting()
             if len(waiting) >= n or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(_POLL_S)
+            t["take_scan_s"] += time.perf_counter() - t0
+            self.wait(None if deadline is None else deadline - time.monotonic())
+            t0 = time.perf_counter()
+        t1 = time.perf_counter()
+        t["take_scan_s"] += t1 - t0
         out = []
         for _, sv, ns, qkey, name in waiting[:n]:
             dst = os.path.join(self._accepted, f"{self._step}.{name}")
             # The rename is the commit: from here the key is consumed. A crash before the
             # read below leaves it accepted at this step, which `recover` brings back.
             os.replace(os.path.join(self._spool, name), dst)
+            t2 = time.perf_counter()
             with open(dst, "rb") as f:
-                out.append(pickle.load(f))
+                data = f.read()
+            t3 = time.perf_counter()
+            out.append(pickle.loads(data))
+            t4 = time.perf_counter()
+            t["take_rename_s"] += t2 - t1
+            t["take_read_s"] += t3 - t2
+            t["take_unpickle_s"] += t4 - t3
+            t1 = t4
         if out:
-            self._sync_dir(self._spool)
-            self._sync_dir(self._accepted)
+            self._unsynced = True
+            if sync:
+                self.sync()
         self.stats["taken"] += len(out)
         return out
+
+    def sync(self) -> None:
+        """With ``fsync``: makes the renames of earlier `take`s durable (a no-op otherwise, or if
+        nothing was taken since the last sync). Call it before a checkpoint can include them:
+        a machine crash that lost a rename would otherwise bring a trained key back."""
+        if not self._unsynced:
+            return
+        self._unsynced = False
+        if not self.fsync:
+            return
+        t0 = time.perf_counter()
+        self._sync_dir(self._spool)
+        self._sync_dir(self._accepted)
+        self.timing["take_sync_s"] += time.perf_counter() - t0
 
     def _dedup_waiting(self) -> list[tuple]:
         """Sorted waiting items, deleting files whose key is consumed or waiting twice.

@@ -27,8 +27,11 @@ previous retained version. The writer's `remove_corrupt()` (run by a resuming le
 deletes corrupt versions.
 
 Background writes (`background=True`, the learner's store): `publish` validates and copies
-the params, then returns; a writer thread saves, hashes, renames and evicts, one version at
-a time (a publish waits for the previous write first, so at most one is in flight). Until
+the params (one jitted copy of the whole tree), hands them to a long-lived writer thread and
+returns; the thread saves, hashes, renames and evicts, one version at a time (a publish
+waits for the previous write first, so at most one is in flight). The thread is started at
+the first publish and kept: starting one per version made every publish wait for the GIL
+while the new thread began its save. Until
 its write lands, the version is served from memory by this instance's `get` (the learner's
 snapshot route) but is not yet in `versions()` or visible to readers in other processes,
 which get new versions through the shared-memory hand-off (`runtime.handoff`) instead. A
@@ -41,6 +44,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import queue as queue_lib
 import re
 import shutil
 import threading
@@ -85,6 +89,12 @@ def _abstract(target) -> Any:
     return jax.tree.map(leaf, target)
 
 
+@jax.jit
+def _copy_tree(tree):
+    """A copy of every leaf in one dispatch (one `jnp.array(copy=True)` per leaf costs a dispatch each)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def _nbytes(tree) -> int:
     return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree)))
 
@@ -126,7 +136,10 @@ class VersionStore:
         self.background = background
         # Guards the cache, the corrupt set and the stats against the background writer thread.
         self._lock = threading.RLock()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: Optional[threading.Thread] = None  # the writer thread (background), once started
+        self._jobs: Optional[queue_lib.SimpleQueue] = None  # (version, params) to write; None stops the thread
+        self._idle = threading.Event()  # set while no background write is in flight
+        self._idle.set()
         self._pending: Optional[tuple[int, Any]] = None  # (version, params) being written in the background
         self._error: Optional[BaseException] = None
         self._target = _abstract(target)
@@ -321,22 +334,32 @@ class VersionStore:
                 raise ValueError(f"params leaf {np.shape(p)} {p.dtype} does not match the target's {t.shape} {t.dtype}")
         # The learner donates its buffers to the next update: write (and cache) our own copy.
         if self.cache_size or self.background:
-            params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+            params = _copy_tree(params)
         if not self.background:
             self._write(version, params)
             return
         self._pending = (version, params)
-        self._thread = threading.Thread(target=self._write_in_background, args=(version, params),
-                                        name=f"versions-publish-{version}", daemon=True)
-        self._thread.start()
+        self._idle.clear()
+        if self._thread is None:
+            self._jobs = queue_lib.SimpleQueue()
+            self._thread = threading.Thread(target=self._writer_loop, args=(self._jobs,), name="versions-writer",
+                                            daemon=True)
+            self._thread.start()
+        self._jobs.put((version, params))
 
-    def _write_in_background(self, version: int, params) -> None:
-        try:
-            self._write(version, params)
-        except BaseException as e:  # noqa: BLE001 - handed to the next publish/flush/close
-            self._error = e
-        finally:
-            self._pending = None
+    def _writer_loop(self, jobs: queue_lib.SimpleQueue) -> None:
+        """The background writer thread: one write per job until it gets None."""
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            try:
+                self._write(*job)
+            except BaseException as e:  # noqa: BLE001 - handed to the next publish/flush/close
+                self._error = e
+            finally:
+                self._pending = None
+                self._idle.set()
 
     def _write(self, version: int, params) -> None:
         """Save, manifest, rename (the version appears), cache, evict. Runs on the writer thread
@@ -388,18 +411,21 @@ class VersionStore:
     def flush(self) -> None:
         """Waits for the background write in flight, if any; raises its error if it failed
         (once: the error is cleared, the version is not on disk)."""
-        thread = self._thread
-        if thread is not None:
-            thread.join()
-            self._thread = None
+        self._idle.wait()
         err, self._error = self._error, None
         if err is not None:
             raise RuntimeError(f"the background write of a parameter version to {self.directory} failed: "
                                f"{type(err).__name__}: {err}") from err
 
     def close(self) -> None:
-        """Waits for the last background write (raising its error, if any)."""
-        self.flush()
+        """Waits for the last background write (raising its error, if any) and stops the writer thread."""
+        try:
+            self.flush()
+        finally:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._jobs.put(None)
+                thread.join()
 
     def truncate_after(self, version: int) -> None:
         """Removes retained versions > `version` (a learner resuming from an older

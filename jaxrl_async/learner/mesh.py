@@ -58,14 +58,15 @@ def shard_rows(batch, mesh):
     None. B must be a multiple of the mesh size; scalars are replicated.
     """
     n = mesh.devices.size
-
-    def place(path, x):
+    rows, whole = NamedSharding(mesh, PartitionSpec(DATA_AXIS)), NamedSharding(mesh, PartitionSpec())
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
+    arrays, shardings = [], []
+    for path, x in leaves:
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        if x.ndim == 0:
-            return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
-        if x.shape[0] % n:
+        if x.ndim and x.shape[0] % n:
             raise ValueError(f"batch field {jax.tree_util.keystr(path, simple=True, separator='.')!r} has "
                              f"{x.shape[0]} rows, not a multiple of {n} devices")
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
-
-    return jax.tree_util.tree_map_with_path(place, batch)
+        arrays.append(x)
+        shardings.append(rows if x.ndim else whole)
+    # One call for every field: JAX batches the transfers (one call per field costs a dispatch each).
+    return jax.tree_util.tree_unflatten(treedef, jax.device_put(arrays, shardings))

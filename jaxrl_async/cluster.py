@@ -224,17 +224,27 @@ class RLCluster:
         trajs, info = self.runtime.next_groups(step, v)
         t_data = time.perf_counter()
         host = batch_from(trajs, self.config, self.model_config.max_len)
-        batch, prox_metrics = self.route(self.state, host, v)
+        t_collate = time.perf_counter()
+        batch, prox_metrics = self.route(self.state, host, v)  # the batch crosses to the device here, once
+        t_route = time.perf_counter()
         self.state, metrics = self.update(self.state, batch, jax.random.fold_in(self.k_update, step),
                                           self.route.ewma_beta)
+        jax.block_until_ready(self.state.params)
+        t_update = time.perf_counter()
         t_publish = self.publish(v + 1)
         self.runtime.published(v + 1)
+        t_m = time.perf_counter()
         metrics = {k: float(x) for k, x in jax.device_get(metrics).items()}  # one transfer for all metrics
         self._guard_nonfinite(step, metrics, host, trajs)
         metrics.update(rollout_metrics(trajs, v, self.runtime.bound))
         metrics.update(info)
         metrics.update(prox_metrics)
+        # Where the learner's own part of the step goes (the wait for data is the runtime's).
+        metrics["perf/collate_s"] = t_collate - t_data  # padding and advantages, on the host
+        metrics["perf/route_s"] = t_route - t_collate  # proximal log-probs dispatched, batch to the device
+        metrics["perf/update_s"] = t_update - t_route  # the update, until its new params are ready
         metrics["perf/publish_s"] = t_publish
+        metrics["perf/metrics_s"] = time.perf_counter() - t_m  # fetching and summarising the metrics
         metrics["perf/train_s"] = time.perf_counter() - t_data
         metrics["perf/step_s"] = time.perf_counter() - t0
         metrics["perf/learner_steps_per_s"] = 1.0 / metrics["perf/step_s"]

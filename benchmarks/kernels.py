@@ -1,4 +1,4 @@
-"""Micro and system benchmarks: the loss, decoding, the learner, async against sync.
+"""Micro and system benchmarks: the loss, decoding, the learner, async against sync, the trajectory hand-off.
 
 Each section prints a table with the machine and settings and a ratio against a baseline
 measured in the same run; `--json` writes everything to a file (sections not run keep their
@@ -305,6 +305,12 @@ def bench_async_vs_sync(steps: int) -> dict:
             publish = float(np.mean([r.get("perf/publish_s", 0.0) for r in rows]))
             out[mode].update(learner_wait_s=wait, train_s=train, publish_s=publish, idle_frac=wait / step_s,
                              sampler_gate_wait_s=float(np.mean([r["perf/sampler_gate_wait_s"] for r in rows])))
+            # The learner's step in parts (NaN where the run's code does not report a part): blocked on
+            # the queue, its own queue work (listing, renames, reads, unpickling, fsync), collate,
+            # route (the batch's transfer), update, metrics.
+            for key in ("queue_wait", "queue_take", "queue_read", "queue_sync", "collate", "route", "update",
+                        "metrics"):
+                out[mode][f"{key}_s"] = float(np.mean([r.get(f"perf/{key}_s", np.nan) for r in rows]))
         if mode == "inline":
             t_sample = float(np.mean([r["perf/sample_s"] for r in rows]))
             t_train = float(np.mean([r["perf/train_s"] for r in rows]))
@@ -449,6 +455,264 @@ def bench_handoff(versions: int = 15) -> dict:
     return out
 
 
+def _queue_group(key: str, n: int, length: int, rng, start_version: int = 0):
+    """One realistic queue item: a group of `n` trajectories of `length` tokens (the default task's
+    longest episodes), with the metadata a sampler attaches."""
+    from jaxrl_async.rollout.trajectory import Trajectory
+    from jaxrl_async.runtime.spool import Item
+
+    trajs = [Trajectory(tokens=rng.integers(4, 200, length).astype(np.int32), loss_mask=rng.random(length) < 0.6,
+                        behav_logp=-rng.random(length).astype(np.float32),
+                        versions=rng.integers(-1, 3, length).astype(np.int32), reward=float(rng.random()),
+                        success=True, num_turns=3, group_id=0, task_seed=int(rng.integers(1 << 30)))
+             for _ in range(n)]
+    meta = {"sampler_id": 0, "batch": 0, "tokens_per_s": 1.0, "gate_wait_s": 0.0, "sample_s": 0.1,
+            "weight_switches": 0, "proximal/sampler_stall_s": 0.0, "proximal/sampler_forward_passes": 0.0}
+    return Item(key, trajs, start_version, meta)
+
+
+def _make_queue(directory: str, capacity: int, fsync: bool, doorbell=None):
+    """A TrajectoryQueue; the doorbell only where this version of the queue has one."""
+    import inspect
+
+    from jaxrl_async.runtime.spool import TrajectoryQueue
+
+    kwargs = {"fsync": fsync}
+    if doorbell is not None and "doorbell" in inspect.signature(TrajectoryQueue).parameters:
+        kwargs["doorbell"] = doorbell
+    return TrajectoryQueue(directory, capacity, **kwargs)
+
+
+def _queue_producer(directory: str, fsync: bool, doorbell, count: int, interval_s: float, n: int,
+                    length: int) -> None:
+    """Producer process of the hand-off latency benchmark: a put every `interval_s`, each item
+    stamped (time.monotonic) just before its put."""
+    rng = np.random.default_rng(1)
+    tq = _make_queue(directory, 10**6, fsync, doorbell)
+    for i in range(count):
+        time.sleep(interval_s)
+        item = _queue_group(f"lat-{i}", n, length, rng)
+        item.meta["put_t"] = time.monotonic()
+        tq.put(item)
+
+
+def bench_queue(items: int = 48, latency_items: int = 40) -> dict:
+    """The trajectory hand-off on its own, default group shape (`rl.group_size` trajectories of
+    `model.max_len` tokens), in a spool on this machine's disk:
+
+    - what its parts cost: pickling and unpickling one group, writing, fsyncing and renaming
+      its file, fsyncing a directory, listing the spool (the raw operations, whatever the
+      queue does with them);
+    - a producer's `put`, and one learner step's takes (`rl.groups_per_step` groups arriving
+      `runtime.sampler_groups` at a time, taken as the process runtime takes them), with and
+      without fsync;
+    - hand-off latency: from the start of a put in a producer process to the group in the
+      learner's hands, the learner waiting in the process runtime's loop (doorbell, where
+      the queue has one; else polling).
+    """
+    import multiprocessing as mp
+    import pickle
+    import shutil
+
+    from jaxrl_async.config import base_config
+    from jaxrl_async.runtime.spool import TrajectoryQueue
+
+    c = base_config()
+    n, length = c.rl.group_size, c.model.max_len
+    g, k = c.rl.groups_per_step, c.runtime.sampler_groups
+    rng = np.random.default_rng(0)
+    out = {"group_size": n, "tokens": length, "groups_per_step": g, "arrivals_per_step": -(-g // k)}
+    doorbell_api = hasattr(TrajectoryQueue, "wait")
+    out["doorbell"] = doorbell_api
+    root = tempfile.mkdtemp()
+    try:
+        # --- the raw operations
+        item = _queue_group("raw", n, length, rng)
+        data = pickle.dumps(item, protocol=5)
+        out["item_bytes"] = len(data)
+        raw = {k: [] for k in ("pickle", "unpickle", "write", "fsync_file", "rename", "fsync_dir", "read", "listdir")}
+        d = os.path.join(root, "raw")
+        os.makedirs(d)
+        for i in range(items):
+            t0 = time.perf_counter(); blob = pickle.dumps(item, protocol=5); t1 = time.perf_counter()
+            pickle.loads(blob); t2 = time.perf_counter()
+            tmp = os.path.join(d, f".tmp{i}")
+            with open(tmp, "wb") as f:
+                f.write(blob); f.flush(); t3 = time.perf_counter()
+                os.fsync(f.fileno()); t4 = time.perf_counter()
+            os.replace(tmp, os.path.join(d, f"{i}.item")); t5 = time.perf_counter()
+            fd = os.open(d, os.O_RDONLY); os.fsync(fd); os.close(fd); t6 = time.perf_counter()
+            with open(os.path.join(d, f"{i}.item"), "rb") as f:
+                f.read()
+            t7 = time.perf_counter(); os.listdir(d); t8 = time.perf_counter()
+            for name, dt in zip(raw, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7)):
+                raw[name].append(dt)
+        out["raw_ms"] = {name: 1e3 * float(np.median(v)) for name, v in raw.items()}
+
+        # --- put and one step's takes, through the queue
+        for fsync in (True, False):
+            d = os.path.join(root, f"api-{int(fsync)}")
+            tq = _make_queue(d, 10**6, fsync)
+            timing0 = dict(getattr(tq, "timing", {}))
+            puts = []
+            for i in range(items):
+                it = _queue_group(f"k{i}", n, length, rng)
+                t0 = time.perf_counter()
+                tq.put(it)
+                puts.append(time.perf_counter() - t0)
+            steps = []
+            for step in range(items // g):
+                tq.set_step(step)
+                t0 = time.perf_counter()
+                for _ in range(-(-g // k)):
+                    if doorbell_api:
+                        tq.take(k, timeout=0, sync=False)
+                    else:
+                        tq.take(k, timeout=0)
+                if doorbell_api:
+                    tq.sync()
+                steps.append(time.perf_counter() - t0)
+            row = {"put_ms": 1e3 * float(np.median(puts)), "take_step_ms": 1e3 * float(np.median(steps))}
+            if doorbell_api:
+                spent = {key: 1e3 * (tq.timing[key] - timing0.get(key, 0.0)) for key in tq.timing}
+                row["put_parts_ms"] = {key[4:-2]: v / items for key, v in spent.items() if key.startswith("put_")}
+                row["put_ms_mean"] = 1e3 * float(np.mean(puts))
+                row["take_parts_ms_per_step"] = {key[5:-2]: v / len(steps) for key, v in spent.items()
+                                                 if key.startswith("take_")}
+            out["fsync" if fsync else "no_fsync"] = row
+
+        # --- hand-off latency: producer process -> learner loop
+        ctx = mp.get_context("spawn")
+        for fsync in (True, False):
+            d = os.path.join(root, f"lat-{int(fsync)}")
+            doorbell = ctx.Semaphore(0) if doorbell_api else None
+            tq = _make_queue(d, 10**6, fsync, doorbell)
+            proc = ctx.Process(target=_queue_producer, daemon=True,
+                               args=(d, fsync, doorbell, latency_items, 0.02, n, length))
+            proc.start()
+            lat, deadline = [], time.monotonic() + 120
+            while len(lat) < latency_items and time.monotonic() < deadline:
+                if tq.depth() == 0:  # as ProcessRuntime.next_groups waits and takes
+                    if doorbell_api:
+                        tq.wait()
+                    else:
+                        time.sleep(0.01)
+                    continue
+                for it in (tq.take(1, timeout=0, sync=False) if doorbell_api else tq.take(1, timeout=0)):
+                    lat.append(time.monotonic() - it.meta["put_t"])
+                if doorbell_api and len(lat) % g == 0:
+                    tq.sync()  # once per learner step
+            proc.join(30)
+            out[f"latency_{'fsync' if fsync else 'no_fsync'}_ms"] = {
+                "median": 1e3 * float(np.median(lat)), "p90": 1e3 * float(np.percentile(lat, 90)),
+                "max": 1e3 * float(np.max(lat)), "items": len(lat)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def bench_learner_host(steps: int = 12) -> dict:
+    """The learner's own part of a step, default model and batch, no sampler running: realistic
+    trajectories (`G * n` of random lengths up to `max_len`) through what `RLCluster.train_step`
+    does after the batch arrives: collate and advantages, the proximal route (the batch's one
+    transfer to the device), the update until its params are ready, publishing the new version
+    (shared-memory slot + ring-buffer copy), and fetching the metrics. Medians over `steps`."""
+    from jaxrl_async.cluster import RLCluster, batch_from
+    from jaxrl_async.config import base_config
+    from jaxrl_async.rollout.trajectory import Trajectory
+
+    c = base_config()
+    c.warmstart.enabled = False
+    c.runtime.mode = "process"
+    b = c.rl.groups_per_step * c.rl.group_size
+    rng = np.random.default_rng(0)
+    names = ("collate", "route", "update", "publish", "metrics")
+    parts = {k: [] for k in names}
+    quiet = {k: [] for k in names}  # the same, with the previous ring-buffer write landed first
+    with tempfile.TemporaryDirectory() as workdir:
+        cluster = RLCluster(c, workdir, log=lambda *a: None)
+        try:
+            t_max = cluster.model_config.max_len
+            for step in range(2 * steps + 2):
+                if step >= steps + 2:
+                    cluster.store.flush()  # untimed: this step's host work runs without the writer thread
+                v = int(cluster.state.version)
+                trajs = []
+                for i in range(b):
+                    length = int(rng.integers(t_max // 2, t_max + 1))
+                    mask = rng.random(length) < 0.6
+                    trajs.append(Trajectory(
+                        tokens=rng.integers(4, cluster.model_config.vocab_size, length).astype(np.int32),
+                        loss_mask=mask, behav_logp=np.where(mask, -1.5, 0.0).astype(np.float32),
+                        versions=np.where(mask, v, -1).astype(np.int32), reward=float(rng.random()), success=True,
+                        num_turns=2, group_id=i // c.rl.group_size, task_seed=i))
+                t0 = time.perf_counter()
+                host = batch_from(trajs, c, t_max)
+                t1 = time.perf_counter()
+                batch, _ = cluster.route(cluster.state, host, v)
+                t2 = time.perf_counter()
+                cluster.state, m = cluster.update(cluster.state, batch, jax.random.fold_in(cluster.k_update, step),
+                                                  cluster.route.ewma_beta)
+                jax.block_until_ready(cluster.state.params)
+                t3 = time.perf_counter()
+                cluster.publish(v + 1)
+                t4 = time.perf_counter()
+                {k: float(x) for k, x in jax.device_get(m).items()}
+                t5 = time.perf_counter()
+                if step >= 2:  # the first two compile
+                    for name, dt in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                        (parts if step < steps + 2 else quiet)[name].append(dt)
+            cluster.store.flush()
+        finally:
+            cluster.close()
+    out = {f"{name}_ms": 1e3 * float(np.median(v)) for name, v in parts.items()}
+    out["host_ms"] = out["collate_ms"] + out["route_ms"] + out["publish_ms"] + out["metrics_ms"]
+    # Without the background ring-buffer write of the previous version competing for the GIL.
+    out["no_writer"] = {f"{name}_ms": 1e3 * float(np.median(v)) for name, v in quiet.items()}
+    out["no_writer"]["host_ms"] = sum(out["no_writer"][f"{k}_ms"] for k in ("collate", "route", "publish", "metrics"))
+    out["steps"] = steps
+    return out
+
+
+def _print_queue(res):
+    res["queue"] = r = bench_queue()
+    res["learner_host"] = h = bench_learner_host()
+    print(f"trajectory hand-off, one group = {r['group_size']} trajectories of {r['tokens']} tokens "
+          f"({r['item_bytes'] / 1024:.1f} KiB pickled), spool on this machine's disk; medians")
+    raw = r["raw_ms"]
+    print("| part | ms |\n|---|---:|")
+    for name, label in (("pickle", "pickle a group"), ("unpickle", "unpickle a group"), ("write", "write its file"),
+                        ("fsync_file", "fsync the file"), ("rename", "rename (the commit)"),
+                        ("fsync_dir", "fsync a directory"), ("read", "read a file"), ("listdir", "list the spool")):
+        print(f"| {label} | {raw[name]:.3f} |")
+    print()
+    print(f"| queue | put ms (producer) | one learner step's takes ms ({r['groups_per_step']} groups in "
+          f"{r['arrivals_per_step']} arrivals) | hand-off latency, put start to learner, median ms | p90 ms |\n"
+          "|---|---:|---:|---:|---:|")
+    for key, label in (("fsync", "fsync (default)"), ("no_fsync", "no fsync")):
+        lat = r[f"latency_{key}_ms"]
+        print(f"| {label} | {r[key]['put_ms']:.3f} | {r[key]['take_step_ms']:.3f} | {lat['median']:.2f} | "
+              f"{lat['p90']:.2f} |")
+    wake = "doorbell (semaphore posted after each put)" if r["doorbell"] else "polling every 10 ms"
+    print(f"the learner wakes by: {wake}")
+    if "put_parts_ms" in r["fsync"]:
+        for key in ("fsync", "no_fsync"):
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in r[key]["put_parts_ms"].items())
+            takes = ", ".join(f"{k} {v:.3f}" for k, v in r[key]["take_parts_ms_per_step"].items() if k != "wait")
+            print(f"{key}: per put (ms): {parts}; per learner step (ms): {takes}")
+    print()
+    print("the learner's own part of a step, default model and batch, no sampler running (medians, ms)\n"
+          "| | collate + advantages | route (batch to device) | update (to params ready) | publish | metrics | "
+          "host work (all but update) |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("| as in training (the previous version's ring-buffer write in flight) | "
+          f"{h['collate_ms']:.2f} | {h['route_ms']:.2f} | {h['update_ms']:.1f} | {h['publish_ms']:.2f} | "
+          f"{h['metrics_ms']:.2f} | {h['host_ms']:.2f} |")
+    q = h["no_writer"]
+    print("| the previous write landed first (untimed) | "
+          f"{q['collate_ms']:.2f} | {q['route_ms']:.2f} | {q['update_ms']:.1f} | {q['publish_ms']:.2f} | "
+          f"{q['metrics_ms']:.2f} | {q['host_ms']:.2f} |\n")
+
+
 def _print_loss(res):
     res["loss"] = r = bench_loss(256, 512)
     print(f"policy_loss forward+backward, jitted, [B, T] = {r['shape']}; baseline rlax.clipped_surrogate_pg_loss")
@@ -517,6 +781,13 @@ def _print_async(res, steps: int):
     print(f"| inline | {i['step_s']:.3f} | {i['sample_s']:.3f} (sampling) | {i['train_s']:.3f} | | |")
     print(f"| process | {p['step_s']:.3f} | {p['learner_wait_s']:.3f} (waiting) | {p['train_s']:.3f} | "
           f"{p['publish_s']:.4f} | {p['idle_frac']:.0%} |\n")
+    print("the asynchronous learner's step in parts (ms, means over steps 2+)\n| waiting for data | of which "
+          "blocked on the queue | queue work (list, rename, read, unpickle, fsync) | of which read + unpickle | "
+          "of which fsync | collate | route (batch to device) | update | publish | metrics |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| " + " | ".join(f"{1e3 * p[k]:.2f}" for k in (
+        "learner_wait_s", "queue_wait_s", "queue_take_s", "queue_read_s", "queue_sync_s", "collate_s", "route_s",
+        "update_s", "publish_s", "metrics_s")) + " |\n")
 
 
 def _print_handoff(res):
@@ -536,7 +807,8 @@ def _print_handoff(res):
 
 
 SECTIONS = {"loss": _print_loss, "decode": _print_decode, "learner": _print_learner,
-            "learner_variants": _print_learner_variants, "async": _print_async, "handoff": _print_handoff}
+            "learner_variants": _print_learner_variants, "async": _print_async, "handoff": _print_handoff,
+            "queue": _print_queue}
 
 
 def run(json_path: str = "runs/bench_kernels.json", async_steps: int = 20, sections=tuple(SECTIONS)) -> dict:

@@ -190,7 +190,7 @@ def _sigkill_learner_at(config, workdir, block_at, timeout=300.0):
     checks that its Ray cluster (GCS, raylet, actor workers) dies with it at once. Returns
     (Ray's dashboard and runtime-env agents, when the learner was killed): those exit about 60 s
     later (each times out reporting the raylet's death to the dead GCS), so the caller checks them
-    at its end."""
+    later (`killed_learners_agents`)."""
     log = open(os.path.join(workdir, "learner-subprocess.log"), "w")
     proc = subprocess.Popen([sys.executable, "-c", _LEARNER, config.to_json(), workdir, str(block_at)],
                             stdout=log, stderr=subprocess.STDOUT)
@@ -224,16 +224,34 @@ def _sigkill_learner_at(config, workdir, block_at, timeout=300.0):
         log.close()
 
 
-def test_ray_learner_sigkill_resume_metrics_bound_and_shutdown(tmp_path, monkeypatch, ray_config):
+@pytest.fixture(scope="module")
+def killed_learners_agents():
+    """`(agents, killed_at)` of the SIGKILLed learners of this module's tests: Ray's dashboard and
+    runtime-env agents exit about 60 s after the kill (each times out reporting the raylet's death
+    to the dead GCS). They are checked once this module's tests are done, so that the wait overlaps
+    the tests that run after the kill instead of idling: each must be gone 2 minutes after its kill."""
+    killed = []
+    yield killed
+    for agents, killed_at in killed:
+        alive = _live(agents, timeout=max(0.0, killed_at + 120 - time.monotonic()))
+        for p in alive:
+            p.kill()
+        assert not alive, f"Ray agents outlived their SIGKILLed learner by 2 minutes: {alive}"
+
+
+def test_ray_learner_sigkill_resume_metrics_bound_and_shutdown(tmp_path, monkeypatch, ray_config,
+                                                                killed_learners_agents):
     """A learner SIGKILLed after its checkpoint at step 2, with step 2's groups taken but not trained,
     resumes from that checkpoint: its sampler regenerates those groups under the same keys and the
     surviving timeline trains every key once, with no gap. The resumed half runs under a slow
     learner (the gate alone keeps the samplers within the bound) and checks the runtime metrics
-    and the shutdown."""
+    and the shutdown. The killed learner's Ray agents, which take a minute to exit, are checked at
+    the end of the module (`killed_learners_agents`)."""
     c = ray_config(steps=5, bound=1)
     c.train.checkpoint_every = 2
     workdir = str(tmp_path)
     agents, killed_at = _sigkill_learner_at(c, workdir, block_at=2)
+    killed_learners_agents.append((agents, killed_at))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
     ray_processes = _record_ray_processes(monkeypatch)
@@ -276,11 +294,6 @@ def test_ray_learner_sigkill_resume_metrics_bound_and_shutdown(tmp_path, monkeyp
     assert not set(puts_resumed) & set(before)
     final = json.load(open(os.path.join(ledger, "ray-close-e1.json")))
     _assert_no_gaps(timeline + [key for key, _ in final["waiting"]], 1, k)
-    # The killed learner's Ray agents are gone too (about a minute after the kill).
-    alive = _live(agents, timeout=max(0.0, killed_at + 120 - time.monotonic()))
-    for p in alive:
-        p.kill()
-    assert not alive, f"Ray agents outlived their SIGKILLed learner by 2 minutes: {alive}"
     # Everything stopped: no actors, no cluster, no Ray processes left behind.
     assert not ray.is_initialized()
     assert _no_children_left()

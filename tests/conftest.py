@@ -1,13 +1,29 @@
 """Test-wide settings and shared fixtures.
 
-JAX on the CPU, float32, a deterministic hypothesis profile; ``tiny_config`` (a factory
-for a small, fast run config) and ``comparable_metrics`` (metrics rows without timings),
-shared by the trainer, runtime and proximal-route tests.
+JAX on the CPU, float32, one XLA compilation cache for the session, a deterministic
+hypothesis profile; ``tiny_config`` (a factory for a small, fast run config) and
+``comparable_metrics`` (metrics rows without timings), shared by the trainer, runtime and
+proximal-route tests.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA compilation cache for the session, in this process and every process it starts
+# (learners, samplers, scorers, sweep cells, notebook kernels): the many short runs of the same tiny
+# model compile each program once, not once per run and process. A new, empty directory for every
+# session, so a session compiles everything from nothing, as on a fresh CI machine; a
+# JAX_COMPILATION_CACHE_DIR set by the caller is used instead. Every compilation is cached: the tiny
+# model's take well under JAX's default threshold of a second.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="jaxrl-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

@@ -215,16 +215,6 @@ def test_scorer_exits_when_its_parent_is_killed(tmp_path):
         parent.wait()
 
 
-def test_scorer_exits_when_closed(scorer):  # last: closes the module's scorer
-    pid = scorer.pid
-    assert scorer.alive()
-    scorer.close()
-    assert _gone(pid) and not scorer.alive()
-    with pytest.raises(ScorerError):
-        scorer.submit(np.zeros((1, MAX_LEN), np.int32), 0)
-    scorer.close()  # idempotent
-
-
 def test_dedicated_route_with_continuous_batching_scores_every_episode(ring, scorer):
     # 3B episodes through B slots (slots take the next episode as theirs end), a switch in the middle:
     # every generated token gets the exact old log-prob of its own version from the scorer.
@@ -243,3 +233,14 @@ def test_dedicated_route_with_continuous_batching_scores_every_episode(ring, sco
     ref, _ = _reference(ring, batch)
     np.testing.assert_allclose(batch.old_logp[gen], ref[gen], atol=1e-5)
     assert (batch.old_logp[~gen] == 0).all()
+
+
+def test_scorer_exits_when_closed(scorer):  # last: closes the module's scorer
+    pid = scorer.pid
+    assert scorer.alive()
+    scorer.close()
+    assert _gone(pid) and not scorer.alive()
+    with pytest.raises(ScorerError):
+        scorer.submit(np.zeros((1, MAX_LEN), np.int32), 0)
+    scorer.close()  # idempotent
+

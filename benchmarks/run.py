@@ -4,20 +4,24 @@
    learner tokens/s on 1 and 2 devices, the learner's before/after (donation, padding),
    asynchronous against synchronous episodes/s.
 2. `benchmarks.routes`: per-route cost and learning at a fixed staleness.
+3. `benchmarks.real_models`: the HF families' learner tokens/s and MFU, decode tokens/s against
+   the bandwidth bound, peak memory (the qwen3_tiny shapes on a CPU, Qwen3-0.6B's on a GPU).
 
 The small setting (default) finishes in under 10 minutes on 2 CPU cores; `--full`
 (`make bench BENCH_ARGS=--full`) runs 100 RL steps per route and 50 end-to-end steps,
 the setting of the README's route table. `--sections` runs a subset: any of the kernel
-sections (loss, decode, learner, learner_variants, async) and `routes`.
+sections (loss, decode, learner, learner_variants, async, handoff, queue), `routes` and `real_models`.
 
     .venv/bin/python -m benchmarks.run [--full] [--sections=loss,decode,routes]
 """
 
 from absl import app, flags, logging
 
-from benchmarks import kernels, routes
+import jax
 
-SECTIONS = (*kernels.SECTIONS, "routes")
+from benchmarks import kernels, real_models, routes
+
+SECTIONS = (*kernels.SECTIONS, "routes", "real_models")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("full", False, "Longer runs: 100 RL steps per route, 50 async steps.")
@@ -44,6 +48,9 @@ def main(argv):
             routes.run(steps=100, out="runs/bench_routes")
         else:
             routes.run(steps=30, out="runs/bench_routes_small")
+    if "real_models" in FLAGS.sections:
+        print()
+        real_models.print_tables(real_models.run("tiny" if jax.default_backend() == "cpu" else "qwen3_0p6b"))
 
 
 if __name__ == "__main__":

@@ -213,3 +213,25 @@ def test_hf_checkpoint_trains_on_the_process_runtime_with_the_dedicated_scorer(t
     assert all(r["train/skipped_nonfinite"] == 0 for r in train)
     assert max(r["staleness/max"] for r in train) <= 1
     assert all(r["queue/taken_total"] > 0 for r in train[-1:])
+
+
+def test_real_model_benchmark_counts_flops_and_runs_at_micro_shapes():
+    import jax
+    import numpy as np
+
+    from benchmarks import real_models as rm
+    from jaxrl_async.models import llama
+
+    # Qwen3-0.6B: 0.44B non-embedding parameters (its model card), all in matmuls, plus the tied head.
+    big = rm.qwen3_config(**rm.SHAPES["qwen3_0p6b"]["model"])
+    head = big.hidden_size * big.vocab_size
+    assert 0.43e9 < rm.matmul_params(big) - head < 0.45e9
+    cfg = rm.qwen3_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                          num_kv_heads=1, head_dim_=16, max_len=32)
+    assert rm.matmul_params(cfg) == 32 * 16 * (2 * 2 + 2 * 1) + 3 * 32 * 64 + 32 * 64
+    assert rm.train_flops_per_token(cfg, 16) == 6 * rm.matmul_params(cfg) + 12 * 1 * 2 * 16 * 16
+    learner = rm.bench_learner(cfg, 2, 16, steps=1)
+    assert learner["tokens_per_s"] > 0 and np.isfinite(learner["model_flops_per_s"])
+    decode = rm.bench_decode(cfg, 2, 4, "fp32")
+    graphdef, params = llama.init_model(cfg, 0)
+    assert decode["weight_bytes"] == sum(x.size * 4 for x in jax.tree.leaves(params)) and decode["tokens_per_s"] > 0

@@ -13,12 +13,13 @@ Decode: the bare KV-cache decode step (`llama.decode_step`; bf16 inference weigh
 on the GPU shapes, float32 for the tiny ones as their config samples: bf16 is emulated, slow,
 on a CPU) in a Python loop, at each batch; its bound is the weight bytes read per step over the
 memory bandwidth (the GPU's HBM figure, or a large copy measured in the same run on a CPU;
-the KV cache's own bytes are not in the bound). Peak memory: the device's peak bytes in use
+the KV cache's own bytes are not in the bound; the cache holds `decode_len` positions). Peak memory: the device's peak bytes in use
 on a GPU, the process's peak resident memory on a CPU. JSON to `runs/bench_real_models.json`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -39,11 +40,12 @@ from jaxrl_async.rollout.trajectory import Batch
 SHAPES = {
     "tiny": dict(model=dict(vocab_size=602, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim_=32, max_len=512),
-                 learner=((32, 480),), decode=(64, 256), decode_steps=32, numerics="fp32"),
+                 learner=((32, 480),), decode=(64, 256), decode_steps=32, decode_len=512, numerics="fp32"),
     "qwen3_0p6b": dict(model=dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
                                   num_heads=16, num_kv_heads=8, head_dim_=128, rope_theta=1_000_000.0,
                                   tie_word_embeddings=True, max_len=4096, remat=True),
-                       learner=((16, 1024), (4, 4096)), decode=(64, 256), decode_steps=32, numerics="bf16"),
+                       learner=((16, 1024), (4, 4096)), decode=(64, 256), decode_steps=32,
+                       decode_len=1024, numerics="bf16"),  # a 4k cache at batch 256 would be 60 GB
 }
 # Dense bf16 peak FLOP/s and HBM bytes/s of the GPUs this project has been lent (vendor figures).
 DEVICE_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}
@@ -165,7 +167,7 @@ def run(shapes: str, out: str = "runs/bench_real_models.json", learner_steps: in
         r["mfu"] = r["model_flops_per_s"] / peak_flops if peak_flops else None
         res["learner"].append(r)
     for b in spec["decode"]:
-        r = bench_decode(cfg, b, spec["decode_steps"], spec["numerics"])
+        r = bench_decode(dataclasses.replace(cfg, max_len=spec["decode_len"]), b, spec["decode_steps"], spec["numerics"])
         r["bound_tokens_per_s"] = b * bandwidth / r["weight_bytes"] if bandwidth else None
         r["vs_bound"] = r["tokens_per_s"] / r["bound_tokens_per_s"] if bandwidth else None
         res["decode"].append(r)

@@ -121,6 +121,30 @@ def _surviving_timeline(ldir: str, final_steps: int):
     return takes, surviving, trained, dropped
 
 
+def _timeline_counts(workdir: str, takes: list, surviving: dict, trained: list, dropped: list, final_steps: int,
+                     groups_per_step: int, bound: int) -> dict:
+    """The accounting both runtimes compute the same way from the surviving timeline
+    (`_surviving_timeline`) and metrics.jsonl: missing or short steps, groups trained, dropped,
+    retaken and duplicated, staleness against the bound, hung restarts."""
+    taken_count = collections.Counter(k for e in takes for k, _ in e["trained"] + e["dropped"])
+    staleness = [e["version"] - sv for e in takes for _, sv in e["trained"]]
+    rows = [r for r in _jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss/policy" in r]
+    return {
+        "steps": final_steps,
+        "steps_missing": sorted(set(range(final_steps)) - set(surviving)),
+        "steps_short": sorted(s for s, e in surviving.items() if len(e["trained"]) != groups_per_step),
+        "groups_trained": len(trained),
+        "groups_dropped_stale": len(dropped),
+        "groups_dropped_stale_all_epochs": sum(len(e["dropped"]) for e in takes),
+        "groups_retaken_after_learner_restart": sum(c > 1 for c in taken_count.values()),
+        "duplicates_trained": len(trained) - len(set(trained)),
+        "max_staleness_loss": max(staleness, default=0),
+        "max_staleness_metrics": max((r["staleness/max"] for r in rows), default=0),
+        "staleness_bound": bound,
+        "hung_restarts_last_epoch": max((r.get("samplers/hung_restarts", 0) for r in rows), default=0),
+    }
+
+
 def account(workdir: str, final_steps: int, groups_per_step: int, bound: int) -> dict:
     """Exactly-once accounting of a finished run from the queue's ledgers and metrics.jsonl.
 
@@ -140,28 +164,14 @@ def account(workdir: str, final_steps: int, groups_per_step: int, bound: int) ->
     every = {p["key"] for p in puts} | consumed | waiting
     accounted = set(trained) | set(dropped) | waiting
     lost = sorted(every - accounted)
-    taken_count = collections.Counter(k for e in takes for k, _ in e["trained"] + e["dropped"])
-    staleness = [e["version"] - sv for e in takes for _, sv in e["trained"]]
-    rows = [r for r in _jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss/policy" in r]
     return {
-        "steps": final_steps,
-        "steps_missing": sorted(set(range(final_steps)) - set(surviving)),
-        "steps_short": sorted(s for s, e in surviving.items() if len(e["trained"]) != groups_per_step),
+        **_timeline_counts(workdir, takes, surviving, trained, dropped, final_steps, groups_per_step, bound),
         "groups_generated": len(puts),
         "groups_unique": len({p["key"] for p in puts}),
         "groups_regenerated": sum(not p["new"] for p in puts),
-        "groups_trained": len(trained),
-        "groups_dropped_stale": len(dropped),
-        "groups_dropped_stale_all_epochs": sum(len(e["dropped"]) for e in takes),
-        "groups_retaken_after_learner_restart": sum(c > 1 for c in taken_count.values()),
         "groups_waiting_at_end": len(waiting),
-        "duplicates_trained": len(trained) - len(set(trained)),
         "groups_lost": len(lost),
         "lost_keys": lost[:20],
-        "max_staleness_loss": max(staleness, default=0),
-        "max_staleness_metrics": max((r["staleness/max"] for r in rows), default=0),
-        "staleness_bound": bound,
-        "hung_restarts_last_epoch": max((r.get("samplers/hung_restarts", 0) for r in rows), default=0),
     }
 
 
@@ -207,37 +217,23 @@ def account_ray(workdir: str, final_steps: int, groups_per_step: int, bound: int
     lost = sorted(k for k in rest if not pending(k))
     last = max(closes) if closes else None
     waiting = {k for k, _ in closes[last]["waiting"]} if last is not None and last == max(puts, default=-1) else set()
-    taken_count = collections.Counter(k for e in takes for k, _ in e["trained"] + e["dropped"])
     epochs_of = collections.defaultdict(set)
     for ep, ps in puts.items():
         for p in ps:
             if p["new"]:
                 epochs_of[p["key"]].add(ep)
-    staleness = [e["version"] - sv for e in takes for _, sv in e["trained"]]
-    rows = [r for r in _jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss/policy" in r]
     return {
-        "steps": final_steps,
-        "steps_missing": sorted(set(range(final_steps)) - set(surviving)),
-        "steps_short": sorted(s for s, e in surviving.items() if len(e["trained"]) != groups_per_step),
+        **_timeline_counts(workdir, takes, surviving, trained, dropped, final_steps, groups_per_step, bound),
         "groups_generated": len(all_puts),
         "groups_unique": len(every),
         "groups_regenerated": sum(not p["new"] for p in all_puts),
         "groups_regenerated_after_learner_restart": sum(len(eps) - 1 for eps in epochs_of.values()),
-        "groups_trained": len(trained),
-        "groups_dropped_stale": len(dropped),
-        "groups_dropped_stale_all_epochs": sum(len(e["dropped"]) for e in takes),
-        "groups_retaken_after_learner_restart": sum(c > 1 for c in taken_count.values()),
         "groups_waiting_at_end": len(waiting),
         "groups_past_final_frontier": len(rest) - len(lost),
-        "duplicates_trained": len(trained) - len(set(trained)),
         "groups_lost": len(lost),
         "lost_keys": lost[:20],
         "learner_epochs": len(puts),
         "learner_epochs_closed_in_order": len(closes),
-        "max_staleness_loss": max(staleness, default=0),
-        "max_staleness_metrics": max((r["staleness/max"] for r in rows), default=0),
-        "staleness_bound": bound,
-        "hung_restarts_last_epoch": max((r.get("samplers/hung_restarts", 0) for r in rows), default=0),
     }
 
 

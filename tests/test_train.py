@@ -144,3 +144,14 @@ def test_unwritable_workdir_fails_at_startup(tmp_path, tiny_config):
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match="not writable"):
         train_and_evaluate(tiny_config(), str(blocker / "run"))
+
+
+# Float fields are not listed: ConfigDict itself turns `True` assigned to a float field into 1.0.
+@pytest.mark.parametrize("field", ["train.steps", "warmstart.episodes", "runtime.lag", "runtime.max_staleness",
+                                   "parallel.num_devices", "proximal.staleness_window"])
+def test_booleans_are_not_numbers(tiny_config, field):
+    c = tiny_config()
+    section, key = field.split(".")
+    c[section][key] = True  # bool is a subclass of int: `True` must not pass as 1
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        config_lib.validate(c)

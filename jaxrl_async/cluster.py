@@ -38,6 +38,7 @@ from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.rollout.evaluate import evaluate, rollout_metrics
 from jaxrl_async.rollout.trajectory import Batch, Trajectory, collate
 from jaxrl_async.runtime import base as runtime_base
+from jaxrl_async.runtime import handoff as handoff_lib
 from jaxrl_async.runtime.base import Runtime
 from jaxrl_async.runtime.handoff import WeightSlot
 from jaxrl_async.runtime.inline import InlineRuntime
@@ -72,6 +73,11 @@ def check_startup(config, workdir: str) -> None:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+    if config.runtime.mode == "process":  # its samplers take weights from the shared-memory slot
+        try:
+            handoff_lib.check_platform()
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, ".write_probe")

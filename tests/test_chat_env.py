@@ -153,16 +153,23 @@ def test_expert_succeeds_at_noise_0(chatml, name):
 
 
 def _run_infos(env, seeds, rng, noise):
+    """The info of every turn, with `expected`: the noiseless scripted agent's call in that state."""
     infos = []
     for seed in seeds:
         env.reset(seed)
         while not env.done:
+            expected = env.parse(env.expert_text(np.random.default_rng(0), 0.0))[0]
             action = env.expert_action(rng, noise)
             assert len(action) <= env.max_turn_tokens
             res = env.step(action)
             assert len(res.observation) <= env.max_observation_tokens
-            infos.append(res.info)
+            infos.append(dict(res.info, expected=expected))
     return infos
+
+
+def _task_level_wrong(infos) -> int:
+    """Turns whose call was well-formed and valid (no chat error) but not the scripted agent's correct one."""
+    return sum(i["error"] not in CHAT_ERRORS and i["call"] != i["expected"] for i in infos)
 
 
 @pytest.mark.parametrize("name", ["search", "tooluse"])
@@ -171,8 +178,11 @@ def test_noise_1_has_malformed_calls(chatml, name):
     infos = _run_infos(env, range(40), np.random.default_rng(3), 1.0)
     errors = {i["error"] for i in infos}
     assert {"bad_json", "unknown_tool", "bad_arguments", "bad_type"} <= errors
-    assert any(i["error"] is None or i["error"] not in CHAT_ERRORS for i in infos)  # task-level wrong actions too
+    assert _task_level_wrong(infos) >= 5  # well-formed but wrong actions too
     assert not any(i["success"] for i in infos if i.get("error") in CHAT_ERRORS)
+    # Without noise every call is the correct one: the count above measures wrong actions, not calls.
+    clean = _run_infos(env, range(10), np.random.default_rng(3), 0.0)
+    assert _task_level_wrong(clean) == 0 and not {i["error"] for i in clean} & set(CHAT_ERRORS)
 
 
 def _say(env, text):

@@ -365,3 +365,27 @@ def test_shipped_ids_match_the_word_tokenizer(chatml):
     assert env.pad_id == chatml.token_to_id("<|endoftext|>") == TOKENIZER.PAD
     assert env.eot_id == TOKENIZER.EOT
     assert env.reset(0)[0] == chatml.token_to_id("<|im_start|>") == TOKENIZER.BOS
+
+
+@pytest.mark.parametrize("name", ["search", "tooluse"])
+def test_tool_schema_and_validation_agree(chatml, name):
+    # What the model is told (the tool schema in its prompt) is what the env enforces: every
+    # argument value is accepted by the schema exactly when the env's validation accepts it.
+    import jsonschema
+
+    env = make_chat_env(name, chatml)
+    for tool in env.tools:
+        fn, params = tool["function"]["name"], tool["function"]["parameters"]
+        for prop in params["properties"].values():
+            assert prop["type"] == "integer" and prop["minimum"] == 0 and prop["maximum"] == 99
+        names = list(params["properties"])
+        for value in (-1, 0, 7, 99, 100, 150, 3.0, 3.5, "3", True, None):
+            args = {p: value for p in names}
+            told = jsonschema.Draft202012Validator(params).is_valid(args)
+            enforced = env.validate((fn, args)) is None
+            assert told == enforced, (fn, value)
+            if not enforced:
+                assert env.validate((fn, args)) == ("bad_value" if isinstance(value, int) and not
+                                                    isinstance(value, bool) else "bad_type"), (fn, value)
+        assert env.validate((fn, {**{p: 1 for p in names}, "extra": 1})) == "bad_arguments"
+        assert env.validate((fn, {})) == ("bad_arguments" if names else None)

@@ -18,10 +18,11 @@ point (`train.py`), the notebooks and the benchmarks all set up a run through it
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -31,7 +32,7 @@ from jaxrl_async.core import advantages as adv_lib
 from jaxrl_async.core.proximal import Route
 from jaxrl_async.learner import mesh as mesh_lib
 from jaxrl_async.learner import update as learner_lib
-from jaxrl_async.learner.checkpoints import Checkpoints
+from jaxrl_async.learner.checkpoints import CheckpointMismatch, Checkpoints
 from jaxrl_async.learner.route import ProximalRoute
 from jaxrl_async.learner.warmstart import warmstart_params
 from jaxrl_async.models import transformer as model_lib
@@ -86,6 +87,60 @@ def check_startup(config, workdir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from None
+
+
+# Fields that make a workdir's checkpoints another run's: they shape the train state (the model, the
+# task's vocabulary) or the route's extra state (EWMA weights), or they change what is learned (the task).
+_RUN_FIELDS = ("model.", "task.", "proximal.source", "proximal.anchor")
+_ABSENT = "(absent)"
+
+
+def _flat_json(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat_json(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(workdir: str, config) -> list[tuple[str, Any, Any]]:
+    """(field, value in the workdir's config.json, value in `config`) for every field that differs;
+    [] if the workdir has no readable config.json."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            old = _flat_json(json.load(f))
+    except (OSError, ValueError):
+        return []
+    new = _flat_json(json.loads(config.to_json()))
+    return [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
+            if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+def _show(v) -> str:
+    return v if isinstance(v, str) and v else json.dumps(v)
+
+
+def _changes_text(changes: list, limit: int = 5) -> str:
+    lines = [f"  {k}: {_show(a)} -> {_show(b)}" for k, a, b in changes[:limit]]
+    if len(changes) > limit:
+        lines.append(f"  (and {len(changes) - limit} more)")
+    return "\n".join(lines)
+
+
+def check_resumable(workdir: str, config) -> None:
+    """Raises ConfigError, in a few lines, if the workdir's config.json is another run's: one that
+    differs from `config` in a field of `_RUN_FIELDS`. Called only when the workdir has checkpoints."""
+    changes = config_changes(workdir, config)
+    blocking = [ch for ch in changes if ch[0].startswith(_RUN_FIELDS)]
+    if blocking:
+        others = [ch for ch in changes if not ch[0].startswith(_RUN_FIELDS)]
+        raise ConfigError(
+            f"workdir {workdir} holds the checkpoints of a run of another config (its config.json), which "
+            f"this config cannot resume:\n{_changes_text(blocking + others)}\n"
+            f"Rerun with --noresume (resume=False) to start this config afresh in that workdir (its checkpoints "
+            f"are removed), or pass another --workdir.")
 
 
 def batch_from(trajs: list[Trajectory], config, max_len: int) -> Batch:
@@ -152,9 +207,20 @@ class RLCluster:
             shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
         self.checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
         state = learner_lib.create_train_state(init_params, self.optimizer, ewma=ewma)
-        # The newest intact checkpoint: corrupt newer ones are reported and set aside; if checkpoints
-        # exist but none is intact this raises CheckpointCorrupt (a fresh start needs resume=False).
-        restored = self.checkpoints.restore_latest(state, warn=log) if resume else None
+        restored = None
+        if resume and self.checkpoints.all_steps():
+            # Another config's checkpoints are named as such before Orbax tries (and fails) to read them.
+            try:
+                check_resumable(workdir, config)
+                # The newest intact checkpoint: corrupt newer ones are reported and set aside; if checkpoints
+                # exist but none is intact this raises CheckpointCorrupt (a fresh start needs resume=False).
+                restored = self.checkpoints.restore_latest(state, warn=log)
+            except (ConfigError, CheckpointMismatch) as e:
+                self.checkpoints.close()
+                raise ConfigError(str(e)) from None
+            changes = config_changes(workdir, config)
+            if changes:
+                log(f"resuming with changed settings:\n{_changes_text(changes)}")
         start: Optional[int] = restored[0] if restored is not None else None
         if start is None:
             runtime_base.reset_dirs(workdir)

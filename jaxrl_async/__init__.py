@@ -3,11 +3,14 @@
 Sub-packages, lowest first (each imports only from the ones listed before it):
 
 - `core`: the math: the decomposed-ratio policy loss, advantages, the proximal routes' pure pieces.
-- `models`: the transformer (learner forward, KV-cache decoding, inference numerics).
-- `envs`: the agent tasks and their tokenizer.
+- `models`: the model families (learner forward, KV-cache decoding, inference numerics): the
+  library's transformer and the Llama-3 / Qwen2.5 / Qwen3 family, with Hugging Face
+  checkpoints and tokenizers read and written (`models.hf`).
+- `envs`: the agent tasks, their word tokenizer, and their chat form with tool calls (`envs.chat`).
 - `rollout`: trajectories and the typed batch, the sampler, evaluation.
 - `learner`: train state and jitted updates, the proximal route, the device mesh, checkpoints, warm start.
-- `runtime`: the version ring buffer, the spool queue, sampler and old-log-prob scorer processes, the inline and process runtimes.
+- `runtime`: the version ring buffer, the shared-memory weight hand-off, the spool queue, sampler
+  and old-log-prob scorer processes; the inline, process and Ray runtimes.
 - `cluster`: `RLCluster`, every component of a run built from a config in one call.
 - `train`: the entry point; `experiments`: sweeps and reports.
 

@@ -9,7 +9,7 @@ point (`train.py`), the notebooks and the benchmarks all set up a run through it
 
     cluster = RLCluster(config, workdir)        # resumes from workdir's checkpoint if any
     try:
-        cluster.runtime.start(int(cluster.state.version))   # starts sampler processes, if any
+        cluster.runtime.start(int(cluster.state.version))   # starts sampler processes or actors, if any
         for step in range(cluster.start_step, config.train.steps):
             metrics = cluster.train_step(step)
     finally:
@@ -18,10 +18,11 @@ point (`train.py`), the notebooks and the benchmarks all set up a run through it
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -31,13 +32,14 @@ from jaxrl_async.core import advantages as adv_lib
 from jaxrl_async.core.proximal import Route
 from jaxrl_async.learner import mesh as mesh_lib
 from jaxrl_async.learner import update as learner_lib
-from jaxrl_async.learner.checkpoints import Checkpoints
+from jaxrl_async.learner.checkpoints import CheckpointMismatch, Checkpoints
 from jaxrl_async.learner.route import ProximalRoute
 from jaxrl_async.learner.warmstart import warmstart_params
 from jaxrl_async.models import transformer as model_lib
-from jaxrl_async.rollout.evaluate import evaluate, rollout_metrics
+from jaxrl_async.rollout.evaluate import Evaluator, rollout_metrics
 from jaxrl_async.rollout.trajectory import Batch, Trajectory, collate
 from jaxrl_async.runtime import base as runtime_base
+from jaxrl_async.runtime import handoff as handoff_lib
 from jaxrl_async.runtime.base import Runtime
 from jaxrl_async.runtime.handoff import WeightSlot
 from jaxrl_async.runtime.inline import InlineRuntime
@@ -72,6 +74,11 @@ def check_startup(config, workdir: str) -> None:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+    if config.runtime.mode == "process":  # its samplers take weights from the shared-memory slot
+        try:
+            handoff_lib.check_platform()
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, ".write_probe")
@@ -80,6 +87,60 @@ def check_startup(config, workdir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from None
+
+
+# Fields that make a workdir's checkpoints another run's: they shape the train state (the model, the
+# task's vocabulary) or the route's extra state (EWMA weights), or they change what is learned (the task).
+_RUN_FIELDS = ("model.", "task.", "proximal.source", "proximal.anchor")
+_ABSENT = "(absent)"
+
+
+def _flat_json(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat_json(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(workdir: str, config) -> list[tuple[str, Any, Any]]:
+    """(field, value in the workdir's config.json, value in `config`) for every field that differs;
+    [] if the workdir has no readable config.json."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            old = _flat_json(json.load(f))
+    except (OSError, ValueError):
+        return []
+    new = _flat_json(json.loads(config.to_json()))
+    return [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
+            if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+def _show(v) -> str:
+    return v if isinstance(v, str) and v else json.dumps(v)
+
+
+def _changes_text(changes: list, limit: int = 5) -> str:
+    lines = [f"  {k}: {_show(a)} -> {_show(b)}" for k, a, b in changes[:limit]]
+    if len(changes) > limit:
+        lines.append(f"  (and {len(changes) - limit} more)")
+    return "\n".join(lines)
+
+
+def check_resumable(workdir: str, config) -> None:
+    """Raises ConfigError, in a few lines, if the workdir's config.json is another run's: one that
+    differs from `config` in a field of `_RUN_FIELDS`. Called only when the workdir has checkpoints."""
+    changes = config_changes(workdir, config)
+    blocking = [ch for ch in changes if ch[0].startswith(_RUN_FIELDS)]
+    if blocking:
+        others = [ch for ch in changes if not ch[0].startswith(_RUN_FIELDS)]
+        raise ConfigError(
+            f"workdir {workdir} holds the checkpoints of a run of another config (its config.json), which "
+            f"this config cannot resume:\n{_changes_text(blocking + others)}\n"
+            f"Rerun with --noresume (resume=False) to start this config afresh in that workdir (its checkpoints "
+            f"are removed), or pass another --workdir.")
 
 
 def batch_from(trajs: list[Trajectory], config, max_len: int) -> Batch:
@@ -112,9 +173,9 @@ def _write_epoch(workdir: str, epoch: int) -> None:
 class RLCluster:
     """Every component of one run, built from `config` in `workdir`.
 
-    With `resume` the run continues from the workdir's latest checkpoint if there is one;
-    without it the run starts fresh and the workdir's old checkpoints, versions and queue
-    are removed.
+    With `resume` the run continues from the workdir's latest checkpoint if there is one
+    (a ConfigError if it is another config's run: `check_resumable`); without it the run
+    starts fresh and the workdir's old checkpoints, versions and queue are removed.
 
     Attributes (after construction):
       config, workdir; loss_config, model_config, numerics: the typed config views.
@@ -124,8 +185,8 @@ class RLCluster:
       start_step: the RL step this run continues from (0 for a fresh run).
       store: the parameter-version ring buffer (written in the background); handoff: the
         shared-memory `WeightSlot` the process runtime's samplers take new versions from
-        (None for the other runtimes); route: the `ProximalRoute`; update: the
-        jitted RL update; runtime: the `Runtime` (inline or process); checkpoints.
+        (None for the inline and Ray runtimes); route: the `ProximalRoute`; update: the
+        jitted RL update; runtime: the `Runtime` (inline, process or Ray); checkpoints.
     """
 
     def __init__(self, config, workdir: str, resume: bool = True, log: Callable = print):
@@ -146,9 +207,20 @@ class RLCluster:
             shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
         self.checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
         state = learner_lib.create_train_state(init_params, self.optimizer, ewma=ewma)
-        # The newest intact checkpoint: corrupt newer ones are reported and set aside; if checkpoints
-        # exist but none is intact this raises CheckpointCorrupt (a fresh start needs resume=False).
-        restored = self.checkpoints.restore_latest(state, warn=log) if resume else None
+        restored = None
+        if resume and self.checkpoints.all_steps():
+            # Another config's checkpoints are named as such before Orbax tries (and fails) to read them.
+            try:
+                check_resumable(workdir, config)
+                # The newest intact checkpoint: corrupt newer ones are reported and set aside; if checkpoints
+                # exist but none is intact this raises CheckpointCorrupt (a fresh start needs resume=False).
+                restored = self.checkpoints.restore_latest(state, warn=log)
+            except (ConfigError, CheckpointMismatch) as e:
+                self.checkpoints.close()
+                raise ConfigError(str(e)) from None
+            changes = config_changes(workdir, config)
+            if changes:
+                log(f"resuming with changed settings:\n{_changes_text(changes)}")
         start: Optional[int] = restored[0] if restored is not None else None
         if start is None:
             runtime_base.reset_dirs(workdir)
@@ -197,6 +269,7 @@ class RLCluster:
         self.route = ProximalRoute(config, self.graphdef, self.store, self.loss_config,
                                    meta.get("staleness_window", []), self.mesh, missing=(VersionEvicted,))
         self.k_sample, self.k_update, self.k_eval = jax.random.split(jax.random.key(config.seed), 3)
+        self._evaluator: Optional[Evaluator] = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = int(meta.get("skipped_nonfinite_total", 0))
         self.runtime: Runtime = self._make_runtime()
@@ -287,8 +360,9 @@ class RLCluster:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out success rate and return of the current params (sampler numerics)."""
-        return evaluate(self.graphdef, self.model_config, self.numerics, self.state.params, step, self.config,
-                        jax.random.fold_in(self.k_eval, step))
+        if self._evaluator is None:  # one for the run: its compiled decode loop is reused
+            self._evaluator = Evaluator(self.graphdef, self.model_config, self.numerics, self.config)
+        return self._evaluator(self.state.params, step, jax.random.fold_in(self.k_eval, step))
 
     def save(self, step: int, **meta) -> None:
         """Checkpoints the train state with `meta` (merged into the run's metadata)."""

@@ -206,10 +206,14 @@ def validate(config) -> None:
     for field, allowed in CHOICES.items():
         if given[field] not in allowed:
             raise ValueError(f"config.{field} must be one of {allowed}; got {given[field]!r}")
+    # bool is a subclass of int, so `True` would pass every numeric check below as 1.
+    for field, default in known.items():
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(given[field], bool):
+            raise ValueError(f"config.{field} must be a number, not a boolean; got {given[field]!r}")
 
     def positive(field, integer=True):
         v = given[field]
-        if (integer and not isinstance(v, int)) or v is None or v <= 0:
+        if isinstance(v, bool) or (integer and not isinstance(v, int)) or v is None or v <= 0:
             raise ValueError(f"config.{field} must be a positive {'integer' if integer else 'number'}; got {v!r}")
 
     for f in ("model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.max_len",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Mapping
 
 import numpy as np
@@ -19,28 +20,40 @@ class MetricsWriter:
 
     On resume, pass the number of lines the file had when the checkpoint was written
     (`lines` at that time): later lines are dropped first, so a resumed run's file equals
-    an uninterrupted run's.
+    an uninterrupted run's. The TensorBoard events (`tb/`) are rebuilt from the lines kept:
+    events of the dropped steps would otherwise survive in the old event files and overlap
+    the resumed run's (a fresh run, `keep_lines=0`, starts with none).
     """
 
     def __init__(self, workdir: str, keep_lines: int = 0):
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self.lines = self._truncate(keep_lines)
+        kept = self._truncate(keep_lines)
+        self.lines = len(kept)
         from tensorboardX import SummaryWriter  # imported lazily: heavy, and only the trainer needs it
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        tb_dir = os.path.join(workdir, "tb")
+        shutil.rmtree(tb_dir, ignore_errors=True)
+        self._tb = SummaryWriter(tb_dir)
+        for line in kept:
+            self._mirror(json.loads(line))
         self._f = open(self.path, "a")
 
-    def _truncate(self, keep: int) -> int:
-        """Keeps the first `keep` lines of the file (if any); returns how many remain."""
+    def _truncate(self, keep: int) -> list[str]:
+        """Keeps the first `keep` lines of the file (if any); returns them."""
         if not os.path.exists(self.path):
-            return 0
+            return []
         with open(self.path) as f:
             kept = [line for line in f if line.strip()][:keep]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
         os.replace(tmp, self.path)
-        return len(kept)
+        return kept
+
+    def _mirror(self, row: dict) -> None:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self._tb.add_scalar(k, v, row["step"])
 
     def write(self, step: int, metrics: Mapping[str, object]) -> None:
         row = {"step": int(step)}
@@ -48,9 +61,7 @@ class MetricsWriter:
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
         self.lines += 1
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)):
-                self._tb.add_scalar(k, v, step)
+        self._mirror(row)
 
     def close(self) -> None:
         self._f.close()

@@ -153,16 +153,23 @@ def test_expert_succeeds_at_noise_0(chatml, name):
 
 
 def _run_infos(env, seeds, rng, noise):
+    """The info of every turn, with `expected`: the noiseless scripted agent's call in that state."""
     infos = []
     for seed in seeds:
         env.reset(seed)
         while not env.done:
+            expected = env.parse(env.expert_text(np.random.default_rng(0), 0.0))[0]
             action = env.expert_action(rng, noise)
             assert len(action) <= env.max_turn_tokens
             res = env.step(action)
             assert len(res.observation) <= env.max_observation_tokens
-            infos.append(res.info)
+            infos.append(dict(res.info, expected=expected))
     return infos
+
+
+def _task_level_wrong(infos) -> int:
+    """Turns whose call was well-formed and valid (no chat error) but not the scripted agent's correct one."""
+    return sum(i["error"] not in CHAT_ERRORS and i["call"] != i["expected"] for i in infos)
 
 
 @pytest.mark.parametrize("name", ["search", "tooluse"])
@@ -171,8 +178,11 @@ def test_noise_1_has_malformed_calls(chatml, name):
     infos = _run_infos(env, range(40), np.random.default_rng(3), 1.0)
     errors = {i["error"] for i in infos}
     assert {"bad_json", "unknown_tool", "bad_arguments", "bad_type"} <= errors
-    assert any(i["error"] is None or i["error"] not in CHAT_ERRORS for i in infos)  # task-level wrong actions too
+    assert _task_level_wrong(infos) >= 5  # well-formed but wrong actions too
     assert not any(i["success"] for i in infos if i.get("error") in CHAT_ERRORS)
+    # Without noise every call is the correct one: the count above measures wrong actions, not calls.
+    clean = _run_infos(env, range(10), np.random.default_rng(3), 0.0)
+    assert _task_level_wrong(clean) == 0 and not {i["error"] for i in clean} & set(CHAT_ERRORS)
 
 
 def _say(env, text):
@@ -355,3 +365,27 @@ def test_shipped_ids_match_the_word_tokenizer(chatml):
     assert env.pad_id == chatml.token_to_id("<|endoftext|>") == TOKENIZER.PAD
     assert env.eot_id == TOKENIZER.EOT
     assert env.reset(0)[0] == chatml.token_to_id("<|im_start|>") == TOKENIZER.BOS
+
+
+@pytest.mark.parametrize("name", ["search", "tooluse"])
+def test_tool_schema_and_validation_agree(chatml, name):
+    # What the model is told (the tool schema in its prompt) is what the env enforces: every
+    # argument value is accepted by the schema exactly when the env's validation accepts it.
+    import jsonschema
+
+    env = make_chat_env(name, chatml)
+    for tool in env.tools:
+        fn, params = tool["function"]["name"], tool["function"]["parameters"]
+        for prop in params["properties"].values():
+            assert prop["type"] == "integer" and prop["minimum"] == 0 and prop["maximum"] == 99
+        names = list(params["properties"])
+        for value in (-1, 0, 7, 99, 100, 150, 3.0, 3.5, "3", True, None):
+            args = {p: value for p in names}
+            told = jsonschema.Draft202012Validator(params).is_valid(args)
+            enforced = env.validate((fn, args)) is None
+            assert told == enforced, (fn, value)
+            if not enforced:
+                assert env.validate((fn, args)) == ("bad_value" if isinstance(value, int) and not
+                                                    isinstance(value, bool) else "bad_type"), (fn, value)
+        assert env.validate((fn, {**{p: 1 for p in names}, "extra": 1})) == "bad_arguments"
+        assert env.validate((fn, {})) == ("bad_arguments" if names else None)

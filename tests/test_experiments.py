@@ -275,7 +275,8 @@ def test_notebook_executes(name, smoke, tmp_path, monkeypatch):
 
 
 def test_bootstrap_ci_golden_values_and_edge_cases():
-    # Golden values of the seeded percentile bootstrap on a fixed sample (numpy's default_rng(0)).
+    # Golden values of the seeded BCa bootstrap on a fixed symmetric sample (where BCa and the
+    # percentile interval agree).
     ci = report.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0], n_resamples=10_000, seed=0)
     assert (ci.estimate, ci.n) == (3.0, 5)
     assert (ci.low, ci.high) == pytest.approx((1.8, 4.2))
@@ -370,3 +371,35 @@ def test_three_term_notebook_executes_on_the_committed_results(tmp_path):
     assert "ratio to exact" in _text(cells["q3-table"]) and "Q3:" in _text(cells["answers"])
     for tag in ("q1-figure", "q2-figure", "q3-figure", "curves"):
         assert _figures(cells[tag]) == 1, tag
+
+
+def _bca_by_hand(x, n_resamples=40_000, level=0.95, seed=7):
+    """The BCa interval of the mean from its textbook formulas (Efron 1987), with numpy's own resamples."""
+    from scipy.special import ndtr, ndtri
+
+    x = np.asarray(x, float)
+    boot = x[np.random.default_rng(seed).integers(0, x.size, (n_resamples, x.size))].mean(axis=1)
+    theta = x.mean()
+    z0 = ndtri(((boot < theta).mean() + (boot <= theta).mean()) / 2)
+    jack = np.array([np.delete(x, i).mean() for i in range(x.size)])
+    d = jack.mean() - jack
+    accel = (d ** 3).sum() / (6 * ((d ** 2).sum()) ** 1.5)
+    z = ndtri([(1 - level) / 2, (1 + level) / 2])
+    alphas = ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))
+    return np.quantile(boot, alphas)
+
+
+def test_bootstrap_is_bca_on_skewed_seeds():
+    # Five right-skewed per-seed values (one seed far out, as a collapse or a lucky run gives):
+    # BCa shifts the interval towards the long tail, where the plain percentile interval does not.
+    x = [0.1, 0.2, 0.3, 0.5, 3.0]
+    ci = report.bootstrap_ci(x, n_resamples=10_000, seed=0)
+    assert (ci.low, ci.high) == pytest.approx(tuple(_bca_by_hand(x)), abs=0.05)
+    boot = np.asarray(x)[np.random.default_rng(0).integers(0, 5, (10_000, 5))].mean(axis=1)
+    percentile = np.percentile(boot, [2.5, 97.5])
+    assert ci.high > percentile[1] + 0.1  # shifted up by the skew
+    # Paired: the per-seed differences carry the same skew, and the interval is theirs.
+    b = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    diff = report.bootstrap_compare(np.asarray(x) + b, b, "diff", paired=True, seed=0)
+    assert diff.estimate == pytest.approx(0.82)
+    assert (diff.low, diff.high) == pytest.approx(tuple(_bca_by_hand(x)), abs=0.05)

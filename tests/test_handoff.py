@@ -244,3 +244,22 @@ def test_cluster_publishes_to_the_slot_and_the_ring_buffer(tmp_path, tiny_config
     assert cluster.store.versions() == [0, 1]  # close waited for the background write
     with pytest.raises(FileNotFoundError):
         WeightSlot.attach(cluster.handoff.name, target)
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64", "ppc64le"])
+def test_slot_refuses_weakly_ordered_machines(monkeypatch, tiny_config, tmp_path, machine):
+    # The seqlock relies on x86-64's store order (no fences): elsewhere it must refuse clearly, at
+    # startup for the process runtime, and in WeightSlot itself for any other caller.
+    import platform
+
+    from jaxrl_async.cluster import ConfigError, check_startup
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    with pytest.raises(RuntimeError, match=machine):
+        WeightSlot.create(_tree(0))
+    c = tiny_config()
+    c.runtime.mode = "process"
+    with pytest.raises(ConfigError, match=rf"{machine}.*runtime\.mode"):
+        check_startup(c, str(tmp_path / "run"))
+    c.runtime.mode = "inline"
+    check_startup(c, str(tmp_path / "run"))  # the other runtimes do not use the slot

@@ -144,3 +144,52 @@ def test_unwritable_workdir_fails_at_startup(tmp_path, tiny_config):
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match="not writable"):
         train_and_evaluate(tiny_config(), str(blocker / "run"))
+
+
+# Float fields are not listed: ConfigDict itself turns `True` assigned to a float field into 1.0.
+@pytest.mark.parametrize("field", ["train.steps", "warmstart.episodes", "runtime.lag", "runtime.max_staleness",
+                                   "parallel.num_devices", "proximal.staleness_window"])
+def test_booleans_are_not_numbers(tiny_config, field):
+    c = tiny_config()
+    section, key = field.split(".")
+    c[section][key] = True  # bool is a subclass of int: `True` must not pass as 1
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        config_lib.validate(c)
+
+
+def test_another_configs_run_in_the_workdir_is_named_not_called_corrupt(tmp_path, tiny_config):
+    from jaxrl_async.cluster import RLCluster
+
+    workdir = str(tmp_path / "run")
+    c = tiny_config(1)
+    c.warmstart.enabled = False
+    cluster = RLCluster(c, workdir, log=lambda *a: None)
+    try:
+        cluster.save(1)
+    finally:
+        cluster.close()
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(c.to_json(indent=2))
+    other = tiny_config(1)
+    other.warmstart.enabled = False
+    other.model.d_model, other.loss.clip_high = 64, 0.28
+    logs = []
+    with pytest.raises(ConfigError) as e:
+        RLCluster(other, workdir, log=logs.append)
+    msg = str(e.value)
+    assert "model.d_model: 32 -> 64" in msg and "loss.clip_high: 0.2 -> 0.28" in msg
+    assert "--noresume" in msg and "--workdir" in msg and len(msg.splitlines()) <= 8
+    assert "corrupt" not in msg + "".join(logs)
+    assert os.listdir(os.path.join(workdir, "checkpoints")) and not os.path.exists(
+        os.path.join(workdir, "checkpoints.corrupt"))  # nothing set aside
+    # A workdir without config.json (an older run): the checkpoint's shapes give it away, in a few lines.
+    os.remove(os.path.join(workdir, "config.json"))
+    with pytest.raises(ConfigError, match=r"(?s)another config.*--noresume") as e:
+        RLCluster(other, workdir, log=logs.append)
+    assert len(str(e.value).splitlines()) <= 8 and len(str(e.value)) < 2000
+    assert "corrupt" not in "".join(logs) and not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
+    # Settings that do not change the train state's shapes resume, with a note of what changed.
+    c.loss.clip_high = 0.28
+    cluster = RLCluster(c, workdir, log=logs.append)
+    cluster.close()
+    assert cluster.start_step == 1

@@ -68,6 +68,7 @@ import json
 import re
 from typing import Any, Callable, Sequence
 
+import jsonschema
 import numpy as np
 
 from jaxrl_async.envs.base import ERROR_MESSAGES, Env, StepResult
@@ -99,9 +100,11 @@ _NUMBERS = tuple(str(i) for i in range(MAX_NUMBER + 1))
 class Tool:
     name: str
     description: str
-    params: tuple[tuple[str, str], ...]  # (name, description); every argument is an integer
+    params: tuple[tuple[str, str], ...]  # (name, description); every argument is an integer in 0..MAX_NUMBER
 
     def schema(self) -> dict:
+        """The tool as the model is told it (the template's `tools=`); calls are validated against
+        its `parameters`, so the prompt and the env's checks cannot disagree."""
         return {
             "type": "function",
             "function": {
@@ -109,11 +112,18 @@ class Tool:
                 "description": self.description,
                 "parameters": {
                     "type": "object",
-                    "properties": {p: {"type": "integer", "description": d} for p, d in self.params},
+                    "properties": {p: {"type": "integer", "minimum": 0, "maximum": MAX_NUMBER, "description": d}
+                                   for p, d in self.params},
                     "required": [p for p, _ in self.params],
+                    "additionalProperties": False,
                 },
             },
         }
+
+
+# A failed JSON Schema keyword -> the chat error code (the first matching kind of failure wins).
+_SCHEMA_ERRORS = (({"required", "additionalProperties"}, "bad_arguments"), ({"type"}, "bad_type"),
+                  ({"minimum", "maximum"}, "bad_value"))
 
 
 def _error_content(words: list[str]) -> str | None:
@@ -320,6 +330,8 @@ class ChatEnv:
         self.spec = spec_for(env)
         self.tools = [t.schema() for t in self.spec.tools]
         self._tools_by_name = {t.name: t for t in self.spec.tools}
+        self._validators = {t["function"]["name"]: jsonschema.Draft202012Validator(t["function"]["parameters"])
+                            for t in self.tools}
         self.system_prompt = system_prompt
         if max_turn_tokens < 1:
             raise ValueError(f"max_turn_tokens must be >= 1, got {max_turn_tokens}")
@@ -445,19 +457,17 @@ class ChatEnv:
         return self.encode(text)
 
     def validate(self, call) -> str | None:
-        """The chat error code of a parsed call (unknown tool, argument names / types / range)."""
+        """The chat error code of a parsed call: unknown tool, or the arguments against the tool's
+        JSON schema (argument names, then types, then ranges); None if the call is valid."""
         name, args = call
-        tool = self._tools_by_name.get(name)
-        if tool is None:
+        validator = self._validators.get(name)
+        if validator is None:
             return "unknown_tool"
-        if set(args) != {p for p, _ in tool.params}:
-            return "bad_arguments"
-        for v in args.values():
-            if isinstance(v, bool) or not isinstance(v, int):
-                return "bad_type"
-            if not 0 <= v <= MAX_NUMBER:
-                return "bad_value"
-        return None
+        failed = {e.validator for e in validator.iter_errors(args)}
+        for keywords, code in _SCHEMA_ERRORS:
+            if failed & keywords:
+                return code
+        return "bad_arguments" if failed else None
 
     def step(self, action: Sequence[int]) -> StepResult:
         """One agent turn (tokens without the end-of-turn token); never raises on a malformed turn."""
@@ -473,7 +483,8 @@ class ChatEnv:
         if error is None:
             name, args = call
             tool = self._tools_by_name[name]
-            words = [name] + [str(args[p]) for p, _ in tool.params]
+            # int(): JSON Schema counts 3.0 as an integer; the task reads the number's word
+            words = [name] + [str(int(args[p])) for p, _ in tool.params]
             res = self.env.step(TOKENIZER.encode(" ".join(words)))
             content = self.spec.content(TOKENIZER.decode(res.observation).split())
             error = res.info["error"]

@@ -11,6 +11,7 @@ manifest helpers.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -19,7 +20,10 @@ import shutil
 import time
 from typing import Callable, Optional
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 MANIFEST = "integrity.json"
 _log = logging.getLogger(__name__)
@@ -27,6 +31,16 @@ _log = logging.getLogger(__name__)
 
 class CheckpointCorrupt(RuntimeError):
     """Every retained checkpoint failed its integrity check or could not be restored."""
+
+
+class CheckpointMismatch(ValueError):
+    """The newest intact checkpoint holds a train state of other shapes: another config's run."""
+
+
+def _first_line(e: Exception, limit: int = 300) -> str:
+    """An Orbax/TensorStore error in one short line (some carry whole tree dumps)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def _digest(path: str) -> str:
@@ -123,6 +137,22 @@ class Checkpoints:
         the step directory appear complete, and `restore_latest` still catches Orbax's errors."""
         return check_manifest(self.step_dir(step), required=False)
 
+    def shape_mismatch(self, step: int, state_target) -> Optional[str]:
+        """None if checkpoint `step` holds arrays of the shapes of `state_target` (or its metadata
+        cannot be read: `restore` decides then); else a short description of the difference."""
+        try:
+            stored = ocp.StandardCheckpointHandler().metadata(epath.Path(self.step_dir(step)) / "state")
+        except Exception:  # noqa: BLE001 - unreadable metadata is for the integrity checks to report
+            return None
+        have = collections.Counter(tuple(getattr(x, "shape", ())) for x in jax.tree.leaves(stored))
+        want = collections.Counter(tuple(np.shape(x)) for x in jax.tree.leaves(state_target))
+        if have == want:
+            return None
+        only_have, only_want = sorted(have - want)[:3], sorted(want - have)[:3]
+        return (f"{sum(have.values())} arrays where this config's train state has {sum(want.values())}"
+                + (f"; shapes such as {only_have}" if only_have else "")
+                + (f"; this config's has {only_want}" if only_want else ""))
+
     def restore(self, step: int, state_target):
         """(state, meta) of checkpoint `step`, the state restored into the structure of `state_target`."""
         out = self.manager.restore(step, args=ocp.args.Composite(
@@ -135,7 +165,9 @@ class Checkpoints:
         Newer checkpoints that fail verification or restore are reported through `warn` (and the
         `logging` warning of this module), then moved to `checkpoints.corrupt/` so that the
         resumed run can save those steps again. Raises `CheckpointCorrupt` (naming every bad
-        file) if checkpoints exist but none is intact; nothing is moved then."""
+        file) if checkpoints exist but none is intact; nothing is moved then. Raises
+        `CheckpointMismatch` if the newest intact checkpoint holds arrays of other shapes than
+        `state_target` (a run of another config): that is no corruption, and nothing is moved."""
         steps = self.all_steps()
         if not steps:
             return None
@@ -143,10 +175,16 @@ class Checkpoints:
         for step in reversed(steps):
             problem = self.verify(step)
             if problem is None:
+                mismatch = self.shape_mismatch(step, state_target)
+                if mismatch is not None:
+                    raise CheckpointMismatch(
+                        f"the checkpoint at step {step} in {self.directory} was written by a run of another config: "
+                        f"it holds {mismatch}.\nRerun with --noresume (resume=False) to start this config afresh "
+                        f"in this workdir (its checkpoints are removed), or pass another --workdir.")
                 try:
                     state, meta = self.restore(step, state_target)
                 except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types
-                    problem = f"Orbax could not restore {self.step_dir(step)}: {type(e).__name__}: {e}"
+                    problem = f"Orbax could not restore {self.step_dir(step)}: {_first_line(e)}"
             if problem is not None:
                 msg = f"checkpoint at step {step} is corrupt and will not be used: {problem}"
                 _log.warning(msg)

@@ -7,6 +7,12 @@ policy is competent at the format but far from reliable, and RL has room to impr
 
 `warmstart_params` runs the supervised phase (`run_warmstart`) or takes it from a cache
 shared across runs that differ only after the warm start.
+
+Both caches are keyed by everything that shapes what they hold: the demonstrations file in
+the workdir by `demonstrations_key` (a fresh run in a reused workdir never trains on another
+run's demonstrations), the warm-start cache by `warmstart_key`. `FORMAT_VERSION` is part of
+both keys: change it with any change to this module, the scripted agents or the SFT update
+that changes what a warm start produces, so that no cache made by older code is served.
 """
 
 from __future__ import annotations
@@ -26,9 +32,30 @@ from jaxrl_async.envs.base import Env, expert_episode
 from jaxrl_async.learner import update as learner_lib
 
 
-_MODEL_DEFAULTS = {"family": "transformer", "checkpoint": "", "num_kv_heads": 0, "head_dim": 0,
-                   "tie_embeddings": False, "remat": False}
-_TASK_DEFAULTS = {"format": "tokens", "tokenizer": ""}
+# The warm start's format: bump it when the code changes what a warm start produces.
+FORMAT_VERSION = 2
+
+
+def _digest(keyed: dict) -> str:
+    return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def demonstrations_key(config, max_len: int) -> str:
+    """The key of the demonstrations of `config`: the task, the episode count, the noise, the
+    seeds (`seed`, and `eval.seed_offset`, which bounds the task seeds) and the context length."""
+    ws = config.warmstart
+    return _digest({"format": FORMAT_VERSION, "task": config.task.to_dict(), "episodes": ws.episodes,
+                    "noise": ws.noise, "seed": config.seed, "seed_offset": config.eval.seed_offset,
+                    "max_len": max_len})
+
+
+def warmstart_key(config, max_len: int) -> str:
+    """The key of the warm-started params of `config`: the demonstrations' key, the model and every
+    warm-start setting but `cache_dir`, and the gradient clipping of the SFT optimizer."""
+    ws = config.warmstart.to_dict()
+    ws.pop("cache_dir")
+    return _digest({"demonstrations": demonstrations_key(config, max_len), "model": config.model.to_dict(),
+                    "warmstart": ws, "grad_clip": config.optim.grad_clip})
 
 
 def demonstrations(make_env: Callable[[], Env], task_seeds, noise: float, seed: int,
@@ -53,14 +80,16 @@ def demonstrations(make_env: Callable[[], Env], task_seeds, noise: float, seed: 
     return {"tokens": tokens, "loss_mask": mask}
 
 
-def cached_demonstrations(path: str, **kwargs) -> dict[str, np.ndarray]:
-    """`demonstrations(**kwargs)`, cached as an .npz at `path` (written atomically)."""
+def cached_demonstrations(path: str, key: str, **kwargs) -> dict[str, np.ndarray]:
+    """`demonstrations(**kwargs)`, cached as an .npz at `path` (written atomically) under `key`:
+    a file holding another key (another run's demonstrations) is replaced."""
     if os.path.exists(path):
         with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+            if "key" in f.files and str(f["key"]) == key:
+                return {k: f[k] for k in f.files if k != "key"}
     demos = demonstrations(**kwargs)
     tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, **demos)
+    np.savez_compressed(tmp, key=np.array(key), **demos)
     os.replace(tmp, path)
     return demos
 
@@ -68,23 +97,14 @@ def cached_demonstrations(path: str, **kwargs) -> dict[str, np.ndarray]:
 def warmstart_params(config, graphdef, params, model_config, workdir: str, log) -> tuple:
     """The warm-started params and metrics, from `warmstart.cache_dir` when it holds this setting.
 
-    The cache key covers everything the warm start depends on (task, model, warm-start
-    settings, seed), so runs that differ only after the warm start (routes, runtimes,
-    loss settings) share one warm start.
+    The cache key (`warmstart_key`) covers everything the warm start depends on (task, model,
+    warm-start settings, seeds, the format version), so runs that differ only after the warm
+    start (routes, runtimes, loss settings) share one warm start.
     """
     cache = config.warmstart.cache_dir
     if not cache:
         return run_warmstart(config, graphdef, params, model_config, workdir, log)
-    keyed = {k: config[k].to_dict() for k in ("task", "model", "warmstart")}
-    # Fields at their defaults that older cache keys did not have are left out: old caches stay valid.
-    for section, defaults in (("model", _MODEL_DEFAULTS), ("task", _TASK_DEFAULTS)):
-        for field, default in defaults.items():
-            if keyed[section].get(field, default) == default:
-                keyed[section].pop(field, None)
-    keyed.update(seed=config.seed, grad_clip=config.optim.grad_clip, max_len=model_config.max_len)
-    keyed["warmstart"].pop("cache_dir")
-    key = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.abspath(os.path.join(cache, key))
+    path = os.path.abspath(os.path.join(cache, warmstart_key(config, model_config.max_len)))
     checkpointer = ocp.StandardCheckpointer()
     if os.path.exists(os.path.join(path, "metrics.json")):
         log(f"warm start: cached in {path}")
@@ -106,8 +126,9 @@ def run_warmstart(config, graphdef, params, model_config, workdir: str, log) -> 
     rng = np.random.default_rng([config.seed, 7])
     seeds = rng.integers(0, config.eval.seed_offset, ws.episodes)
     demos = cached_demonstrations(
-        os.path.join(workdir, "demonstrations.npz"), make_env=config_lib.env_factory(config), task_seeds=seeds,
-        noise=ws.noise, seed=config.seed, max_len=model_config.max_len)
+        os.path.join(workdir, "demonstrations.npz"), demonstrations_key(config, model_config.max_len),
+        make_env=config_lib.env_factory(config), task_seeds=seeds, noise=ws.noise, seed=config.seed,
+        max_len=model_config.max_len)
     optimizer = learner_lib.make_optimizer(ws.learning_rate, config.optim.grad_clip)
     state = learner_lib.create_train_state(params, optimizer)
     update = learner_lib.make_sft_update(graphdef, optimizer, model=config_lib.model_module(config))

@@ -1,1 +1,6 @@
-"""Model families: the NNX decoder-only transformer with KV-cache decoding and inference numerics."""
+"""Model families, each with a float32 learner path and KV-cache decoding in inference numerics.
+
+- `transformer`: the library's own decoder-only transformer (and the `Numerics` every family uses).
+- `llama`: the Llama-3 / Qwen2.5 / Qwen3 family, with the same module-level functions.
+- `hf`: Hugging Face checkpoints and tokenizers read into (and written from) `llama`.
+"""

@@ -9,19 +9,33 @@ from jaxrl_async.rollout.sampler import Sampler
 from jaxrl_async.rollout.trajectory import Trajectory
 
 
+class Evaluator:
+    """Held-out evaluation of a run: success rate and return on the fixed held-out task seeds
+    (`eval.seed_offset + i`, `eval.episodes` of them) in the sampler's numerics.
+
+    One `Sampler` serves every evaluation: its decode loop is compiled per instance, so a new
+    sampler per evaluation would trace and compile it again each time.
+    """
+
+    def __init__(self, graphdef, model_config, numerics, config):
+        self.make_env = config_lib.env_factory(config)
+        self.seeds = [config.eval.seed_offset + i for i in range(config.eval.episodes)]
+        self.sampler = Sampler(graphdef, model_config, numerics, config.eval.temperature)
+
+    def __call__(self, params, version: int, key) -> dict[str, float]:
+        n = len(self.seeds)
+        self.sampler.update_params(params, version)
+        trajs, _ = self.sampler.generate([self.make_env() for _ in range(n)], self.seeds, list(range(n)), key)
+        return {
+            "eval/success_rate": float(np.mean([t.success for t in trajs])),
+            "eval/return": float(np.mean([t.reward for t in trajs])),
+            "eval/turns_mean": float(np.mean([t.num_turns for t in trajs])),
+        }
+
+
 def evaluate(graphdef, model_config, numerics, params, version: int, config, key) -> dict[str, float]:
-    """Success rate and return of `params` in the sampler's numerics on the fixed held-out task seeds."""
-    make = config_lib.env_factory(config)
-    n = config.eval.episodes
-    seeds = [config.eval.seed_offset + i for i in range(n)]
-    eval_sampler = Sampler(graphdef, model_config, numerics, config.eval.temperature)
-    eval_sampler.update_params(params, version)
-    trajs, _ = eval_sampler.generate([make() for _ in range(n)], seeds, list(range(n)), key)
-    return {
-        "eval/success_rate": float(np.mean([t.success for t in trajs])),
-        "eval/return": float(np.mean([t.reward for t in trajs])),
-        "eval/turns_mean": float(np.mean([t.num_turns for t in trajs])),
-    }
+    """One evaluation of `params` (`Evaluator`); a run evaluating repeatedly keeps one `Evaluator`."""
+    return Evaluator(graphdef, model_config, numerics, config)(params, version, key)
 
 
 def rollout_metrics(trajs: list[Trajectory], version: int, bound: int) -> dict:

@@ -18,7 +18,8 @@ version read here and one read from disk under the same number are the same para
 
 Ordering: the writer's and readers' header words are single aligned 8-byte numpy stores
 and loads, and CPython issues them in program order; on x86-64 (total store order) that
-orders them against the payload copy. A weaker memory model (ARM) would need fences.
+orders them against the payload copy. A weaker memory model (ARM, POWER) would need fences,
+which numpy cannot issue, so the slot refuses to run there (`check_platform`).
 
 No lock is held across processes, so a SIGKILLed reader or writer can block nobody. The
 learner creates the segment (`WeightSlot.create`) and unlinks it at the end
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import time
 import uuid
 from multiprocessing import shared_memory
@@ -46,6 +48,18 @@ _ALIGN = 64
 # Header words (int64).
 _FINGERPRINT, _CURRENT, _SEQ, _VER = 0, 1, 2, 3  # seq/ver of buffer b at _SEQ + 2b, _VER + 2b
 _READ_RETRIES = 1000
+# Machines with total store order, which the seqlock's fence-free ordering relies on.
+_TSO_MACHINES = ("x86_64", "amd64")
+
+
+def check_platform() -> None:
+    """Raises RuntimeError on a machine without x86-64 store ordering, where the seqlock is unsound."""
+    machine = platform.machine()
+    if machine.lower() not in _TSO_MACHINES:
+        raise RuntimeError(
+            f"the shared-memory weight hand-off (runtime.handoff) relies on x86-64 store ordering, and this "
+            f"machine is {machine!r}: a sampler could read a half-written version. Use runtime.mode='inline' "
+            f"or runtime.mode='ray' here.")
 
 
 def _layout(target) -> tuple[list[tuple[int, tuple, np.dtype]], int, int]:
@@ -89,6 +103,7 @@ class WeightSlot:
     @classmethod
     def create(cls, target, name: Optional[str] = None) -> "WeightSlot":
         """A new, empty slot (the learner's); `name` defaults to a unique one."""
+        check_platform()
         _, size, _ = _layout(target)
         name = name or f"jaxrl-w-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         return cls(shared_memory.SharedMemory(name=name, create=True, size=_HEADER + 2 * size), target, owner=True)
@@ -96,6 +111,7 @@ class WeightSlot:
     @classmethod
     def attach(cls, name: str, target) -> "WeightSlot":
         """The slot `name` created by a learner (FileNotFoundError if it is gone)."""
+        check_platform()
         return cls(shared_memory.SharedMemory(name=name), target, owner=False)
 
     # -- writer ----------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_dedup_waiting_and_consumed_keys_persisted(tmp_path):
     assert prod.put(_item("a")) and prod.put(_item("b"))
     assert prod.put(_item("a"))  # already waiting: no-op, still True
     assert prod.depth() == 2 and prod.stats == dict(
-        put=2, duplicates_dropped=1, taken=0, recovered=0, released=0, stale_tmp_removed=0)
+        put=2, duplicates_dropped=1, taken=0, recovered=0, released=0, stale_tmp_removed=0, compacted=0)
 
     cons = q.TrajectoryQueue(d, capacity=10, fsync=False)
     cons.set_step(0)

@@ -1,13 +1,19 @@
 """What every runtime shares: the `Runtime` protocol, the run's directories, the sampler factory.
 
-A runtime is where a training batch comes from (docs/design.md section 4). Both runtimes
-hand the learner loop `G` complete groups of `n` trajectories per RL step and read weights
-from the parameter-version ring buffer (`runtime.versions.VersionStore`), which the
-learner fills after every update:
+A runtime is where a training batch comes from (docs/design.md section 4). Every runtime
+hands the learner loop `G` complete groups of `n` trajectories per RL step; its samplers
+read weights that the learner publishes after every update (the parameter-version ring
+buffer, `runtime.versions.VersionStore`, and the faster routes beside it):
 
 - `inline.InlineRuntime`: sampling in the learner's process on a deterministic schedule.
-- `process.ProcessRuntime`: sampler processes generate continuously (`sampler_process`);
-  the learner takes the oldest groups from the spool queue (`spool`).
+- `process.ProcessRuntime`: sampler processes generate continuously (`sampler_process`),
+  taking weights from the learner's shared-memory slot (`handoff`); the learner takes the
+  oldest groups from the spool queue (`spool`).
+- `ray_runtime.RayRuntime`: sampler actors on a Ray cluster, weights through Ray's object
+  store, groups through a coordinator actor.
+
+The two asynchronous runtimes share one core (`groups`): group keys, the staleness gate and
+the learner's `next_groups` loop over a `groups.GroupSource`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 from jaxrl_async import config as config_lib
 from jaxrl_async.core.proximal import Route
 from jaxrl_async.rollout.sampler import RolloutStats, Sampler
+from jaxrl_async.runtime.groups import queue_dir, sampler_batch_metrics  # noqa: F401  (re-exported)
 from jaxrl_async.runtime.scorer import LogProbScorer
 from jaxrl_async.rollout.trajectory import Trajectory
 
@@ -48,11 +55,6 @@ class Runtime(Protocol):
     def checkpointed(self, step: int) -> None: ...
 
     def close(self) -> None: ...
-
-
-def queue_dir(workdir: str) -> str:
-    """The spool queue of trajectory groups (process runtime)."""
-    return os.path.join(workdir, "queue")
 
 
 def versions_dir(workdir: str) -> str:
@@ -101,32 +103,6 @@ def old_logp_metrics(stats: RolloutStats) -> dict:
     """Sampler-side cost of the interrupt and dedicated routes for one generate call."""
     return {"proximal/sampler_stall_s": stats.old_logp_stall_s,
             "proximal/sampler_forward_passes": float(stats.old_logp_forward_passes)}
-
-
-def sampler_batch_metrics(metas: list[dict], wait_s: float) -> dict:
-    """Runtime metrics of one batch assembled from sampler groups (process and Ray runtimes).
-
-    metas: the sampler metadata of each group (tokens_per_s, weight_switches, gate_wait_s and
-    the `proximal/` costs of the generate call it came from); wait_s: seconds the learner
-    waited for the batch. Returns means over the groups, and the wait.
-    """
-    def mean(key):
-        return float(np.mean([m[key] for m in metas]))
-
-    return {
-        "rollout/tokens_per_s": mean("tokens_per_s"),
-        "rollout/weight_switches": mean("weight_switches"),
-        "perf/learner_wait_s": wait_s,
-        "perf/sampler_gate_wait_s": mean("gate_wait_s"),
-        "perf/sample_s": wait_s,
-        **{k: mean(k) for k in metas[0] if k.startswith("proximal/")},
-    }
-
-
-def group_key(epoch: int, sampler_id: int, batch: int, group: int) -> str:
-    """The queue key of one group: unique per (learner epoch, sampler, batch, group), so a
-    restarted sampler that regenerates its unfinished batch produces the same keys."""
-    return f"e{epoch}-s{sampler_id}-b{batch}-g{group}"
 
 
 def generate_sampler_batch(sampler: Sampler, make_env, config, epoch: int, sampler_id: int, batch: int,

@@ -211,9 +211,11 @@ class WeightSource:
     """What a sampler reads weights through: the shared slot first, the ring buffer otherwise.
 
     store: a `VersionStore` (the ring buffer, read-only); slot: an attached `WeightSlot`, or
-    None (ring buffer only, the old path). `latest_version()` and `get(version)` behave like
-    the store's: `get` raises `VersionEvicted` for a version neither holds (the caller chooses
-    again). The last version read is kept, so asking again for it costs nothing.
+    None (ring buffer only: a sampler started without a slot, or whose learner had closed it).
+    `latest_version()` and `get(version)` behave like the store's: `get` raises
+    `VersionEvicted` for a version neither holds (the caller chooses again). The last version
+    read is kept, so asking again for it costs nothing. The process runtime's samplers read
+    through it; the Ray runtime's take weights from Ray's object store instead.
     """
 
     def __init__(self, store, slot: Optional[WeightSlot] = None):

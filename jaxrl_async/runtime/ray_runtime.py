@@ -11,8 +11,11 @@ Ray ones (docs/design.md section 4.8):
   scorer, resume).
 - Groups: a `Coordinator` actor holds what the sampler processes share through memory and
   the spool (the learner's next version, groups in flight and taken, the staleness gate, a
-  bounded buffer of finished groups keyed `e<epoch>-s<sampler>-b<batch>-g<group>`, the set of
-  keys the learner took). It is one actor, so every call is atomic: the gate counts exactly.
+  bounded buffer of finished groups keyed `groups.GroupKey`, the set of keys the learner took,
+  as a `groups.TakenKeys`). It is one actor, so every call is atomic: the gate counts exactly.
+  It is a plain class, run as an actor: its logic needs no Ray to test. `RaySource` is the
+  coordinator with the sampler actors as a `groups.GroupSource`, and the learner waits for
+  groups in the loop the process runtime uses too (`groups.GroupLoop`).
   A restarted sampler asks it for its `batches_done` and regenerates its unfinished batch
   under the same keys; a key that is waiting or already taken is dropped as a duplicate.
 - Learner resume: the buffer lives in the coordinator's memory and dies with the learner, so
@@ -41,14 +44,20 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from jaxrl_async.runtime.groups import (DeathStreak, Group, GroupKey, GroupLoop, SamplerState, SourceStatus,
+                                        TakenKeys, gate_admits, hung, ledger_dir, queue_dir,
+                                        retained_checkpoints, too_stale)
+
 _log = logging.getLogger(__name__)
 NAMESPACE = "jaxrl_async"
 _POLL_S = 0.02
+# A sampler actor that dies this many times in a row without finishing a batch stops the run.
+ACTOR_DEATHS = 11
 
 
 def state_dir(workdir: str) -> str:
     """Where the taken-key state for each checkpointable learner version goes (`state-<v>.json`)."""
-    return os.path.join(workdir, "queue", "ray")
+    return os.path.join(queue_dir(workdir), "ray")
 
 
 def state_path(workdir: str, version: int) -> str:
@@ -56,9 +65,8 @@ def state_path(workdir: str, version: int) -> str:
 
 
 def _parse_key(key: str) -> tuple[int, int, int, int]:
-    """`e<epoch>-s<sampler>-b<batch>-g<group>` -> (epoch, sampler, batch, group)."""
-    e, s, b, g = key.split("-")
-    return int(e[1:]), int(s[1:]), int(b[1:]), int(g[1:])
+    """`e<epoch>-s<sampler>-b<batch>-g<group>` -> (epoch, sampler, batch, group) (`GroupKey.parse`)."""
+    return dataclasses.astuple(GroupKey.parse(key))
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -75,10 +83,42 @@ def _write_json_atomic(path: str, obj) -> None:
         os.close(fd)
 
 
-def ledger_dir(workdir: str) -> str:
-    """Where the learner's and the samplers' group records go (`base.queue_dir(workdir)/ledger`, as in
-    the process runtime; this module imports nothing heavy, so the coordinator actor starts fast)."""
-    return os.path.join(workdir, "queue", "ledger")
+def restore_taken(workdir: str, version: int, num_samplers: int, sampler_groups: int,
+                  epoch: int) -> tuple[TakenKeys, list[str]]:
+    """The taken-key state a learner resumed at `version` continues from (`state-<version>.json`,
+    written when the batch before that checkpoint was taken), and warnings. Every sampler restarts
+    at its first batch not wholly taken, under the same key epoch, so the groups the lost
+    coordinator held or the lost steps took are regenerated under their keys and nothing the
+    checkpoint includes is. Without a usable state (a fresh run, no file, another
+    `sampler_groups`): new keys under key epoch `epoch` from batch 0."""
+    fresh = TakenKeys(epoch, num_samplers, sampler_groups)
+    if version == 0:
+        return fresh, []  # a fresh run: keys of this epoch from batch 0
+    path = state_path(workdir, version)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        return fresh, [f"ray runtime: no taken-key state for learner version {version} ({type(e).__name__}: "
+                       f"{path}); the resumed run generates new groups under key epoch {epoch}, and groups "
+                       f"taken after that checkpoint are not regenerated"]
+    if state["sampler_groups"] != sampler_groups:
+        return fresh, [f"ray runtime: runtime.sampler_groups changed from {state['sampler_groups']} to "
+                       f"{sampler_groups}; the resumed run generates new groups under key epoch {epoch}"]
+    warnings = []
+    if len(state["next_batch"]) > num_samplers:
+        warnings.append(f"ray runtime: {len(state['next_batch'])} samplers before the resume, {num_samplers} "
+                        f"now: the unfinished groups of samplers {num_samplers}.. are not regenerated")
+    next_batch = (list(state["next_batch"]) + [0] * num_samplers)[:num_samplers]
+    key_epoch = int(state["key_epoch"])
+    keys = [k for k in state["consumed"] if GroupKey.parse(k).sampler < num_samplers]
+    return TakenKeys(key_epoch, num_samplers, sampler_groups, next_batch, keys), warnings
+
+
+def taken_state(taken: TakenKeys, version: int, epoch: int) -> dict:
+    """`state-<version>.json`: what a checkpoint at learner `version` includes of the taken keys."""
+    return {"version": int(version), "epoch": int(epoch), "key_epoch": taken.key_epoch,
+            "sampler_groups": taken.k, "next_batch": list(taken.next_batch), "consumed": taken.beyond()}
 
 
 class Coordinator:
@@ -89,16 +129,15 @@ class Coordinator:
     group it finished, but never changes the accounting of its successor.
     """
 
-    def __init__(self, num_samplers: int, groups_per_step: int, bound: int, capacity: int,
-                 batches_done: Optional[list] = None, consumed: tuple = ()):
-        """batches_done, consumed: a resumed learner's taken-key state (`RayRuntime._restore`): the batch
-        each sampler starts at, and the keys of later batches the checkpoint already includes."""
+    def __init__(self, num_samplers: int, groups_per_step: int, bound: int, capacity: int, taken: TakenKeys):
+        """taken: the keys the learner has taken (a resumed learner's, `restore_taken`): each sampler
+        starts at its frontier (`taken.next_batch`), and a key in it is never accepted again."""
         self.g, self.bound, self.capacity = groups_per_step, bound, capacity
         self.next_version = 0  # version of the learner's next batch
         self.latest: Optional[tuple[int, list]] = None  # (version, [ObjectRef of its numpy leaves])
         self.inflight = [0] * num_samplers  # groups each sampler has claimed and not yet put
         self.taken = 0  # groups taken for the batch the learner is assembling
-        self.batches_done = list(batches_done) if batches_done is not None else [0] * num_samplers
+        self.batches_done = list(taken.next_batch)
         self.pid = [0] * num_samplers
         self.incarnation = [0] * num_samplers
         self.heartbeat = [0.0] * num_samplers
@@ -107,7 +146,7 @@ class Coordinator:
         self.loaded = [-1] * num_samplers
         self.buffer: dict[str, tuple] = {}  # key -> (start_version, seq, payload, meta)
         self.seq = 0
-        self.consumed: set[str] = set(consumed)  # keys handed to the learner (trained or dropped as stale)
+        self.consumed = taken  # keys handed to the learner (trained or dropped as stale)
         self.puts: list[tuple] = []  # (key, start_version, new, t) since the last drain
         self.stopped = False
         self.stats = dict(put=0, duplicates_dropped=0, taken=0, dropped_stale=0)
@@ -138,7 +177,7 @@ class Coordinator:
             del self.buffer[key]
             self.consumed.add(key)
             self.stats["taken"] += 1
-            if version - sv > self.bound:
+            if too_stale(version, sv, self.bound):
                 self.stats["dropped_stale"] += 1
                 dropped.append((key, sv))
             else:
@@ -193,7 +232,7 @@ class Coordinator:
         v_s = self.latest[0]
         others = sum(self.inflight) - self.inflight[i]
         outstanding = len(self.buffer) + others + k + self.taken
-        if outstanding <= (self.bound + 1 - (self.next_version - v_s)) * self.g:
+        if gate_admits(outstanding, self.next_version, v_s, self.bound, self.g):
             self.inflight[i] = k
             self.loaded[i] = v_s
             return self.latest
@@ -272,7 +311,7 @@ class SamplerActor:
     def run(self) -> None:
         import ray
 
-        from jaxrl_async.runtime.base import generate_sampler_batch, group_key
+        from jaxrl_async.runtime.base import generate_sampler_batch
 
         config, coord, i = self.config, self.coord, self.i
         k = config.runtime.sampler_groups
@@ -302,7 +341,7 @@ class SamplerActor:
             for g, group in enumerate(groups):
                 payload = pickle.dumps(group, protocol=5)
                 while True:
-                    st = ray.get(coord.put.remote(i, inc, batch, g == k - 1, group_key(self.epoch, i, batch, g),
+                    st = ray.get(coord.put.remote(i, inc, batch, g == k - 1, GroupKey(self.epoch, i, batch, g).format(),
                                                   int(v_s), payload, meta))
                     if st == "stop":
                         return
@@ -322,8 +361,129 @@ class _Slot:
     actor: object
     run_ref: object = None
     submitted_at: float = 0.0
-    failures_in_a_row: int = 0
-    batches_at_failure: int = -1
+
+
+class RaySource:
+    """The coordinator actor with the sampler actors as a `groups.GroupSource` (the learner's side).
+
+    It keeps the learner's taken-key state (`taken`) and writes it after each batch
+    (`state-<version + 1>.json`), and appends every put the coordinator reports to the put ledger.
+    """
+
+    name = "sampler actor"
+
+    def __init__(self, coord, spawn: Callable[[int], object], num: int, workdir: str, epoch: int,
+                 taken: TakenKeys, puts_file):
+        """spawn(i): a new actor for sampler `i`; puts_file: the put ledger (`put-ray-e<epoch>.jsonl`)."""
+        self.coord, self.spawn, self.workdir, self.epoch, self.taken = coord, spawn, workdir, epoch, taken
+        self._puts = puts_file
+        self.slots = [_Slot(spawn(i)) for i in range(num)]
+        self.deaths = DeathStreak(num, ACTOR_DEATHS)
+        self.restarts = 0
+        self.hung_restarts = 0
+        self.recovered = 0
+        self._depth = 0
+        for i in range(num):
+            self._submit(i)
+
+    def _submit(self, i: int) -> None:
+        slot = self.slots[i]
+        slot.run_ref = slot.actor.run.remote()
+        slot.submitted_at = time.monotonic()
+
+    def _raw_status(self) -> dict:
+        import ray
+
+        return ray.get(self.coord.status.remote())
+
+    def write_puts(self, puts) -> None:
+        if puts and self._puts is not None:
+            for key, sv, new, t in puts:
+                self._puts.write(json.dumps({"key": key, "sv": sv, "new": new, "t": t}) + "\n")
+            self._puts.flush()
+
+    # -- GroupSource ---------------------------------------------------------------------
+
+    def begin(self, step: int) -> None:
+        del step
+
+    def take(self, want: int, version: int, have: int) -> tuple[list[Group], list[Group]]:
+        import ray
+
+        del have  # the coordinator counts its takes itself, in the same atomic call
+        got, drop, puts, self._depth = ray.get(self.coord.take.remote(want, version))
+        self.write_puts(puts)
+        return ([Group(key, int(sv), pickle.loads(payload), meta) for key, sv, payload, meta in got],
+                [Group(key, int(sv), [], {}) for key, sv in drop])
+
+    def wait(self) -> None:
+        time.sleep(_POLL_S)
+
+    def end(self, version: int, taken: list[Group]) -> None:
+        import ray
+
+        ray.get(self.coord.end_batch.remote(version))
+        # The state a checkpoint at version + 1 includes, on disk before the update (so before any
+        # checkpoint that includes it).
+        for g in taken:
+            self.taken.add(g.key)
+        _write_json_atomic(state_path(self.workdir, version + 1), taken_state(self.taken, version + 1, self.epoch))
+
+    def depth(self) -> int:
+        return self._depth
+
+    def status(self) -> SourceStatus:
+        st = self._raw_status()
+        return SourceStatus(st["depth"], st["next_version"], [
+            SamplerState(id=s["id"], pid=s["pid"], alive=True, ready=s["ready"], inflight=s["inflight"],
+                         batches_done=s["batches_done"], loaded_version=s["loaded_version"], silent_s=s["silent_s"])
+            for s in st["samplers"]])
+
+    def restart_dead(self) -> list[tuple[int, str]]:
+        """Resubmits `run` to samplers whose actor died (Ray restarts the actor itself); raises on a
+        sampler error, or when one died `ACTOR_DEATHS` times in a row without finishing a batch."""
+        import ray
+
+        refs = [s.run_ref for s in self.slots]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        status = None
+        out = []
+        for i, slot in enumerate(self.slots):
+            if slot.run_ref not in ready:
+                continue
+            try:
+                ray.get(slot.run_ref)
+            except ray.exceptions.RayActorError as e:
+                status = status or self._raw_status()
+                n = self.deaths.died(i, status["samplers"][i]["batches_done"])
+                if self.deaths.exceeded(i):
+                    raise RuntimeError(f"sampler actor {i} died {n} times without finishing a batch: {e}") from e
+                self.restarts += 1
+                self._submit(i)
+                out.append((i, "died"))
+            except ray.exceptions.RayTaskError as e:
+                raise RuntimeError(f"sampler actor {i} failed: {e}") from e
+            else:
+                self._submit(i)  # returned although not stopped: run again
+        return out
+
+    def restart_hung(self, timeout_s: float, startup_s: float) -> list[int]:
+        import ray
+
+        status = self._raw_status()
+        out = []
+        now = time.monotonic()
+        for i, slot in enumerate(self.slots):
+            st = status["samplers"][i]
+            if hung(st["ready"], st["silent_s"], now - slot.submitted_at, timeout_s, startup_s):
+                ray.kill(slot.actor, no_restart=False)  # Ray restarts it; `restart_dead` resubmits its run
+                slot.submitted_at = now
+                out.append(i)
+        self.hung_restarts += len(out)
+        return out
+
+    def metrics(self) -> dict:
+        return {}
 
 
 class RayRuntime:
@@ -341,22 +501,20 @@ class RayRuntime:
         g = config.rl.groups_per_step
         self.capacity = config.runtime.queue_capacity or (self.bound + 1) * g
         self.num = config.runtime.num_samplers
-        self.coord = None
-        self.slots: list[_Slot] = []
+        self.source: Optional[RaySource] = None
+        self.loop: Optional[GroupLoop] = None
         self.started_ray = False
         self.refs: collections.deque = collections.deque(maxlen=2)  # keeps the newest published objects owned
-        self.restarts = 0
-        self.hung_restarts = 0
-        self.dropped_stale = 0
-        self.taken_total = 0
-        self.recovered = 0
-        self._ledger = None
         self._puts = None
-        # Taken-key state (see `_restore`): the key epoch, and per sampler the first batch not wholly
-        # taken and the groups taken of later batches.
-        self.key_epoch = epoch
-        self.frontier = [0] * self.num
-        self.partial: list[dict[int, set]] = [{} for _ in range(self.num)]
+
+    @property
+    def coord(self):
+        """The coordinator actor (None before `start` and after `close`)."""
+        return self.source.coord if self.source is not None else None
+
+    @property
+    def slots(self) -> list[_Slot]:
+        return self.source.slots if self.source is not None else []
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -369,12 +527,12 @@ class RayRuntime:
             opts["runtime_env"] = {"env_vars": env}  # a local cluster inherits the driver's environment
         return opts
 
-    def _spawn(self, i: int):
+    def _spawn(self, coord, key_epoch: int, i: int):
         import ray
 
         cls = ray.remote(SamplerActor).options(name=f"sampler-e{self.epoch}-{i}-{os.getpid()}-{id(self):x}",
                                                **self._actor_options())
-        return cls.remote(self.config.to_json(), self.workdir, i, self.key_epoch, self.coord)
+        return cls.remote(self.config.to_json(), self.workdir, i, key_epoch, coord)
 
     def start(self, version: int) -> None:
         import ray
@@ -388,76 +546,22 @@ class RayRuntime:
                          namespace=NAMESPACE, logging_level=logging.WARNING)
                 self.started_ray = True
         os.makedirs(ledger_dir(self.workdir), exist_ok=True)
-        self._ledger = open(os.path.join(ledger_dir(self.workdir), "learner.jsonl"), "a")
         self._puts = open(os.path.join(ledger_dir(self.workdir), f"put-ray-e{self.epoch}.jsonl"), "a")
         os.makedirs(state_dir(self.workdir), exist_ok=True)
-        self._restore(int(version))
-        consumed = [f"e{self.key_epoch}-s{i}-b{b}-g{g}" for i in range(self.num)
-                    for b, groups in self.partial[i].items() for g in groups]
-        self.coord = ray.remote(Coordinator).options(num_cpus=0, namespace=NAMESPACE).remote(
-            self.num, self.config.rl.groups_per_step, self.bound, self.capacity, list(self.frontier), consumed)
-        ray.get(self.coord.set_next_version.remote(int(version)))
-        self._publish(int(version))
-        self.slots = [_Slot(self._spawn(i)) for i in range(self.num)]
-        for i in range(self.num):
-            self._submit(i)
+        taken, warnings = restore_taken(self.workdir, int(version), self.num, rt.sampler_groups, self.epoch)
+        for w in warnings:
+            _log.warning(w)
+            self.log(w)
+        coord = ray.remote(Coordinator).options(num_cpus=0, namespace=NAMESPACE).remote(
+            self.num, self.config.rl.groups_per_step, self.bound, self.capacity,
+            TakenKeys(taken.key_epoch, self.num, taken.k, taken.next_batch, taken.beyond()))
+        ray.get(coord.set_next_version.remote(int(version)))
+        self._publish(coord, int(version))
+        self.source = RaySource(coord, lambda i: self._spawn(coord, taken.key_epoch, i), self.num, self.workdir,
+                                self.epoch, taken, self._puts)
+        self.loop = GroupLoop(self.source, self.config, self.workdir, self.epoch, self.log)
 
-    def _restore(self, version: int) -> None:
-        """The taken-key state a learner resumed at `version` continues from (`state-<version>.json`,
-        written when the batch before that checkpoint was taken): every sampler restarts at its first
-        batch not wholly taken, under the same key epoch, so the groups the lost coordinator held or
-        the lost steps took are regenerated under their keys and nothing the checkpoint includes is."""
-        k = self.config.runtime.sampler_groups
-        if version == 0:
-            return  # a fresh run: keys of this epoch from batch 0
-        path = state_path(self.workdir, version)
-        try:
-            with open(path) as f:
-                state = json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError) as e:
-            self._warn(f"ray runtime: no taken-key state for learner version {version} ({type(e).__name__}: "
-                       f"{path}); the resumed run generates new groups under key epoch {self.epoch}, and groups "
-                       f"taken after that checkpoint are not regenerated")
-            return
-        if state["sampler_groups"] != k:
-            self._warn(f"ray runtime: runtime.sampler_groups changed from {state['sampler_groups']} to {k}; the "
-                       f"resumed run generates new groups under key epoch {self.epoch}")
-            return
-        if len(state["next_batch"]) > self.num:
-            self._warn(f"ray runtime: {len(state['next_batch'])} samplers before the resume, {self.num} now: the "
-                       f"unfinished groups of samplers {self.num}.. are not regenerated")
-        self.key_epoch = int(state["key_epoch"])
-        for i, b in enumerate(state["next_batch"][:self.num]):
-            self.frontier[i] = int(b)
-        for key in state["consumed"]:
-            _, i, b, g = _parse_key(key)
-            if i < self.num:
-                self.partial[i].setdefault(b, set()).add(g)
-
-    def _taken(self, keys, version_after: int) -> None:
-        """Moves the taken-key state on by `keys` (trained or dropped) and writes it for a checkpoint
-        at `version_after` (before the update, so it is on disk before any checkpoint that includes it)."""
-        k = self.config.runtime.sampler_groups
-        for key in keys:
-            e, i, b, g = _parse_key(key)
-            if e != self.key_epoch or i >= self.num or b < self.frontier[i]:
-                continue  # not a key this run generates (cannot happen: the coordinator admits no such put)
-            self.partial[i].setdefault(b, set()).add(g)
-            while len(self.partial[i].get(self.frontier[i], ())) >= k:
-                del self.partial[i][self.frontier[i]]
-                self.frontier[i] += 1
-        _write_json_atomic(state_path(self.workdir, version_after), {
-            "version": int(version_after), "epoch": self.epoch, "key_epoch": self.key_epoch,
-            "sampler_groups": k, "next_batch": list(self.frontier),
-            "consumed": sorted(f"e{self.key_epoch}-s{i}-b{b}-g{g}" for i in range(self.num)
-                               for b, groups in self.partial[i].items() for g in groups)})
-
-    def _submit(self, i: int) -> None:
-        slot = self.slots[i]
-        slot.run_ref = slot.actor.run.remote()
-        slot.submitted_at = time.monotonic()
-
-    def _publish(self, version: int) -> None:
+    def _publish(self, coord, version: int) -> None:
         import jax
         import ray
 
@@ -465,135 +569,21 @@ class RayRuntime:
         leaves = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(params))]
         ref = ray.put(leaves)
         self.refs.append(ref)
-        ray.get(self.coord.publish.remote(version, [ref]))
-
-    # -- supervision ------------------------------------------------------------------
-
-    def _warn(self, msg: str) -> None:
-        _log.warning(msg)
-        self.log(msg)
-
-    def _check(self, status: Optional[dict] = None) -> None:
-        """Resubmits `run` to samplers whose actor died (Ray restarts the actor itself); raises on a
-        sampler error."""
-        import ray
-
-        refs = [s.run_ref for s in self.slots]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        for i, slot in enumerate(self.slots):
-            if slot.run_ref not in ready:
-                continue
-            try:
-                ray.get(slot.run_ref)
-            except ray.exceptions.RayActorError as e:
-                status = status or ray.get(self.coord.status.remote())
-                done = status["samplers"][i]["batches_done"]
-                slot.failures_in_a_row = slot.failures_in_a_row + 1 if done == slot.batches_at_failure else 1
-                slot.batches_at_failure = done
-                if slot.failures_in_a_row > 10:
-                    raise RuntimeError(f"sampler actor {i} died {slot.failures_in_a_row} times without finishing a "
-                                       f"batch: {e}") from e
-                self.restarts += 1
-                self._submit(i)
-            except ray.exceptions.RayTaskError as e:
-                raise RuntimeError(f"sampler actor {i} failed: {e}") from e
-            else:
-                self._submit(i)  # returned although not stopped: run again
-
-    def _check_hung(self, status: dict) -> list[int]:
-        import ray
-
-        rt = self.config.runtime
-        hung = []
-        now = time.monotonic()
-        for i, slot in enumerate(self.slots):
-            st = status["samplers"][i]
-            since = now - slot.submitted_at
-            silent = (st["silent_s"] > rt.hang_timeout_s and since > rt.hang_timeout_s) if st["ready"] \
-                else since > rt.sampler_startup_s
-            if silent:
-                ray.kill(slot.actor, no_restart=False)  # Ray restarts it; `_check` resubmits its run
-                slot.submitted_at = now
-                hung.append(i)
-        self.hung_restarts += len(hung)
-        return hung
-
-    def wait_status(self, step: int, waited_s: float, have: int, status: dict) -> str:
-        parts = [f"sampler {s['id']} (pid {s['pid']}): {'ready' if s['ready'] else 'starting'}, "
-                 f"{s['inflight']} groups in flight, "
-                 f"{s['batches_done']} batches done, loaded version {s['loaded_version']}, "
-                 f"last heartbeat {s['silent_s']:.1f} s ago" for s in status["samplers"]]
-        return (f"learner waiting {waited_s:.0f} s for step {step}: {have}/{self.config.rl.groups_per_step} groups, "
-                f"buffer depth {status['depth']}, next version {status['next_version']}; " + "; ".join(parts))
+        ray.get(coord.publish.remote(version, [ref]))
 
     # -- the Runtime protocol ------------------------------------------------------------
 
     def next_groups(self, step: int, version: int):
-        import ray
-
-        from jaxrl_async.runtime.base import sampler_batch_metrics  # the driver has JAX already
-
-        g = self.config.rl.groups_per_step
-        rt = self.config.runtime
-        t0 = time.perf_counter()
-        next_log = t0 + rt.wait_log_s
-        items, dropped = [], []
-        depth = 0
-        while len(items) < g:
-            self._check()
-            got, drop, puts, depth = ray.get(self.coord.take.remote(g - len(items), version))
-            items += got
-            dropped += drop
-            self._write_puts(puts)
-            if len(items) < g:
-                status = ray.get(self.coord.status.remote())
-                for i in self._check_hung(status):
-                    self._warn(f"sampler actor {i} showed no sign of life for more than runtime.hang_timeout_s = "
-                               f"{rt.hang_timeout_s:g} s while the learner waited for step {step}: killed and "
-                               f"restarted ({self.hung_restarts} hung restarts so far)")
-                now = time.perf_counter()
-                if now >= next_log:
-                    self._warn(self.wait_status(step, now - t0, len(items), status))
-                    next_log = now + rt.wait_log_s
-                time.sleep(_POLL_S)
-        ray.get(self.coord.end_batch.remote(version))
-        self._taken([key for key, _, _, _ in items] + [key for key, _ in dropped], version + 1)
-        self.dropped_stale += len(dropped)
-        self.taken_total += len(items) + len(dropped)
-        self._ledger.write(json.dumps({
-            "epoch": self.epoch, "step": int(step), "version": int(version), "t": time.time(),
-            "trained": [[key, int(sv)] for key, sv, _, _ in items],
-            "dropped": [[key, int(sv)] for key, sv in dropped]}) + "\n")
-        self._ledger.flush()
-        wait = time.perf_counter() - t0
-        trajs = [dataclasses.replace(t, group_id=j) for j, (_, _, payload, _) in enumerate(items)
-                 for t in pickle.loads(payload)]
-        metas = [meta for _, _, _, meta in items]
-        return trajs, {
-            **sampler_batch_metrics(metas, wait),
-            "queue/depth": float(depth),
-            "queue/dropped_stale": float(len(dropped)),
-            "queue/dropped_stale_total": float(self.dropped_stale),
-            "queue/taken_total": float(self.taken_total),
-            "queue/recovered": float(self.recovered),
-            "samplers/restarts_total": float(self.restarts),
-            "samplers/hung_restarts": float(self.hung_restarts),
-        }
-
-    def _write_puts(self, puts) -> None:
-        if puts and self._puts is not None:
-            for key, sv, new, t in puts:
-                self._puts.write(json.dumps({"key": key, "sv": sv, "new": new, "t": t}) + "\n")
-            self._puts.flush()
+        """Takes `G` groups within the staleness bound from the coordinator; returns (trajectories, info)."""
+        return self.loop.next_groups(step, version)
 
     def published(self, version: int) -> None:
-        self._publish(int(version))
+        self._publish(self.coord, int(version))
 
     def checkpointed(self, step: int) -> None:
         # Keep the taken-key state of every retained checkpoint (a resume may fall back past a corrupt
         # newest one) and of versions not reached yet; the rest is void.
-        ckdir = os.path.join(self.workdir, "checkpoints")
-        retained = {int(d) for d in os.listdir(ckdir) if d.isdigit()} if os.path.isdir(ckdir) else set()
+        retained = retained_checkpoints(self.workdir)
         for name in os.listdir(state_dir(self.workdir)):
             v = name[len("state-"):-len(".json")] if name.startswith("state-") and name.endswith(".json") else ""
             if v.isdigit() and int(v) < step and int(v) not in retained:
@@ -607,37 +597,39 @@ class RayRuntime:
         except ImportError:
             return
         try:
-            if self.coord is not None and ray.is_initialized():
+            coord, slots = self.coord, self.slots
+            if coord is not None and ray.is_initialized():
                 try:
-                    ray.get(self.coord.stop.remote(), timeout=grace_s)
-                    refs = [s.run_ref for s in self.slots if s.run_ref is not None]
+                    ray.get(coord.stop.remote(), timeout=grace_s)
+                    refs = [s.run_ref for s in slots if s.run_ref is not None]
                     if refs:
                         ray.wait(refs, num_returns=len(refs), timeout=grace_s)
-                    closes = [s.actor.close.remote() for s in self.slots]
+                    closes = [s.actor.close.remote() for s in slots]
                     ray.wait(closes, num_returns=len(closes), timeout=grace_s)
-                    final = ray.get(self.coord.final.remote(), timeout=grace_s)
-                    self._write_puts(final["puts"])
+                    final = ray.get(coord.final.remote(), timeout=grace_s)
+                    self.source.write_puts(final["puts"])
                     with open(os.path.join(ledger_dir(self.workdir), f"ray-close-e{self.epoch}.json"), "w") as f:
                         json.dump({k: v for k, v in final.items() if k != "puts"}, f)
                 except Exception as e:  # noqa: BLE001 (a dead cluster must not stop the shutdown)
                     _log.warning("ray runtime: orderly stop failed (%s: %s); killing the actors",
                                  type(e).__name__, e)
-                for s in self.slots:
+                for s in slots:
                     try:
                         ray.kill(s.actor, no_restart=True)
                     except Exception:  # noqa: BLE001
                         pass
                 try:
-                    ray.kill(self.coord, no_restart=True)
+                    ray.kill(coord, no_restart=True)
                 except Exception:  # noqa: BLE001
                     pass
         finally:
-            self.slots, self.coord = [], None
+            self.source = None
             self.refs.clear()
-            for f in (self._ledger, self._puts):
-                if f is not None:
-                    f.close()
-            self._ledger = self._puts = None
+            if self.loop is not None:
+                self.loop.close()
+            if self._puts is not None:
+                self._puts.close()
+            self._puts = None
             if self.started_ray and ray.is_initialized():
                 ray.shutdown()
             self.started_ray = False

@@ -7,10 +7,10 @@ finished groups to the learner through the spool-directory queue. Between decode
 it checks for a newer version; a newer version is loaded and generation continues
 mid-episode (a partial rollout), so one trajectory can hold tokens of several versions.
 
-Staleness control (AReaL's off-policyness bound): a group started at version `v_s`
-behind `D` outstanding groups (waiting in the queue or being generated) is trained at
-version about `v_next + D // G`, where `v_next` is the version of the learner's next
-batch and `G` groups make a batch. A sampler starts a batch of `k` groups only when
+Staleness control (AReaL's off-policyness bound, `groups.gate_admits`): a group started at
+version `v_s` behind `D` outstanding groups (waiting in the queue or being generated) is
+trained at version about `v_next + D // G`, where `v_next` is the version of the learner's
+next batch and `G` groups make a batch. A sampler starts a batch of `k` groups only when
 `D + k <= (max_staleness + 1 - (v_next - v_s)) * G`; the learner also drops, and counts,
 any group that arrives older than the bound, so none reaches the loss.
 
@@ -22,9 +22,15 @@ it is set up, at every turn of its gate loop, between decode chunks and while it
 queue a group. `SamplerPool.check_hung` SIGKILLs (never SIGCONTs) a live sampler whose
 heartbeat, or spawn time if later, is older than `runtime.hang_timeout_s`, and restarts
 it like a crashed one; a sampler that has not yet reached its first decode chunk (imports,
-set-up, compilation) gets `runtime.sampler_startup_s` from its spawn instead; the learner calls it only while it waits for groups. Each sampler
-also appends one line per group it queues to `WORKDIR/queue/ledger/` (key, start version,
-whether the queue already had it), which the soak driver's accounting reads.
+set-up, compilation) gets `runtime.sampler_startup_s` from its spawn instead (`groups.hung`);
+the learner calls it only while it waits for groups. A sampler that dies is restarted
+(`SamplerPool.restart_dead`, logged), but one that fails by itself during its start-up (before
+its set-up finished) `STARTUP_DEATHS` times in a row stops the run with an error: a sampler
+that cannot start would otherwise be restarted forever. The usual cause is a script that
+trains at import, without `if __name__ == "__main__":`: spawn re-runs it in every sampler,
+which dies when it tries to start samplers of its own.
+Each sampler also appends one line per group it queues to `WORKDIR/queue/ledger/` (key,
+start version, whether the queue already had it), which the soak driver's accounting reads.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from typing import Optional
 from ml_collections import config_dict
 
 from jaxrl_async import config as config_lib
-from jaxrl_async.runtime.base import generate_sampler_batch, group_key, make_sampler, queue_dir, versions_dir
+from jaxrl_async.runtime.base import generate_sampler_batch, make_sampler, queue_dir, versions_dir
+from jaxrl_async.runtime.groups import DeathStreak, GroupKey, SamplerState, gate_admits, hung, ledger_dir
 from jaxrl_async.runtime.handoff import WeightSlot, WeightSource
 from jaxrl_async.runtime.spool import Item, TrajectoryQueue
 from jaxrl_async.runtime.versions import VersionEvicted, VersionStore
@@ -81,11 +88,6 @@ class Shared:
         # Posted by a sampler after each put; the learner waits on it for groups (spool's doorbell). A
         # semaphore: its post and wait are atomic, so a SIGKILLed sampler can leave it in no bad state.
         self.doorbell = _CTX.Semaphore(0)
-
-
-def ledger_dir(workdir: str) -> str:
-    """Append-only records of groups queued (per sampler) and taken (by the learner)."""
-    return os.path.join(queue_dir(workdir), "ledger")
 
 
 def sampler_main(spec: SamplerSpec, shared: Shared) -> None:
@@ -160,7 +162,7 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
             # Read order matters: the learner raises `taken` before groups leave the queue and
             # moves `next_version` on before resetting `taken`.
             outstanding = queue.depth() + sum(shared.inflight) + shared.taken.value
-            opened = v_s is not None and outstanding <= (bound + 1 - (shared.next_version.value - v_s)) * g_total
+            opened = v_s is not None and gate_admits(outstanding, shared.next_version.value, v_s, bound, g_total)
             if not opened:
                 shared.inflight[i] = 0
                 time.sleep(0.01)
@@ -177,7 +179,7 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
         groups, meta = generate_sampler_batch(sampler, make, config, spec.epoch, i, batch, newer_weights, gate_wait)
         for g, group in enumerate(groups):
             # The version the episodes started with: every token of the group is at least as new.
-            key = group_key(spec.epoch, i, batch, g)
+            key = GroupKey(spec.epoch, i, batch, g).format()
             dups = queue.stats["duplicates_dropped"]
             while not queue.put(Item(key, group, v_s, meta), timeout=0.5):
                 if not learner_alive():
@@ -188,6 +190,22 @@ def _sample_loop(spec: SamplerSpec, shared: Shared, config, sampler, store, queu
         shared.inflight[i] = 0
         batch += 1
         shared.batches_done[i] = batch
+
+
+# A sampler that fails by itself this many times in a row during its start-up stops the run.
+STARTUP_DEATHS = 3
+# Deaths from these signals come from outside (an operator, the OOM killer, a fault injector):
+# the sampler is restarted however often they happen.
+_KILLED_FROM_OUTSIDE = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _death(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
 
 
 class SamplerPool:
@@ -208,6 +226,7 @@ class SamplerPool:
         self.spawned_at = [0.0] * self.num
         self.restarts = 0
         self.hung_restarts = 0
+        self.failures = DeathStreak(self.num, STARTUP_DEATHS)
 
     def _start(self, i: int) -> None:
         spec = SamplerSpec(self.config_json, self.workdir, i, self.epoch, self.shared.batches_done[i],
@@ -222,53 +241,65 @@ class SamplerPool:
         for i in range(self.num):
             self._start(i)
 
-    def check(self) -> int:
+    def restart_dead(self) -> list[tuple[int, str]]:
         """Restarts samplers that died (their unfinished batch is regenerated with the same keys, so
-        the queue drops the groups it already has); returns how many were restarted."""
-        restarted = 0
+        the queue drops the groups it already has); returns (id, how it died) of each.
+
+        Raises RuntimeError when a sampler has failed by itself (an exit code, or a signal such as
+        SIGSEGV; not a kill from outside) during its start-up, before its set-up finished (its
+        first heartbeat), `STARTUP_DEATHS` times in a row.
+        """
+        restarted = []
         for i, p in enumerate(self.procs):
-            if p is not None and p.exitcode is not None:
-                self.shared.inflight[i] = 0
-                self._start(i)
-                restarted += 1
-        self.restarts += restarted
+            if p is None or p.exitcode is None:
+                continue
+            code = p.exitcode
+            if code < 0 and -code in _KILLED_FROM_OUTSIDE:
+                pass  # not the sampler's fault: neither a failure nor progress
+            elif self.shared.heartbeat[i] >= self.spawned_at[i]:
+                self.failures.reset(i)  # it got through its start-up: a later failure may be transient
+            elif self.failures.died(i, None) >= self.failures.limit:
+                raise RuntimeError(
+                    f"sampler {i} {_death(code)} during its start-up {self.failures.count[i]} times in a row "
+                    f"(runtime.mode='process'); its error is in the output above. Samplers are started with "
+                    f"multiprocessing's 'spawn' method, which imports the main script again in every sampler: "
+                    f"a script that starts training at import must do so under `if __name__ == \"__main__\":`.")
+            self.shared.inflight[i] = 0
+            self._start(i)
+            restarted.append((i, _death(code)))
+        self.restarts += len(restarted)
         return restarted
 
     def check_hung(self, timeout_s: float, startup_s: float) -> list[int]:
-        """SIGKILLs and restarts every live sampler with no sign of life (heartbeat or spawn) for
-        `timeout_s` seconds, or, before its first decode chunk, `startup_s` seconds since its spawn
-        (a stopped process is killed, not continued); returns their ids."""
-        hung = []
+        """SIGKILLs and restarts every live sampler that is `groups.hung`: no sign of life (heartbeat
+        or spawn) for `timeout_s` seconds, or, before its first decode chunk, `startup_s` seconds
+        since its spawn (a stopped process is killed, not continued); returns their ids."""
+        out = []
         now = time.time()
         for i, p in enumerate(self.procs):
             if p is None or p.exitcode is not None:
-                continue  # `check` restarts dead ones
-            if self.shared.ready[i]:
-                silent = now - max(self.shared.heartbeat[i], self.spawned_at[i]) > timeout_s
-            else:
-                silent = now - self.spawned_at[i] > startup_s
-            if silent:
+                continue  # `restart_dead` restarts dead ones
+            silent = now - max(self.shared.heartbeat[i], self.spawned_at[i])
+            if hung(bool(self.shared.ready[i]), silent, now - self.spawned_at[i], timeout_s, startup_s):
                 p.kill()  # SIGKILL works on a SIGSTOPped process too
                 p.join(10.0)
                 self.shared.inflight[i] = 0
                 self._start(i)
-                hung.append(i)
-        self.hung_restarts += len(hung)
-        self.restarts += len(hung)
-        return hung
+                out.append(i)
+        self.hung_restarts += len(out)
+        self.restarts += len(out)
+        return out
 
-    def status(self) -> list[dict]:
+    def status(self) -> list[SamplerState]:
         """Per sampler: alive, groups in flight, batches done, newest version loaded, seconds since
         its last heartbeat."""
         now = time.time()
-        out = []
-        for i, p in enumerate(self.procs):
-            last = max(self.shared.heartbeat[i], self.spawned_at[i])
-            out.append({"id": i, "alive": p is not None and p.exitcode is None, "pid": None if p is None else p.pid,
-                        "inflight": int(self.shared.inflight[i]), "batches_done": int(self.shared.batches_done[i]),
-                        "loaded_version": int(self.shared.loaded_version[i]), "silent_s": now - last,
-                        "starting": not self.shared.ready[i]})
-        return out
+        return [SamplerState(id=i, pid=None if p is None else p.pid, alive=p is not None and p.exitcode is None,
+                             ready=bool(self.shared.ready[i]), inflight=int(self.shared.inflight[i]),
+                             batches_done=int(self.shared.batches_done[i]),
+                             loaded_version=int(self.shared.loaded_version[i]),
+                             silent_s=now - max(self.shared.heartbeat[i], self.spawned_at[i]))
+                for i, p in enumerate(self.procs)]
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p is not None]

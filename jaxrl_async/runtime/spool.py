@@ -12,13 +12,23 @@ Layout under ``directory``::
     spool/.tmp.<pid>.<rand>              a put in progress (never matches *.item)
     accepted/<step>.<sv>.<ns>.<qkey>.item  taken by the learner at consumer step <step>
     consumed/<qkey>                      released: its effect is in a checkpoint
+    consumed.json                        compacted markers: whole released sampler batches
+    consumed.json.tmp.<pid>              a compaction in progress
 
 A key's life: waiting -> accepted (``take``: one rename, the commit point) -> released
-(``release``: marker written, then the accepted file deleted). ``recover`` moves accepted
-items back to waiting. The consumed set is ``accepted ∪ consumed markers``; both are on
-disk, so dedup survives restarts of either side. Each transition is a single atomic file
-operation or is ordered so that a crash between two steps leaves the key counted as
-consumed (never lost, never duplicated); re-running the operation finishes the job.
+(``release``: marker written, then the accepted file deleted) -> compacted. ``recover``
+moves accepted items back to waiting. The consumed set is ``accepted ∪ consumed markers ∪
+compacted``; all are on disk, so dedup survives restarts of either side. Each transition is a
+single atomic file operation or is ordered so that a crash between two steps leaves the key
+counted as consumed (never lost, never duplicated); re-running the operation finishes the job.
+
+Compaction (``compact``) keeps the consumed set small however long the run: for group keys
+(``groups.GroupKey``, ``e<epoch>-s<sampler>-b<batch>-g<group>``) of a key epoch whose batch
+size is recorded, the markers of every batch whose groups are all released, up to the
+sampler's first batch that is not, are folded into ``consumed.json`` (per key epoch: the
+batch size, and per sampler that first batch), written whole and renamed into place before
+the markers it covers are deleted. A batch with a key still accepted is never compacted (a
+``recover`` may yet move it back). Any other key keeps its marker.
 
 Concurrency model: many producers, one consumer (the learner). Only the consumer moves or
 deletes item files. A key is produced by one live producer at a time (a restarted sampler
@@ -42,7 +52,9 @@ include the step, rather than after every ``take``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import os
 import pickle
 import time
@@ -50,8 +62,11 @@ import urllib.parse
 import uuid
 from typing import Optional
 
+from jaxrl_async.runtime.groups import GroupKey
+
 _ITEM = ".item"
 _TMP = ".tmp."
+_COMPACTED = "consumed.json"
 _POLL_S = 0.01
 _DOORBELL_POLL_S = 0.1  # with a doorbell: the fallback poll (a producer killed between rename and post)
 _STALE_TMP_S = 60.0
@@ -61,7 +76,7 @@ _STALE_TMP_S = 60.0
 class Item:
     """One group of trajectories (the n samples of one task instance)."""
 
-    key: str  # unique, chosen deterministically by the producer (e.g. f"s{sid}-b{b}-g{g}")
+    key: str  # unique, chosen deterministically by the producer (the runtimes: a `groups.GroupKey`)
     trajectories: list  # list[rollout.Trajectory]
     start_version: int  # parameter version the episodes started with (oldest token version)
     meta: dict = dataclasses.field(default_factory=dict)  # free-form, JSON-able
@@ -136,7 +151,7 @@ class TrajectoryQueue:
         self.doorbell = doorbell
         self._unsynced = False  # renames into accepted/ not yet flushed (fsync only)
         self.stats = dict(put=0, duplicates_dropped=0, taken=0, recovered=0, released=0,
-                          stale_tmp_removed=0)
+                          stale_tmp_removed=0, compacted=0)
         self.timing = dict.fromkeys(_TIMING, 0.0)
 
     # ---------------------------------------------------------------- inspection
@@ -157,10 +172,35 @@ class TrajectoryQueue:
         return [urllib.parse.unquote(e[3]) for e in self._listing(self._spool, False)]
 
     def consumed_keys(self) -> set[str]:
-        """Keys taken and not recovered: accepted (not yet released) or released."""
+        """Keys taken and not recovered: accepted (not yet released) or released (compacted included)."""
         q = {e[3] for e in self._listing(self._accepted, True)}
         q.update(n for n in os.listdir(self._consumed) if not n.startswith("."))
-        return {urllib.parse.unquote(k) for k in q}
+        keys = {urllib.parse.unquote(k) for k in q}
+        for e, (k, frontier) in self._load_compacted().items():
+            keys.update(GroupKey(e, s, b, g).format() for s, f in frontier.items() for b in range(f) for g in range(k))
+        return keys
+
+    def _load_compacted(self) -> dict[int, tuple[int, dict[int, int]]]:
+        """consumed.json: {key epoch: (groups per batch, {sampler: its first batch not compacted})}."""
+        path = os.path.join(self.directory, _COMPACTED)
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            return {int(e): (int(v["k"]), {int(s): int(b) for s, b in v["next_batch"].items()})
+                    for e, v in raw["epochs"].items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"the queue's compacted consumed set {path} is unreadable ({e}); it is "
+                             f"written whole and renamed into place, so the disk has corrupted it") from e
+
+    @staticmethod
+    def _covered(qkey: str, table: dict) -> bool:
+        gk = GroupKey.try_parse(urllib.parse.unquote(qkey))
+        if gk is None or gk.epoch not in table:
+            return False
+        k, frontier = table[gk.epoch]
+        return gk.group < k and gk.batch < frontier.get(gk.sampler, 0)
 
     def _state(self, qkey: str) -> Optional[str]:
         # Checked in the direction keys move (spool -> accepted -> marker), so a key that
@@ -170,6 +210,9 @@ class TrajectoryQueue:
         if any(e[3] == qkey for e in self._listing(self._accepted, True)):
             return "consumed"
         if os.path.exists(os.path.join(self._consumed, qkey)):
+            return "consumed"
+        # Read after the marker: compaction renames consumed.json into place before it deletes markers.
+        if self._covered(qkey, self._load_compacted()):
             return "consumed"
         return None
 
@@ -323,15 +366,16 @@ class TrajectoryQueue:
         keys backwards) can slip through; the consumer's check is the authoritative one.
         """
         waiting = sorted(self._listing(self._spool, False), key=lambda e: (e[1], e[2], e[4]))
-        consumed = None
+        consumed = compacted = None
         seen, out = set(), []
         for e in waiting:
             qkey = e[3]
             if qkey not in seen:
                 if consumed is None:
                     consumed = {a[3] for a in self._listing(self._accepted, True)}
+                    compacted = self._load_compacted()
                 if qkey not in consumed and not os.path.exists(
-                        os.path.join(self._consumed, qkey)):
+                        os.path.join(self._consumed, qkey)) and not self._covered(qkey, compacted):
                     seen.add(qkey)
                     out.append(e)
                     continue
@@ -385,6 +429,70 @@ class TrajectoryQueue:
             self._sync_dir(self._accepted)
         self.stats["recovered"] += count
         return count
+
+    def compact(self, groups_per_batch: Optional[dict[int, int]] = None) -> int:
+        """Folds the markers of wholly released batches into ``consumed.json``; returns how many
+        markers it removed. Consumer only (the learner calls it after each `release`).
+
+        groups_per_batch: {key epoch: groups per batch} to record, for key epochs not recorded yet
+        (the learner records its own epoch when it starts, before any of its keys exists); only
+        group keys of recorded epochs are compacted. Crash-safe: the new ``consumed.json`` is
+        renamed into place (after an fsync, with ``fsync``) before the markers it covers are
+        deleted, so a crash at any point leaves every released key consumed; the next call
+        deletes markers an earlier one left behind.
+        """
+        table = self._load_compacted()
+        changed = False
+        for e, k in (groups_per_batch or {}).items():
+            if int(e) not in table:
+                table[int(e)] = (int(k), {})
+                changed = True
+            elif table[int(e)][0] != int(k):
+                raise ValueError(f"key epoch {e} has {table[int(e)][0]} groups per batch on record, not {k}")
+        markers = [n for n in os.listdir(self._consumed) if not n.startswith(".")]
+        released = collections.defaultdict(set)  # (epoch, sampler, batch) -> groups released
+        for name in markers:
+            gk = GroupKey.try_parse(urllib.parse.unquote(name))
+            if gk is not None and gk.epoch in table and gk.group < table[gk.epoch][0]:
+                released[gk.epoch, gk.sampler, gk.batch].add(gk.group)
+        # A key still accepted may yet be recovered (moved back to waiting): its batch stays as it is.
+        busy = {(gk.epoch, gk.sampler, gk.batch) for gk in
+                (GroupKey.try_parse(urllib.parse.unquote(a[3])) for a in self._listing(self._accepted, True))
+                if gk is not None}
+        for e, s in sorted({(e, s) for e, s, _ in released}):
+            k, frontier = table[e]
+            b = frontier.get(s, 0)
+            while len(released.get((e, s, b), ())) >= k and (e, s, b) not in busy:
+                b += 1
+            if b != frontier.get(s, 0):
+                frontier[s] = b
+                changed = True
+        if changed:
+            self._write_compacted(table)
+        removed = 0
+        for name in markers:
+            if self._covered(name, table):
+                os.unlink(os.path.join(self._consumed, name))
+                removed += 1
+        if removed:
+            self._sync_dir(self._consumed)
+        self.stats["compacted"] += removed
+        return removed
+
+    def _write_compacted(self, table: dict) -> None:
+        for name in os.listdir(self.directory):
+            if name.startswith(_COMPACTED + ".tmp."):  # left by a crashed compaction (one consumer)
+                os.unlink(os.path.join(self.directory, name))
+        path = os.path.join(self.directory, _COMPACTED)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"epochs": {str(e): {"k": k, "next_batch": {str(s): b for s, b in sorted(fr.items())}}
+                                  for e, (k, fr) in sorted(table.items())}}, f)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._sync_dir(self.directory)
 
     def _remove_stale_tmp(self) -> None:
         """Delete temp files left by killed producers (older than a minute)."""

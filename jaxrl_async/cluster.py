@@ -297,9 +297,7 @@ class RLCluster:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out success rate and return of the current params (sampler numerics)."""
-        # The sampler's engine decodes with whole weights: a sharded learner's are gathered.
-        params = mesh_lib.replicate(self.state.params, self.mesh) if mesh_lib.is_sharded(self.mesh) else self.state.params
-        return evaluate(self.graphdef, self.model_config, self.numerics, params, step, self.config,
+        return evaluate(self.graphdef, self.model_config, self.numerics, self.state.params, step, self.config,
                         jax.random.fold_in(self.k_eval, step))
 
     def save(self, step: int, **meta) -> None:

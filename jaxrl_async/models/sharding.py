@@ -62,6 +62,11 @@ RULES: dict[str, tuple[str, ...] | str | None] = {
 LogicalAxes = tuple  # one logical name (or None) per dimension
 
 
+def _shape(x) -> tuple[int, ...]:
+    """The shape of an array or a `jax.ShapeDtypeStruct` (an abstract one, as `jax.eval_shape` gives)."""
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
 def _names(path) -> tuple:
     """The dict keys / attribute names / indices of a pytree path, less the Variable's `.value`."""
     out = []
@@ -92,8 +97,8 @@ def param_axes(params, table: Mapping[tuple[str, ...], LogicalAxes], family: str
         for k in range(len(names), 0, -1):
             if names[-k:] in table:
                 logical = table[names[-k:]]
-                if len(logical) != np.ndim(x):
-                    raise ValueError(f"{family} parameter {'.'.join(names)} has shape {np.shape(x)}, but its "
+                if len(logical) != len(_shape(x)):
+                    raise ValueError(f"{family} parameter {'.'.join(names)} has shape {_shape(x)}, but its "
                                      f"logical axes {logical} name {len(logical)} dimensions")
                 return logical
         raise ValueError(f"{family} parameter {'.'.join(map(str, _names(path)))} has no logical axes "
@@ -157,7 +162,13 @@ def shard_shape(shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[s
 def param_shardings(axes_tree, params, mesh: jax.sharding.Mesh, rules: Mapping = RULES):
     """NamedShardings of `params` on `mesh`, from `param_axes(params, ...)` (a pytree like params)."""
     sizes = dict(mesh.shape)
-    return jax.tree.map(lambda a, x: NamedSharding(mesh, mesh_spec(axes_of(a), np.shape(x), sizes, rules)),
+    return jax.tree.map(lambda a, x: NamedSharding(mesh, mesh_spec(axes_of(a), _shape(x), sizes, rules)),
+                        axes_tree, params, is_leaf=lambda a: isinstance(a, _Leaf))
+
+
+def param_specs(axes_tree, params, axis_sizes: Mapping[str, int], rules: Mapping = RULES):
+    """PartitionSpecs of `params` (arrays or abstract shapes) for mesh axes of `axis_sizes`, no devices needed."""
+    return jax.tree.map(lambda a, x: mesh_spec(axes_of(a), _shape(x), axis_sizes, rules),
                         axes_tree, params, is_leaf=lambda a: isinstance(a, _Leaf))
 
 

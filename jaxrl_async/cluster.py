@@ -58,11 +58,11 @@ def check_startup(config, workdir: str) -> None:
         config_lib.loss_config_from(config)  # LossConfig checks the loss fields
         model_config = config_lib.model_config_from(config)
         config_lib.numerics_from(config)
-        devices = mesh_lib.make_mesh(config.parallel.num_devices).devices.size  # raises if there are too few
-        if (config.rl.groups_per_step * config.rl.group_size) % devices:
+        rows = mesh_lib.row_shards(mesh_lib.mesh_from_config(config))  # raises if there are too few devices
+        if (config.rl.groups_per_step * config.rl.group_size) % rows:
             raise ValueError(f"the RL batch rl.groups_per_step * rl.group_size = "
                              f"{config.rl.groups_per_step * config.rl.group_size} must split evenly over "
-                             f"{devices} devices (config.parallel.num_devices)")
+                             f"{rows} devices (config.parallel.data * fsdp, or num_devices)")
         env = config_lib.env_factory(config)()  # builds the task once: bad task names or kwargs fail here
         if env.max_episode_tokens > model_config.max_len:
             raise ValueError(f"config.model.max_len ({model_config.max_len}) is shorter than the longest possible "
@@ -180,8 +180,9 @@ class RLCluster:
     Attributes (after construction):
       config, workdir; loss_config, model_config, numerics: the typed config views.
       graphdef: the model's NNX graph definition; optimizer; mesh: the learner's device mesh.
-      state: the learner's `TrainState` (replicated on the mesh); meta: checkpoint metadata
-        (evaluations, counters, `epoch` = how many times this run has (re)started).
+      state: the learner's `TrainState` on the mesh (params and optimizer state split over its fsdp and
+        tensor axes, `state_sharding`); meta: checkpoint metadata (evaluations, counters, `epoch` = how
+        many times this run has (re)started, `memory/state_bytes_per_device`).
       start_step: the RL step this run continues from (0 for a fresh run).
       store: the parameter-version ring buffer (written in the background); handoff: the
         shared-memory `WeightSlot` the process runtime's samplers take new versions from
@@ -259,13 +260,22 @@ class RLCluster:
         meta["epoch"] = max(meta["epoch"], _read_epoch(workdir) if restored is not None else -1) + 1
         _write_epoch(workdir, meta["epoch"])
         self.meta, self.start_step = meta, start
-        self.mesh = mesh_lib.make_mesh(config.parallel.num_devices)
-        self.state = mesh_lib.replicate(state, self.mesh)
+        # The train state on the learner mesh: params and optimizer state split by the model's logical
+        # axes over fsdp and tensor (replicated on a data-only mesh).
+        self.mesh = mesh_lib.mesh_from_config(config)
+        self.state_sharding = mesh_lib.state_shardings(state, self.mesh,
+                                                       config_lib.model_module(config).param_axes(state.params))
+        self.state = jax.device_put(state, self.state_sharding)
+        self.meta["memory/state_bytes_per_device"] = mesh_lib.bytes_per_device(
+            (self.state.params, self.state.opt_state, self.state.ewma))
+        log(f"learner mesh {dict(self.mesh.shape)}: memory/state_bytes_per_device = "
+            f"{self.meta['memory/state_bytes_per_device']:,} (params, optimizer state, EWMA)")
 
         self.update = learner_lib.make_rl_update(self.graphdef, self.optimizer, self.loss_config,
                                                  config.optim.num_minibatches, config.optim.num_epochs,
                                                  loglinear=route == Route.LOGLINEAR, three_term=anchor is not None,
-                                                 model=config_lib.model_module(config))
+                                                 model=config_lib.model_module(config), mesh=self.mesh,
+                                                 state_sharding=self.state_sharding)
         self.route = ProximalRoute(config, self.graphdef, self.store, self.loss_config,
                                    meta.get("staleness_window", []), self.mesh, missing=(VersionEvicted,))
         self.k_sample, self.k_update, self.k_eval = jax.random.split(jax.random.key(config.seed), 3)

@@ -138,7 +138,11 @@ def base_config() -> config_dict.ConfigDict:
     c.runtime.ray_num_gpus = 0.0  # ray: GPUs each sampler actor reserves (fractions share a GPU)
 
     c.parallel = config_dict.ConfigDict()
-    c.parallel.num_devices = 0  # learner data parallelism: devices on the `data` mesh axis (0 = all JAX sees)
+    # The learner's device mesh (learner/mesh.py): axes data x fsdp x tensor, whose product is the devices used.
+    c.parallel.num_devices = 0  # devices the learner uses (0 = all JAX sees, or data * fsdp * tensor when data is set)
+    c.parallel.data = 0  # data parallelism: batch rows split, params whole (0 = the devices fsdp * tensor leave)
+    c.parallel.fsdp = 1  # fully sharded data parallelism: rows split, and params/optimizer state split along the width
+    c.parallel.tensor = 1  # tensor parallelism: params split along heads, MLP hidden and vocabulary; rows whole
 
     c.train = config_dict.ConfigDict()
     c.train.steps = 200  # RL steps (one batch, one parameter version each)
@@ -235,9 +239,19 @@ def validate(config) -> None:
     if batch % given["optim.num_minibatches"]:
         raise ValueError(f"config.optim.num_minibatches ({given['optim.num_minibatches']}) must divide the RL batch "
                          f"rl.groups_per_step * rl.group_size = {batch}")
-    if not (isinstance(given["parallel.num_devices"], int) and given["parallel.num_devices"] >= 0):
-        raise ValueError(f"config.parallel.num_devices must be an integer >= 0 (0 = all devices); "
-                         f"got {given['parallel.num_devices']!r}")
+    for f, least in (("parallel.num_devices", 0), ("parallel.data", 0), ("parallel.fsdp", 1), ("parallel.tensor", 1)):
+        v = given[f]
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"config.{f} must be an integer >= {least}{' (0 = derived)' if least == 0 else ''}; "
+                             f"got {v!r}")
+    p = {k: given[f"parallel.{k}"] for k in ("num_devices", "data", "fsdp", "tensor")}
+    if p["data"] and p["num_devices"] and p["data"] * p["fsdp"] * p["tensor"] != p["num_devices"]:
+        raise ValueError(f"config.parallel.data * fsdp * tensor = {p['data']} * {p['fsdp']} * {p['tensor']} = "
+                         f"{p['data'] * p['fsdp'] * p['tensor']}, but config.parallel.num_devices = "
+                         f"{p['num_devices']}: their product is the number of devices used")
+    if not p["data"] and p["num_devices"] % (p["fsdp"] * p["tensor"]):
+        raise ValueError(f"config.parallel.fsdp * tensor = {p['fsdp']} * {p['tensor']} does not divide "
+                         f"config.parallel.num_devices = {p['num_devices']}")
     if not (isinstance(given["runtime.lag"], int) and given["runtime.lag"] >= 0):
         raise ValueError(f"config.runtime.lag must be an integer >= 0; got {given['runtime.lag']!r}")
     if not (isinstance(given["runtime.max_staleness"], int) and given["runtime.max_staleness"] >= 0):

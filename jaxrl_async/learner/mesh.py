@@ -1,10 +1,18 @@
-"""Data parallelism for the learner: one device mesh with a `data` axis.
+"""The learner's device mesh: data parallelism, FSDP and tensor parallelism.
 
-The learner's jitted update is written for the global batch. Placing the batch rows
-sharded over the `data` axis and the train state replicated lets XLA partition the same
-program over the devices, so one code path serves 1 and N devices, and every reduction
-of the loss (the token-mean numerator and denominator, the metrics, the gradient) is over
-the global batch: a token mean is exact, not a mean of per-device means.
+One mesh with three axes, `data`, `fsdp` and `tensor` (`config.parallel.data`, `fsdp`,
+`tensor`; their product is the number of devices used). The learner's jitted update is
+written for the global batch and the whole model; placing the arrays on the mesh lets XLA
+partition that one program over the devices, so one code path serves 1 and N devices:
+
+* batch rows are split over (`data`, `fsdp`), so every reduction of the loss (the
+  token-mean numerator and denominator, the metrics, the gradient) is over the global batch;
+* parameters are split by their logical axes (each model family's `param_axes`, the rules
+  of `models/sharding.py`): over `fsdp` along the model width, over `tensor` along heads,
+  MLP hidden and vocabulary; with `fsdp = tensor = 1` they are replicated (plain data
+  parallelism). The optimizer state and the EWMA weights are split like their params
+  (`state_shardings`), so the train state one device holds is about 1/(fsdp x tensor) of
+  the whole.
 
 Several hosts: when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES` and
 `JAX_PROCESS_ID`), `initialize_distributed` calls `jax.distributed.initialize` before any
@@ -21,7 +29,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"
+from jaxrl_async.models.sharding import MESH_AXES, param_shardings
+
+DATA_AXIS, FSDP_AXIS, TENSOR_AXIS = MESH_AXES
+ROW_AXES = (DATA_AXIS, FSDP_AXIS)  # batch rows split over both
 
 
 def initialize_distributed() -> bool:
@@ -36,36 +47,127 @@ def initialize_distributed() -> bool:
     return True
 
 
-def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
-    """A 1-D mesh over the first `num_devices` devices (0 = all of them)."""
+def make_mesh(num_devices: int = 0, *, data: int = 0, fsdp: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
+    """The `(data, fsdp, tensor)` mesh over the first data x fsdp x tensor devices.
+
+    data = 0: as many as the other two axes leave of `num_devices` (0 = every device JAX
+    sees); `make_mesh(n)` is n-way data parallelism. A product that does not fit the
+    devices, or disagrees with a nonzero `num_devices`, raises ValueError naming the
+    `config.parallel` fields.
+    """
     available = len(jax.devices())
-    n = num_devices or available
+    for name, value, least in (("num_devices", num_devices, 0), ("data", data, 0), ("fsdp", fsdp, 1),
+                               ("tensor", tensor, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"config.parallel.{name} must be an integer >= {least}; got {value!r}")
+    if data == 0:
+        n = num_devices or available
+        if n % (fsdp * tensor):
+            raise ValueError(f"config.parallel.fsdp * tensor = {fsdp} * {tensor} = {fsdp * tensor} does not divide "
+                             f"the {n} devices used ({'config.parallel.num_devices' if num_devices else 'all JAX sees'})")
+        data = n // (fsdp * tensor)
+    n = data * fsdp * tensor
+    if num_devices and n != num_devices:
+        raise ValueError(f"config.parallel.data * fsdp * tensor = {data} * {fsdp} * {tensor} = {n}, but "
+                         f"config.parallel.num_devices = {num_devices}: their product is the number of devices used")
     if n > available:
-        raise ValueError(f"config.parallel.num_devices ({n}) exceeds the {available} devices JAX sees")
-    # Auto axes: XLA propagates the row sharding through the unchanged single-device program.
-    return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n], axis_types=(jax.sharding.AxisType.Auto,))
+        raise ValueError(f"config.parallel.data * fsdp * tensor = {data} * {fsdp} * {tensor} = {n} devices "
+                         f"(config.parallel.num_devices = {num_devices}) exceeds the {available} devices JAX sees")
+    # Auto axes: XLA propagates the placements of the inputs through the unchanged single-device program.
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, devices=jax.devices()[:n],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def mesh_from_config(config) -> jax.sharding.Mesh:
+    """The learner mesh of `config.parallel`."""
+    p = config.parallel
+    return make_mesh(p.num_devices, data=p.data, fsdp=p.fsdp, tensor=p.tensor)
+
+
+def row_shards(mesh) -> int:
+    """How many ways batch rows are split: data x fsdp (rows are whole on the `tensor` axis)."""
+    return int(np.prod([mesh.shape[a] for a in ROW_AXES if a in mesh.shape]))
 
 
 def replicate(tree, mesh):
-    """Places every array of `tree` on every device of the mesh (the train state)."""
+    """Places every array of `tree` on every device of the mesh (whole weights for a forward)."""
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+def is_sharded(mesh) -> bool:
+    """Whether the mesh splits parameters (fsdp or tensor > 1), not only batch rows."""
+    return mesh.shape.get(FSDP_AXIS, 1) * mesh.shape.get(TENSOR_AXIS, 1) > 1
+
+
+def _names(path) -> tuple:
+    out = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            out.append(k.key)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            out.append(k.idx)
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            out.append(k.name)
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def state_shardings(state, mesh, axes):
+    """NamedShardings of a whole train state (`learner.update.TrainState`) on `mesh`.
+
+    axes: the model family's `param_axes(state.params)`. Params are split by their logical
+    axes; every other leaf whose path ends with a parameter's path and has its shape (the
+    AdamW moments, the EWMA weights) is split like that parameter; the rest (counters,
+    scalars) is replicated.
+    """
+    by_path = {}
+    for path, sh, x in zip(*_paths_and(state.params, param_shardings(axes, state.params, mesh))):
+        by_path[path] = (sh, np.shape(x))
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, x):
+        names = _names(path)
+        for k in lengths:
+            hit = by_path.get(names[-k:]) if len(names) >= k else None
+            if hit is not None and hit[1] == np.shape(x):
+                return hit[0]
+        return whole
+
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def _paths_and(params, shardings):
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return ([_names(p) for p, _ in leaves], jax.tree.leaves(shardings), [x for _, x in leaves])
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes of `tree` one device holds (its shard of each array; a host array counts whole)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if isinstance(x, jax.Array) else np.shape(x)
+        total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+    return total
+
+
 def shard_rows(batch, mesh):
-    """Splits the leading (row) axis of each `[B, ...]` array of `batch` over the `data` axis.
+    """Splits the leading (row) axis of each `[B, ...]` array of `batch` over the `data` and `fsdp` axes.
 
     batch: any pytree of arrays (a dict, a `rollout.trajectory.Batch`); None leaves stay
-    None. B must be a multiple of the mesh size; scalars are replicated.
+    None. B must be a multiple of data x fsdp; scalars are replicated, and so are rows
+    over the `tensor` axis.
     """
-    n = mesh.devices.size
-    rows, whole = NamedSharding(mesh, PartitionSpec(DATA_AXIS)), NamedSharding(mesh, PartitionSpec())
+    n = row_shards(mesh)
+    rows, whole = NamedSharding(mesh, PartitionSpec(ROW_AXES)), NamedSharding(mesh, PartitionSpec())
     leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
     arrays, shardings = [], []
     for path, x in leaves:
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         if x.ndim and x.shape[0] % n:
             raise ValueError(f"batch field {jax.tree_util.keystr(path, simple=True, separator='.')!r} has "
-                             f"{x.shape[0]} rows, not a multiple of {n} devices")
+                             f"{x.shape[0]} rows, not a multiple of {n} devices (parallel.data x fsdp)")
         arrays.append(x)
         shardings.append(rows if x.ndim else whole)
     # One call for every field: JAX batches the transfers (one call per field costs a dispatch each).

@@ -77,11 +77,14 @@ def _minibatches(batch: Batch, key, num_minibatches: int) -> Batch:
 
 def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_config: LossConfig,
                    num_minibatches: int = 1, num_epochs: int = 1, loglinear: bool = False, donate: bool = True,
-                   three_term: bool = False, model=model_lib):
+                   three_term: bool = False, model=model_lib, mesh=None, state_sharding=None):
     """Builds `update(state, batch, key, ewma_beta=0.0) -> (state, metrics)`, jitted with the state donated.
 
     (`donate=False` keeps the input state alive: only for the before/after benchmark.)
     model: the model module (`models.transformer` or `models.llama`, see `config.model_module`).
+    mesh, state_sharding: the learner mesh and the train state's placement on it
+    (`learner.mesh.state_shardings`); the new state comes back placed the same way, and the
+    model's activation constraints apply (it is traced under `jax.set_mesh(mesh)`).
 
     batch: a `Batch` of `[B, T]` arrays with `advantages` and `prox_logp` filled by the
     proximal route (`learner.route`), except with `loglinear`, where the proximal log-probs
@@ -135,11 +138,35 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
         metrics["train/skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)
         return new.replace(version=state.version + 1), metrics
 
-    return jax.jit(update, donate_argnums=0 if donate else ())
+    return _on_mesh(jax.jit(update, donate_argnums=0 if donate else (),
+                            **_out_shardings(mesh, state_sharding)), mesh)
 
 
-def make_sft_update(graphdef, optimizer: optax.GradientTransformation, model=model_lib):
+def _out_shardings(mesh, state_sharding) -> dict:
+    """jit's `out_shardings` for `(state, metrics)`: the state kept where it was, the metrics replicated."""
+    if state_sharding is None:
+        return {}
+    return {"out_shardings": (state_sharding, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))}
+
+
+def _on_mesh(fn, mesh):
+    """`fn` called (and so traced) with `mesh` as the current mesh, which the models' `constrain` reads."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def make_sft_update(graphdef, optimizer: optax.GradientTransformation, model=model_lib, mesh=None,
+                    state_sharding=None):
     """Builds `update(state, batch) -> (state, metrics)`: one supervised step.
+
+    mesh, state_sharding: as for `make_rl_update`.
 
     batch: `tokens` and `loss_mask` `[B, T]`; the loss is the mean negative log-likelihood
     of the masked (agent) tokens. Used for the warm start on scripted demonstrations; it
@@ -157,4 +184,4 @@ def make_sft_update(graphdef, optimizer: optax.GradientTransformation, model=mod
         params = optax.apply_updates(state.params, updates)
         return state.replace(params=params, opt_state=opt_state), {"sft/nll": loss}
 
-    return jax.jit(update, donate_argnums=0)
+    return _on_mesh(jax.jit(update, donate_argnums=0, **_out_shardings(mesh, state_sharding)), mesh)

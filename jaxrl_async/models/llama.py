@@ -39,7 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrl_async.models import sharding
 from jaxrl_async.models import transformer as _tf
+from jaxrl_async.models.sharding import constrain
 from jaxrl_async.models.transformer import Numerics, sample_token  # noqa: F401  (re-exported)
 
 Array = jax.Array
@@ -49,6 +51,8 @@ __all__ = [
     "LlamaConfig",
     "LlamaModel",
     "Numerics",
+    "PARAM_AXES",
+    "param_axes",
     "init_model",
     "forward_logits",
     "hidden_states",
@@ -247,9 +251,10 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         dt = x.dtype
         h, kvh, dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).reshape(b, t, h, dh)
-        k = self.k_proj(x).reshape(b, t, kvh, dh)
-        v = self.v_proj(x).reshape(b, t, kvh, dh)
+        # A sharded learner splits the heads over `tensor` (no-ops elsewhere).
+        q = constrain(self.q_proj(x).reshape(b, t, h, dh), ("batch", "length", "act_heads", None))
+        k = constrain(self.k_proj(x).reshape(b, t, kvh, dh), ("batch", "length", "act_kv_heads", None))
+        v = constrain(self.v_proj(x).reshape(b, t, kvh, dh), ("batch", "length", "act_kv_heads", None))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = _rotary(q, positions, inv_freq)
@@ -274,7 +279,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, config.mlp_bias, out_std / math.sqrt(f), rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("batch", "length", "act_mlp"))
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nnx.Module):
@@ -311,7 +317,9 @@ class LlamaModel(nnx.Module):
     def hidden(self, tokens, positions, cache=None):
         """Final-normed hidden states [B, T, D] (compute dtype) and the cache."""
         inv_freq = rope_inv_freq(self.config)
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        # The residual stream's rows split over (data, fsdp) on a sharded learner, its width whole.
+        residual = ("batch", "length", "act_embed")
+        x = constrain(jnp.take(self.embed_tokens[...], tokens, axis=0), residual)
         for i, layer in enumerate(self.layers):
             if self.config.remat and cache is None:
                 x, _ = nnx.remat(
@@ -319,6 +327,7 @@ class LlamaModel(nnx.Module):
                 )(layer, x)
             else:
                 x, cache = layer(x, positions, inv_freq, cache, i)
+            x = constrain(x, residual)
         return self.norm(x), cache
 
     def head_matrix(self, dtype) -> Array:
@@ -334,6 +343,35 @@ class LlamaModel(nnx.Module):
 
 # ---------------------------------------------------------------------------
 # Pure functions on the split state (mirroring transformer.py)
+
+
+# The logical axes of every parameter, by the last names of its path (models/sharding.py).
+PARAM_AXES = {
+    ("embed_tokens",): ("vocab", "embed"),
+    ("lm_head",): ("embed", "vocab"),
+    ("q_proj", "kernel"): ("embed", "heads"),
+    ("q_proj", "bias"): ("heads",),
+    ("k_proj", "kernel"): ("embed", "kv_heads"),
+    ("k_proj", "bias"): ("kv_heads",),
+    ("v_proj", "kernel"): ("embed", "kv_heads"),
+    ("v_proj", "bias"): ("kv_heads",),
+    ("o_proj", "kernel"): ("heads", "embed"),
+    ("o_proj", "bias"): ("norm",),
+    ("gate_proj", "kernel"): ("embed", "mlp"),
+    ("gate_proj", "bias"): ("mlp",),
+    ("up_proj", "kernel"): ("embed", "mlp"),
+    ("up_proj", "bias"): ("mlp",),
+    ("down_proj", "kernel"): ("mlp", "embed"),
+    ("down_proj", "bias"): ("norm",),
+    ("q_norm", "weight"): ("head_dim",),
+    ("k_norm", "weight"): ("head_dim",),
+    ("weight",): ("norm",),  # the layer norms and the final norm
+}
+
+
+def param_axes(params: nnx.State):
+    """The logical axes of every parameter (a pytree like `params`), for the learner's mesh."""
+    return sharding.param_axes(params, PARAM_AXES, "llama")
 
 
 def init_model(config: LlamaConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
@@ -397,12 +435,13 @@ def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array) -> 
     h = jnp.pad(x[:, :-1], ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
     h = h.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)  # [C, B, chunk, D]
+    h = constrain(h, (None, "batch", "length", "act_embed"))  # rows stay split as in the residual stream
     targets = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
     def one_chunk(args):
         hc, tc = args
-        logits = (hc @ head).astype(jnp.float32)  # [B, chunk, V]
+        logits = constrain((hc @ head).astype(jnp.float32), ("batch", "length", "act_vocab"))  # [B, chunk, V]
         picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 

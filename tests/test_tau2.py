@@ -1,0 +1,185 @@
+"""τ2-bench through tau2's own code (jaxrl_async/tau2): the gold check on a subset of each
+domain, the token stream against the chat template (ChatML on the shipped tokenizer, Llama 3
+on a small tokenizer trained here), malformed turns, the user simulator's failures, and the
+results file under tau2's evaluator. Skipped without the `tau2` package (see docs/tau2.md)."""
+
+import http.server
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tau2")
+
+from jaxrl_async.envs import chat_tokenizer as ct  # noqa: E402
+from jaxrl_async.models import hf  # noqa: E402
+from jaxrl_async.tau2 import chat, gold, results  # noqa: E402
+from jaxrl_async.tau2.env import Tau2Env  # noqa: E402
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_chat_env import _save_llama  # noqa: E402
+
+BIG = dict(max_turns=200, max_context=1 << 30)
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    return hf.load_tokenizer(ct.SHIPPED_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A Llama-3-like tokenizer (Llama-3 specials, pre-tokenizer, JSON tool-call template)
+    trained on one mock conversation in its own format."""
+    root = tmp_path_factory.mktemp("tau2_llama")
+    boot = hf.load_tokenizer(_save_llama(ct.train_bpe(["x"], ct.LLAMA3_SPECIALS, vocab_size=300,
+                                                      pattern=ct.LLAMA3_PATTERN), str(root / "boot")))
+    env = Tau2Env(boot, domain="mock", user="solo", **BIG)
+    gold.run_episode(env, 0)
+    tok = ct.train_bpe([env.conversation_text()], ct.LLAMA3_SPECIALS, vocab_size=600, pattern=ct.LLAMA3_PATTERN)
+    return hf.load_tokenizer(_save_llama(tok, str(root / "tok")))
+
+
+def _assert_stream(env, tokens, mask):
+    """The laid-out episode is the template's render of the agent's view, token for token."""
+    ref = env.tokenizer.render_chat_template(env._msgs, tools=env.tools, add_generation_prompt=not env.done)
+    assert env.conversation_text() == ref
+    assert tokens == env.tokenizer.encode(ref, add_special_tokens=False)
+    ends = np.flatnonzero(np.diff(np.r_[np.asarray(mask), 0]) == -1)
+    assert len(ends) == env.turn and all(tokens[i] == env.eot_id for i in ends)
+
+
+# (domain, user, tasks): small subsets, ~1 s of tau2 evaluation each; all tasks run in the check CLI.
+SUBSETS = [("mock", "scripted", None), ("mock", "solo", None), ("telecom", "scripted", 3),
+           ("retail", "scripted", 2), ("airline", "scripted", 1)]
+
+
+@pytest.mark.parametrize("domain,user,n", SUBSETS)
+def test_gold_check_subset(chatml, domain, user, n, tmp_path):
+    env = Tau2Env(chatml, domain=domain, user=user, **BIG)
+    ids = [t.id for t in env.tasks[:n]] if n else None
+    res = gold.check(env, ids)
+    assert res.ok, res.failed
+    if domain == "mock" and user == "scripted":  # the one mock task whose gold actions cannot pass
+        assert res.line() == "mock: 8/9 tasks scored 1.0"
+        assert [t for t, o in zip(res.task_ids, res.oracle) if o < 1] == ["update_task_with_history_and_env_assertions"]
+    else:
+        assert res.scored == len(res.rewards) - sum(o < 1 for o in res.oracle)
+    if domain in ("retail", "mock"):  # the results file re-evaluates to the same rewards under tau2's evaluator
+        path = results.save(results.make(env, res.simulations, num_trials=1, agent="gold"), str(tmp_path), domain)
+        loaded = results.load(path)
+        assert [s.reward_info.reward for s in loaded.simulations] == res.rewards
+        assert results.reevaluate(loaded, domain, env.solo) == res.rewards
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3"])
+@pytest.mark.parametrize("domain,user", [("mock", "scripted"), ("telecom", "solo")])
+def test_token_stream_is_the_template_render(chatml, llama, family, domain, user):
+    tok = chatml if family == "chatml" else llama
+    env = Tau2Env(tok, domain=domain, user=user, **BIG)
+    assert env.format == family
+    tokens, mask = gold.run_episode(env, 1)
+    assert env.done and env.simulation.reward_info.reward == 1.0
+    _assert_stream(env, tokens, mask)
+
+
+def _say(env, text):
+    return env.step(env.encode(text) + [env.eot_id])
+
+
+def test_malformed_turns_get_error_text_and_cost_a_turn(chatml):
+    env = Tau2Env(chatml, domain="mock", user="solo", max_turns=5, max_context=1 << 30)
+    tokens = list(env.reset(0))
+    mask = [0] * len(tokens)
+    cases = [("<tool_call>\n{\"name\": \"create_task\", \"arguments\": {\"user_id\": 1}\n</tool_call>", "bad_json"),
+             ("", "empty"),
+             (env.call_text("create_tsk", {"user_id": "user_1"}), None),  # unknown tool: tau2's own error
+             ("<think>\nplan\n</think>\n\n" + env.call_text("create_task", {"user_id": "user_1"}), None)]
+    for turn, (text, code) in enumerate(cases, 1):
+        ids = env.encode(text)
+        res = env.step(ids + [env.eot_id])
+        tokens += ids + [env.eot_id] + res.observation
+        mask += [1] * (len(ids) + 1) + [0] * len(res.observation)
+        assert env.turn == turn and not res.done and res.info["error"] == code
+        content = env._msgs[-1]["content"]
+        if code is not None:
+            assert content == chat.MALFORMED[code]
+        else:  # executed by tau2's Environment: its error text for an unknown tool / a missing argument
+            assert content.startswith("Error:"), content
+    _assert_stream(env, tokens, mask)
+    # The turn budget: the 5th turn ends the episode as tau2's max_steps, reward 0.
+    res = _say(env, "<tool_call>{</tool_call>")
+    assert res.done and res.reward == 0.0 and res.info["termination"] == "max_steps"
+    assert env.simulation.reward_info.reward == 0.0
+    # tau2's solo rule: text that is not the stop ends the episode as an agent error.
+    env.reset(0)
+    res = _say(env, "Hello, I will create the task.")
+    assert res.done and res.reward == 0.0 and res.info["termination"] == "agent_error"
+
+
+def test_parse_turn_think_rule():
+    text = '<think>\nI should call it.\n</think>\n\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    assert chat.parse_turn(text, "chatml") == ("call", ("f", {"a": 1}, None))
+    assert chat.parse_turn("<think>x</think>Hello", "chatml") == ("text", "Hello")
+    assert chat.parse_turn('{"name": "f", "parameters": {"a": 1}}', "llama3") == ("call", ("f", {"a": 1}, None))
+    assert chat.parse_turn('{"name": "f", "parameters": ', "llama3") == ("malformed", "bad_json")
+    assert chat.parse_turn("<think>only thoughts</think>", "chatml") == ("malformed", "empty")
+
+
+class _Silent(http.server.BaseHTTPRequestHandler):
+    """An endpoint that accepts the request and never answers in time."""
+
+    def do_POST(self):  # noqa: N802
+        time.sleep(5)
+
+    def log_message(self, *args):
+        pass
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.parametrize("endpoint", ["silent", "refused"])
+def test_user_failure_is_discarded_not_failed(chatml, endpoint):
+    server = None
+    if endpoint == "silent":
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Silent)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+    else:
+        port = _closed_port()
+    try:
+        env = Tau2Env(chatml, domain="mock", user="openai", user_model="openai/user-sim",
+                      user_api_base=f"http://127.0.0.1:{port}/v1", user_timeout_s=0.5, user_retries=0,
+                      max_turns=5, max_context=1 << 30)
+        t0 = time.perf_counter()
+        env.reset(0)  # the user's first message fails
+        res = _say(env, env.call_text("create_task", {"user_id": "user_1", "title": "x"}))
+        assert time.perf_counter() - t0 < 30
+        assert res.done and res.reward == 0.0 and res.info["user_error"] and not res.info["success"]
+        assert res.info["termination"] == "user_error" and env.user_errors == 1 and env.simulation is None
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def test_bad_kwargs_name_the_field(chatml):
+    with pytest.raises(ValueError, match="task.kwargs.domain"):
+        Tau2Env(chatml, domain="bank")
+    with pytest.raises(ValueError, match="task.kwargs.split"):
+        Tau2Env(chatml, domain="retail", split="dev")
+    with pytest.raises(ValueError, match="task.kwargs.user_model"):
+        Tau2Env(chatml, domain="mock", user="openai")
+    with pytest.raises(ValueError, match="task.kwargs.user_api_base"):
+        Tau2Env(chatml, domain="mock", user="openai", user_model="openai/x")
+    with pytest.raises(ValueError, match="task.kwargs.user='solo'"):
+        Tau2Env(chatml, domain="retail", user="solo")

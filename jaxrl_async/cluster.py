@@ -191,6 +191,7 @@ class RLCluster:
     """
 
     def __init__(self, config, workdir: str, resume: bool = True, log: Callable = print):
+        runtime_base.refuse_in_spawn_bootstrap()  # before anything touches the workdir
         check_startup(config, workdir)
         self.config, self.workdir, self.log = config, workdir, log
         self.loss_config = config_lib.loss_config_from(config)

@@ -427,6 +427,19 @@ def test_samplers_killed_from_outside_are_restarted_however_often(tmp_path, tiny
         rt.close()
 
 
+def test_a_run_refuses_to_start_while_a_spawned_child_imports_the_main_script(tmp_path, tiny_config, monkeypatch):
+    """What such a sampler does first: it fails before it touches the workdir (a fresh run would remove
+    the learner's queue and versions under it)."""
+    import multiprocessing
+
+    from jaxrl_async.cluster import RLCluster
+
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(RuntimeError, match='under `if __name__ == "__main__":`'):
+        RLCluster(tiny_config(), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
 # ----------------------------------------------------------------------------- defect: the queue's record grows
 
 

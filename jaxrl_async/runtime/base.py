@@ -18,6 +18,7 @@ the learner's `next_groups` loop over a `groups.GroupSource`.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 from typing import Optional, Protocol
@@ -60,6 +61,21 @@ class Runtime(Protocol):
 def versions_dir(workdir: str) -> str:
     """The parameter-version ring buffer."""
     return os.path.join(workdir, "versions")
+
+
+def refuse_in_spawn_bootstrap() -> None:
+    """Raises RuntimeError in a `multiprocessing` child that is still importing its parent's main
+    script. The process runtime starts samplers with 'spawn', which runs the main script again in
+    each of them: a script that builds a run at import (no `if __name__ == "__main__":`) would
+    start a second run inside every sampler, over the first run's workdir (a fresh run removes its
+    queue and versions). Called before a run touches its workdir, so that such a sampler dies at
+    once, and the learner fails after a few of these deaths (`sampler_process.STARTUP_DEATHS`)."""
+    # CPython's own check for this mistake (multiprocessing.spawn._check_not_importing_main) reads the same flag.
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "a run was started while a multiprocessing child imported the main script: the process runtime's "
+            "samplers are started with 'spawn', which imports the main script again in each of them. Start "
+            "training under `if __name__ == \"__main__\":` in your script.")
 
 
 def reset_dirs(workdir: str) -> None:

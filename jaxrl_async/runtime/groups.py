@@ -324,7 +324,6 @@ class GroupLoop:
     def __init__(self, source: GroupSource, config, workdir: str, epoch: int, log: Callable = print):
         """log: where wait-status, restart and hang lines go (also sent to `logging` as warnings)."""
         self.source, self.config, self.epoch, self.log = source, config, epoch, log
-        self.bound = config.runtime.max_staleness
         self.dropped_stale = 0
         self.taken_total = 0
         os.makedirs(ledger_dir(workdir), exist_ok=True)

@@ -27,6 +27,10 @@ INSTALL_REQUIRES = [
     "jinja2==3.1.6",
     # Tool calls of the chat tasks are validated against the tools' JSON schemas (envs/chat.py).
     "jsonschema==4.26.0",
+    # The experiment reports (experiments/report.py, benchmarks/soak.py): BCa bootstrap intervals
+    # (scipy.stats.bootstrap; jax needs scipy anyway) and DataFrame.to_markdown tables (tabulate).
+    "scipy==1.17.1",
+    "tabulate==0.10.0",
 ]
 
 EXTRAS_REQUIRE = {

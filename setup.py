@@ -41,6 +41,7 @@ EXTRAS_REQUIRE = {
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
         "psutil==7.2.2",
+        "ruff==0.17.5",  # `make lint`, with the rule set of ruff.toml
     ],
     # Numerical reference for the HF model families (tests/test_hf_*.py). torch stays pinned:
     # an unpinned torch pulls a multi-GB CUDA build.

@@ -27,6 +27,10 @@ INSTALL_REQUIRES = [
     "jinja2==3.1.6",
     # Tool calls of the chat tasks are validated against the tools' JSON schemas (envs/chat.py).
     "jsonschema==4.26.0",
+    # The experiment reports (experiments/report.py, benchmarks/soak.py): BCa bootstrap intervals
+    # (scipy.stats.bootstrap; jax needs scipy anyway) and DataFrame.to_markdown tables (tabulate).
+    "scipy==1.17.1",
+    "tabulate==0.10.0",
 ]
 
 EXTRAS_REQUIRE = {
@@ -37,6 +41,7 @@ EXTRAS_REQUIRE = {
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
         "psutil==7.2.2",
+        "ruff==0.17.5",  # `make lint`, with the rule set of ruff.toml
     ],
     # Numerical reference for the HF model families (tests/test_hf_*.py). torch stays pinned:
     # an unpinned torch pulls a multi-GB CUDA build.

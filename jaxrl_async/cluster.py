@@ -143,6 +143,13 @@ def check_resumable(workdir: str, config) -> None:
             f"are removed), or pass another --workdir.")
 
 
+def _has_checkpoints(workdir: str) -> bool:
+    try:
+        return any(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
+    except OSError:
+        return False
+
+
 def batch_from(trajs: list[Trajectory], config, max_len: int) -> Batch:
     """The host batch of `trajs` with their per-token advantages (grouped by `group_id`)."""
     batch = collate(trajs, max_len)
@@ -193,6 +200,10 @@ class RLCluster:
     def __init__(self, config, workdir: str, resume: bool = True, log: Callable = print):
         runtime_base.refuse_in_spawn_bootstrap()  # before anything touches the workdir
         check_startup(config, workdir)
+        if resume and _has_checkpoints(workdir):
+            # Another config's run is named as such first: before the model is built, and before Orbax
+            # tries (and fails) to read its checkpoints.
+            check_resumable(workdir, config)
         self.config, self.workdir, self.log = config, workdir, log
         self.loss_config = config_lib.loss_config_from(config)
         self.model_config = config_lib.model_config_from(config)
@@ -211,13 +222,12 @@ class RLCluster:
         state = learner_lib.create_train_state(init_params, self.optimizer, ewma=ewma)
         restored = None
         if resume and self.checkpoints.all_steps():
-            # Another config's checkpoints are named as such before Orbax tries (and fails) to read them.
             try:
-                check_resumable(workdir, config)
                 # The newest intact checkpoint: corrupt newer ones are reported and set aside; if checkpoints
                 # exist but none is intact this raises CheckpointCorrupt (a fresh start needs resume=False).
+                # One of another shape (another config's, without a config.json to tell) is no corruption.
                 restored = self.checkpoints.restore_latest(state, warn=log)
-            except (ConfigError, CheckpointMismatch) as e:
+            except CheckpointMismatch as e:
                 self.checkpoints.close()
                 raise ConfigError(str(e)) from None
             changes = config_changes(workdir, config)

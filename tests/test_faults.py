@@ -270,3 +270,23 @@ def test_soak_under_every_fault_kind_keeps_the_invariants(tmp_path):
     assert {f["kind"] for f in r["faults"]} >= set(soak.KINDS) and not r["kinds_missing"], timeline
     assert all("recovery_s" in f for f in r["faults"]), timeline
     assert r["learner_restarts"] >= 1, timeline
+
+
+def test_soak_table_cells():
+    from benchmarks.soak import format_table
+
+    acc = {k: 0 for k in ("steps", "groups_generated", "groups_regenerated", "groups_trained", "groups_dropped_stale",
+                          "groups_retaken_after_learner_restart", "groups_waiting_at_end", "duplicates_trained",
+                          "groups_lost", "max_staleness_loss")}
+    acc.update(steps=12, groups_trained=48, staleness_bound=2)
+    r = {"accounting": acc, "by_kind": {"sampler_kill": {"count": 2, "recovered": 2, "recovery_median_s": 3.25,
+                                                         "recovery_max_s": None}},
+         "learning": {"curve": {"0": 0.5, "12": 0.75}, "reached": False, "target": 0.95},
+         "learner_restarts": 1, "unexpected_learner_exits": 0, "startup_s": 30.0, "total_s": 90.0, "seconds": 60.0,
+         "ok": True}
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in format_table(r).splitlines()
+            if line.startswith("|") and not line.startswith("|:") and not line.startswith("|-")]
+    assert rows[:2] == [["fault", "count", "recovered", "recovery median (s)", "recovery max (s)"],
+                        ["sampler_kill", "2", "2", "3.2", "-"]]
+    assert ["groups trained", "48"] in rows and ["held-out success by step", "0: 0.500, 12: 0.750"] in rows
+    assert ["held-out success reached 0.95", "no (best 0.750)"] in rows and rows[-1] == ["invariants hold", "yes"]

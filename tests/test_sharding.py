@@ -138,3 +138,25 @@ def test_state_bytes_per_device_shrink_with_the_split(results, key, ways):
 
 def test_sharded_params_publish_whole(results):
     assert results["published_equal"] is True
+
+
+@pytest.mark.slow
+def test_process_runtime_trains_with_a_sharded_learner(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "jaxrl_async.train", "--config=configs/process.py", f"--workdir={tmp_path}",
+           "--config.model.d_model=32", "--config.model.n_layers=1", "--config.model.n_heads=2",
+           "--config.model.d_ff=64", "--config.rl.groups_per_step=4", "--config.rl.group_size=4",
+           "--config.runtime.sampler_groups=2", "--config.proximal.source=snapshot",
+           "--config.warmstart.enabled=False", "--config.eval.episodes=16", "--config.train.steps=2",
+           "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+           "--config.parallel.fsdp=2", "--config.parallel.tensor=2"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "learner mesh {'data': 1, 'fsdp': 2, 'tensor': 2}: memory/state_bytes_per_device" in r.stdout
+    rows = [json.loads(x) for x in open(os.path.join(tmp_path, "metrics.jsonl")) if "loss/policy" in x]
+    assert len(rows) == 2 and all(np.isfinite(row["loss/policy"]) for row in rows)
+    assert rows[-1]["proximal/forward_passes"] >= 1  # snapshot forwards of published (sharded) versions
+    bad = [c for c in cmd if not c.startswith("--config.parallel")] + ["--config.parallel.data=3",
+                                                                        "--config.parallel.fsdp=2"]
+    r = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "config.parallel.data * fsdp * tensor = 3 * 2 * 1 = 6 devices" in r.stderr

@@ -45,6 +45,7 @@ def get_config():
     c.model.d_ff = 12288  # intermediate_size
     c.model.max_len = 1024
     c.model.remat = True  # one layer's activations at a time in the backward
+    c.model.scan_layers = True  # one compiled layer for all 36
 
     c.numerics.dtype = "bf16"  # sampler weights and KV cache in bf16 (the learner stays fp32)
     c.sampler.slots = 64  # KV-cache slots (continuous batching): 64 x 1k tokens = 9.7 GB of bf16 cache

@@ -50,6 +50,10 @@ def base_config() -> config_dict.ConfigDict:
     c.model.head_dim = 0  # HF families, random init: per-head width; 0 = d_model // n_heads
     c.model.tie_embeddings = False  # HF families, random init: the output head is the token embedding
     c.model.remat = False  # HF families: rematerialise each decoder layer in the learner (memory for compute)
+    # HF families, with remat: what a layer keeps for the backward: "nothing_saveable" (least memory) |
+    # "dots_saveable" | "dots_with_no_batch_dims_saveable" (keep matmul outputs: less recompute)
+    c.model.remat_policy = "nothing_saveable"
+    c.model.scan_layers = False  # HF families: stacked layer weights run by a scan (compile time flat in depth)
 
     c.numerics = config_dict.ConfigDict()
     c.numerics.dtype = "fp32"  # sampler (inference) numerics: "fp32" | "bf16" | "fp16" | "int8"
@@ -317,6 +321,11 @@ def _validate_model_family(given: dict) -> None:
         raise ValueError(f"config.model.checkpoint must be a directory path (\"\" = random init); got {ckpt!r}")
     if not isinstance(given["task.tokenizer"], str):
         raise ValueError(f"config.task.tokenizer must be a directory path (\"\" = default); got {given['task.tokenizer']!r}")
+    if not isinstance(given["model.scan_layers"], bool):
+        raise ValueError(f"config.model.scan_layers must be a boolean; got {given['model.scan_layers']!r}")
+    if given["model.remat_policy"] not in llama.REMAT_POLICIES:
+        raise ValueError(f"config.model.remat_policy must be one of {sorted(llama.REMAT_POLICIES)}; "
+                         f"got {given['model.remat_policy']!r}")
     if not isinstance(given["model.remat"], bool) or not isinstance(given["model.tie_embeddings"], bool):
         raise ValueError(f"config.model.remat and config.model.tie_embeddings must be booleans; "
                          f"got {given['model.remat']!r}, {given['model.tie_embeddings']!r}")
@@ -325,6 +334,9 @@ def _validate_model_family(given: dict) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"config.{f} must be an integer >= 0 (0 = derived); got {v!r}")
     if family == "transformer":
+        if given["model.scan_layers"]:
+            raise ValueError("config.model.scan_layers needs an HF model.family ('llama', 'qwen2' or 'qwen3'); "
+                             "got model.family='transformer'")
         if ckpt:
             raise ValueError(f"config.model.checkpoint ({ckpt!r}) needs an HF model.family "
                              f"('llama', 'qwen2' or 'qwen3'); got model.family='transformer'")
@@ -440,7 +452,8 @@ def model_config_from(config):
         from jaxrl_async.models import hf
         path = os.path.join(checkpoint_dir(config), "config.json")
         try:
-            model_config = hf.config_from_hf(hf._read_json(path), max_len=m.max_len, source=path, remat=m.remat)
+            model_config = hf.config_from_hf(hf._read_json(path), max_len=m.max_len, source=path, remat=m.remat,
+                                             remat_policy=m.remat_policy, scan_layers=m.scan_layers)
         except ValueError as e:
             raise ValueError(f"config.model.checkpoint: {e}") from None
         if model_config.architecture != arch:
@@ -451,7 +464,7 @@ def model_config_from(config):
         vocab_size=vocab_size(config), hidden_size=m.d_model, intermediate_size=m.d_ff, num_layers=m.n_layers,
         num_heads=m.n_heads, num_kv_heads=m.num_kv_heads or m.n_heads, head_dim_=m.head_dim or None,
         tie_word_embeddings=m.tie_embeddings, qkv_bias=m.family == "qwen2", qk_norm=m.family == "qwen3",
-        max_len=m.max_len, remat=m.remat, architecture=arch)
+        max_len=m.max_len, remat=m.remat, remat_policy=m.remat_policy, scan_layers=m.scan_layers, architecture=arch)
 
 
 def init_params(config, model_config=None):
@@ -460,7 +473,8 @@ def init_params(config, model_config=None):
     if config.model.checkpoint:
         from jaxrl_async.models import hf
         loaded = hf.load(checkpoint_dir(config), dtype="float32", max_len=model_config.max_len,
-                         remat=model_config.remat)
+                         remat=model_config.remat, remat_policy=model_config.remat_policy,
+                         scan_layers=model_config.scan_layers)
         if loaded.config != model_config:
             raise ValueError(f"config.model.checkpoint: loaded {loaded.config} differs from {model_config}")
         return loaded.graphdef, loaded.params

@@ -98,15 +98,18 @@ def model_config_for_plan(config, vocab_size: int = 0):
     return model_config
 
 
-def activation_bytes(model_config, rows: int, seq: int, tensor: int, remat: bool) -> int:
+def activation_bytes(model_config, rows: int, seq: int, tensor: int, remat: bool,
+                     policy: str = "nothing_saveable") -> int:
     """Learner activations of one gradient step on one device, float32 (an estimate, not a measurement).
 
     Per layer and row, the forward keeps for the backward: the residual stream and the
     two norm outputs (3 D), q, k, v and the attention output ((2 H + 2 KVH) Dh), the
     attention scores and probabilities (2 H T), and the MLP's gate, up and product (3 F),
-    heads and MLP widths split over `tensor`. With remat only each layer's input (D) is kept,
-    plus one layer's full set while it is recomputed. The log-prob head adds one chunk of
-    logits and their softmax (2 chunk V / tensor) and the final hidden states (D).
+    heads and MLP widths split over `tensor`. With remat each layer keeps its input (D) and
+    what the remat policy saves (the matmul outputs: q, k, v, o and the MLP's three, plus
+    the attention's batched products for "dots_saveable"), plus one layer's full set while
+    it is recomputed. The log-prob head adds one chunk of logits and their softmax
+    (2 chunk V / tensor) and the final hidden states (D).
     """
     cfg = model_config
     d, layers = cfg.d_model, cfg.n_layers
@@ -116,7 +119,15 @@ def activation_bytes(model_config, rows: int, seq: int, tensor: int, remat: bool
     per_token = (3 * d + (2 * heads + 2 * kv_heads) * head_dim / tensor + 2 * heads * seq / tensor
                  + 3 * cfg.d_ff / tensor)
     layer = rows * seq * per_token * _F32
-    stored = layers * rows * seq * d * _F32 + layer if remat else layers * layer
+    if remat:
+        kept = d  # the layer's input
+        if policy != "nothing_saveable":
+            kept += (heads + 2 * kv_heads) * head_dim / tensor + d + 2 * cfg.d_ff / tensor + d
+        if policy == "dots_saveable":
+            kept += (heads * seq + heads * head_dim) / tensor
+        stored = layers * rows * seq * kept * _F32 + layer
+    else:
+        stored = layers * layer
     chunk = min(getattr(cfg, "logprob_chunk", seq), seq)
     head = rows * (2 * chunk * cfg.vocab_size / tensor + seq * d) * _F32
     if not hasattr(cfg, "logprob_chunk"):  # transformer.py materialises the [B, T, V] logits
@@ -152,7 +163,8 @@ def plan(config, vocab_size: int = 0, num_devices: int = 0) -> Plan:
         "version_cache": runtime_base.ring_capacity(config) * param_bytes,
         # The snapshot route's forwards replicate one retained version on every learner device.
         "snapshot_version": num_params * _F32 if route == Route.SNAPSHOT else 0,
-        "activations": activation_bytes(model_config, rows, model_config.max_len, sizes["tensor"], remat),
+        "activations": activation_bytes(model_config, rows, model_config.max_len, sizes["tensor"], remat,
+                                        getattr(model_config, "remat_policy", "nothing_saveable")),
     }
     numerics = config.numerics.dtype
     inline = config.runtime.mode == "inline"

@@ -234,6 +234,14 @@ def _set(state, path, value):
     _get(state, path[:-1])[path[-1]] = value
 
 
+def _stacked(config: llama.LlamaConfig, path: tuple) -> tuple[tuple, int | None]:
+    """(path into the params, layer index or None): with `scan_layers` a layer's tensor is the
+    slice `[i]` of the stacked leaf at `("layers", ...)`, not the leaf at `("layers", i, ...)`."""
+    if config.scan_layers and path[0] == "layers":
+        return ("layers",) + tuple(path[2:]), path[1]
+    return path, None
+
+
 # ---------------------------------------------------------------------------
 # Loading
 
@@ -320,6 +328,7 @@ def load(path: str, dtype: str = "float32", max_len: int | None = None, **config
     by_file: dict[str, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
+    layers: dict[tuple, list] = {}  # scan_layers: each stacked leaf's per-layer arrays
     for fname, names in by_file.items():
         with safe_open(fname, framework="numpy") as f:
             for name in names:
@@ -331,7 +340,13 @@ def load(path: str, dtype: str = "float32", max_len: int | None = None, **config
                     )
                 if transpose:
                     arr = arr.T
+                state_path, layer = _stacked(config, state_path)
+                if layer is not None:
+                    layers.setdefault(state_path, [None] * config.num_layers)[layer] = arr
+                    continue
                 _set(state, state_path, jnp.asarray(np.ascontiguousarray(arr)).astype(target))
+    for state_path, arrays in layers.items():
+        _set(state, state_path, jnp.asarray(np.stack(arrays)).astype(target))
     nnx.replace_by_pure_dict(abstract, state)
     return HFModel(graphdef=graphdef, params=abstract, config=config, hf_config=hf, path=path)
 
@@ -369,7 +384,10 @@ def export(model_or_params, config: llama.LlamaConfig | None, path: str, dtype: 
     tensors: dict[str, np.ndarray] = {}
     for name, (state_path, shape, transpose) in _tensor_map(config).items():
         try:
-            arr = _get(state, state_path)
+            stacked_path, layer = _stacked(config, state_path)
+            arr = _get(state, stacked_path)
+            if layer is not None:
+                arr = arr[layer]
         except (KeyError, IndexError, TypeError) as e:
             raise CheckpointError(f"export: params lack the leaf for tensor {name!r} ({state_path})") from e
         arr = np.asarray(jax.device_get(arr))

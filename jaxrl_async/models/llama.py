@@ -21,7 +21,10 @@ Differences from transformer.py: the config is a `LlamaConfig` (with ModelConfig
 aliases `d_model`, `n_layers`, `n_heads`, `d_ff`, `max_len`, `head_dim`); the KV cache
 holds `num_kv_heads` heads (`[L, B, S, KVH, Dh]`); `token_logprobs` never materialises
 the `[B, T, V]` float32 logits (it maps over sequence chunks of the final hidden states);
-`config.remat` wraps each block in `nnx.remat` for the learner.
+`config.remat` wraps each block in `nnx.remat` for the learner. With `config.scan_layers` the
+decoder layers are one module with stacked weights (a leading `[L]` axis on every layer
+parameter) run by `jax.lax.scan`, so compile time does not grow with depth; `remat_policy`
+picks what the rematerialised backward keeps (`REMAT_POLICIES`).
 
 Weights are stored as `[in, out]` matrices (HF's `nn.Linear.weight` transposed), so
 "output channel" is the last axis, as transformer.py's int8 quantisation assumes.
@@ -78,6 +81,10 @@ class LlamaConfig:
     rope_scaling: None or a tuple of (key, value) pairs of HF's `rope_scaling` /
       `rope_parameters` dict (only `rope_type` "default" and "llama3" are supported).
     remat: wrap every block in `nnx.remat` (learner memory).
+    remat_policy: what a rematerialised layer keeps for the backward (`REMAT_POLICIES`):
+      "nothing_saveable" (recompute everything: least memory), "dots_saveable",
+      "dots_with_no_batch_dims_saveable" (keep the matmul outputs: less recompute).
+    scan_layers: stack the decoder layers' weights (`[L, ...]`) and run them with a scan.
     logprob_chunk: sequence chunk of `token_logprobs` ([B, chunk, V] logits at a time).
     architecture: the HF `architectures[0]` this config was read from / exports to.
     """
@@ -99,6 +106,8 @@ class LlamaConfig:
     qk_norm: bool = False
     max_len: int = 128
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan_layers: bool = False
     logprob_chunk: int = 64
     architecture: str = "LlamaForCausalLM"
 
@@ -122,6 +131,9 @@ class LlamaConfig:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"LlamaConfig head_dim ({self.head_dim}) must be even (rotary)")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"LlamaConfig.remat_policy must be one of {sorted(REMAT_POLICIES)}, "
+                             f"got {self.remat_policy!r}")
         rope_type = self.rope_params.get("rope_type", self.rope_params.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise ValueError(
@@ -156,6 +168,14 @@ class LlamaConfig:
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
+
+
+# What a rematerialised layer keeps for the backward. None is jax.checkpoint's default (nothing).
+REMAT_POLICIES = {
+    "nothing_saveable": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -297,6 +317,18 @@ class DecoderLayer(nnx.Module):
         return x, cache
 
 
+def _stacked_layers(config: LlamaConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """One `DecoderLayer` whose every parameter has a leading `[num_layers]` axis (its own
+    random init per layer)."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.num_layers)
+    def make(r):
+        return DecoderLayer(config, r)
+
+    return make(rngs)
+
+
 class LlamaModel(nnx.Module):
     """Embedding, decoder layers, final norm, head (`lm_head`, or the embedding if tied).
 
@@ -307,7 +339,10 @@ class LlamaModel(nnx.Module):
         self.config = config
         d, v = config.hidden_size, config.vocab_size
         self.embed_tokens = nnx.Param(_normal(rngs.params(), (v, d), 1.0))
-        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
+        if config.scan_layers:
+            self.layers = _stacked_layers(config, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(d, config.rms_norm_eps)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -320,15 +355,45 @@ class LlamaModel(nnx.Module):
         # The residual stream's rows split over (data, fsdp) on a sharded learner, its width whole.
         residual = ("batch", "length", "act_embed")
         x = constrain(jnp.take(self.embed_tokens[...], tokens, axis=0), residual)
+        if self.config.scan_layers:
+            x, cache = self._scan_layers(x, positions, inv_freq, cache, residual)
+            return self.norm(x), cache
+        policy = REMAT_POLICIES[self.config.remat_policy]
         for i, layer in enumerate(self.layers):
             if self.config.remat and cache is None:
                 x, _ = nnx.remat(
-                    lambda lyr, x_: lyr(x_, positions, inv_freq, None, i)
+                    lambda lyr, x_: lyr(x_, positions, inv_freq, None, i), policy=policy
                 )(layer, x)
             else:
                 x, cache = layer(x, positions, inv_freq, cache, i)
             x = constrain(x, residual)
         return self.norm(x), cache
+
+    def _scan_layers(self, x, positions, inv_freq, cache, residual):
+        """The stacked layers by `jax.lax.scan`: one layer's program, whatever the depth.
+
+        Each step merges one layer's slice of the stacked weights into a `DecoderLayer`; with a
+        cache it also takes and returns that layer's `[B, S, KVH, Dh]` slice of k and v.
+        """
+        graphdef, stacked = nnx.split(self.layers)
+
+        if cache is None:
+            def body(h, layer_state):
+                h, _ = nnx.merge(graphdef, layer_state)(h, positions, inv_freq, None, 0)
+                return constrain(h, residual), None
+
+            if self.config.remat:
+                body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, stacked)
+            return x, None
+
+        def body_cached(h, xs):
+            layer_state, k, v = xs
+            h, c = nnx.merge(graphdef, layer_state)(h, positions, inv_freq, {"k": k[None], "v": v[None]}, 0)
+            return h, (c["k"][0], c["v"][0])
+
+        x, (k, v) = jax.lax.scan(body_cached, x, (stacked, cache["k"], cache["v"]))
+        return x, {"k": k, "v": v}
 
     def head_matrix(self, dtype) -> Array:
         """[D, V] output matrix in `dtype`."""

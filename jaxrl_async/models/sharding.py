@@ -97,6 +97,8 @@ def param_axes(params, table: Mapping[tuple[str, ...], LogicalAxes], family: str
         for k in range(len(names), 0, -1):
             if names[-k:] in table:
                 logical = table[names[-k:]]
+                if "layers" in names and len(_shape(x)) == len(logical) + 1:
+                    logical = ("layers",) + tuple(logical)  # scanned layers: stacked on a leading axis
                 if len(logical) != len(_shape(x)):
                     raise ValueError(f"{family} parameter {'.'.join(names)} has shape {_shape(x)}, but its "
                                      f"logical axes {logical} name {len(logical)} dimensions")

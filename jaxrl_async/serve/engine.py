@@ -93,8 +93,9 @@ class Engine:
     sampler: a `Sampler` with weights loaded (`update_params`); pad_id, eot_id: the chat
     tokenizer's; max_slots: KV-cache slots of a call; max_batch: episodes per call (default
     4 * max_slots); max_queue: requests waiting before `submit` raises `QueueFull`; gather_s:
-    after the first waiting request, how long the engine waits for others to join its batch
-    (requests that arrive during a generate call wait for the next one).
+    before a batch, the engine waits in steps of gather_s while more requests arrive (at most
+    25 steps), so requests sent together share a batch (requests that arrive during a
+    generate call wait for the next one).
     """
 
     def __init__(self, sampler: Sampler, pad_id: int, eot_id: int, *, max_slots: int = 32,
@@ -156,16 +157,20 @@ class Engine:
             self._cv.notify()
         return job.future
 
-    def warmup(self, prompt_tokens: int = 32) -> None:
-        """Compiles the decode loop for every padded batch size (powers of two up to `max_slots`)
-        with a prompt of `prompt_tokens`, so that no request waits for a compilation of those.
-        Call before serving (the engine thread must be idle)."""
+    def warmup(self, prompt_tokens: Sequence[int] = (32,)) -> None:
+        """Compiles the decode loop for every padded batch size (powers of two up to `max_slots`),
+        and the batched prefill of prompts of each length in `prompt_tokens` at each size, so
+        that no request of those shapes waits for a compilation (a prompt is prefilled in a
+        power-of-two width: other lengths in the same width share the compilation). Call
+        before serving (the engine thread must be idle)."""
         b = 1
         while True:
             n = min(b, self.max_slots)
-            envs = [OneTurnEnv([self.pad_id] * prompt_tokens, 2, self.pad_id, self.eot_id) for _ in range(n)]
-            sampling = EpisodeSampling(np.zeros((n, 2), np.uint32), np.ones(n, np.float32), np.ones(n, np.float32))
-            self.sampler.generate(envs, [0] * n, list(range(n)), self._key, slots=n, episode_sampling=sampling)
+            for length in prompt_tokens:
+                envs = [OneTurnEnv([self.pad_id] * int(length), 2, self.pad_id, self.eot_id) for _ in range(n)]
+                sampling = EpisodeSampling(np.zeros((n, 2), np.uint32), np.ones(n, np.float32),
+                                           np.ones(n, np.float32))
+                self.sampler.generate(envs, [0] * n, list(range(n)), self._key, slots=n, episode_sampling=sampling)
             if n >= self.max_slots:
                 return
             b *= 2
@@ -185,8 +190,14 @@ class Engine:
             while not self._queue and not self._closed:
                 self._cv.wait()
         self._open.wait()
-        if self.gather_s > 0:
-            time.sleep(self.gather_s)  # let requests sent together join one batch
+        # Let requests sent together join one batch: wait while the queue still grows (every
+        # gather_s), for at most 25 gather_s.
+        t_end = time.monotonic() + 25 * self.gather_s
+        while self.gather_s > 0 and time.monotonic() < t_end:
+            before = self.waiting
+            time.sleep(self.gather_s)
+            if self.waiting == before or self.waiting >= self.max_batch:
+                break
         jobs, episodes = [], 0
         with self._cv:
             while self._queue and (not jobs or episodes + len(self._queue[0].keys) <= self.max_batch):

@@ -15,7 +15,7 @@ import json
 import os
 import time
 import uuid
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -134,13 +134,14 @@ class ChatService:
 
 
 def build_service(config, workdir: str = "", handoff: str = "", model_name: str = "", max_slots: int = 32,
-                  max_queue: int = 256, warmup: bool = False) -> ChatService:
+                  max_queue: int = 256, warmup: Sequence[int] = ()) -> ChatService:
     """The service of a run config: its model (`model.checkpoint`'s weights or a random init from
     `seed`), its chat tokenizer (`task.tokenizer` / the checkpoint's / the shipped one) and its
     inference numerics. With `workdir` the weights are the newest version the training run
     published to its ring buffer (`workdir/versions`), and the engine follows newer ones (from
     the shared-memory slot named `handoff` first, when given). Raises ValueError naming the
-    field or path. warmup: compile the engine's batch sizes now (`Engine.warmup`)."""
+    field or path. warmup: prompt lengths to compile every batch size for now (`Engine.warmup`;
+    empty: compile on first use)."""
     from jaxrl_async import config as config_lib
     from jaxrl_async.rollout.sampler import Sampler
     from jaxrl_async.runtime import base as runtime_base
@@ -172,7 +173,7 @@ def build_service(config, workdir: str = "", handoff: str = "", model_name: str 
     engine = Engine(sampler, chat.pad_id, chat.eot_id, max_slots=max_slots, max_queue=max_queue, weights=weights,
                     seed=config.seed)
     if warmup:
-        engine.warmup()
+        engine.warmup(warmup)
     source = config.model.checkpoint or workdir
     name = model_name or (os.path.basename(os.path.normpath(source)) if source else "") or "jaxrl_async"
     return ChatService(engine, chat, model_config.max_len, name)

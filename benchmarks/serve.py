@@ -50,7 +50,8 @@ def run(rounds: int = 2, out: str = "runs/bench_serve.json") -> dict:
 
     import openai
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
+    for name in ("httpx", "httpx2"):  # no line per request
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     from jaxrl_async.rollout.sampler import EpisodeSampling
     from jaxrl_async.serve.app import start_in_thread

@@ -106,7 +106,7 @@ class EpisodeRecorder:
             ep.tokens += ids
             ep.loss_mask += [True] * len(ids)
             ep.behav += list(completion.logprobs)
-            ep.versions += [completion.version] * len(ids)
+            ep.versions += list(completion.token_versions or [completion.version] * len(ids))
             if not completion.ended:  # the budget ran out: the turn is closed as the sampler closes it
                 ep.tokens.append(self.chat.eot_id)
                 ep.loss_mask.append(False)

@@ -86,12 +86,13 @@ def test_openai_client_against_the_server(served):
         _ask(client, 3, max_tokens=6, temperature=1.0, top_p=1e-6))]
     assert ids[0] == ids[1] == ids[2]
     # A stop string cuts the content; the finish reason is "stop".
-    text = client.chat.completions.create(model="tiny", messages=CHAT, seed=5, max_tokens=16,
-                                          tool_choice="none").choices[0].message.content
-    if len(text) > 3:
-        s = client.chat.completions.create(model="tiny", messages=CHAT, seed=5, max_tokens=16, tool_choice="none",
-                                           stop=[text[2:4]]).choices[0]
-        assert s.finish_reason == "stop" and s.message.content == text[:text.find(text[2:4])]
+    text = client.chat.completions.create(model="tiny", messages=CHAT, tools=TOOLS, seed=5,
+                                          max_tokens=16).choices[0].message.content
+    assert len(text) > 3
+    s = client.chat.completions.create(model="tiny", messages=CHAT, tools=TOOLS, seed=5, max_tokens=16,
+                                       stop=["\n", text[2:4]]).choices[0]
+    assert s.finish_reason == "stop" and s.message.content == text[:min(text.find(x) for x in ("\n", text[2:4])
+                                                                       if x in text)]
 
 
 def test_parallel_seeded_requests_equal_one_by_one(served):

@@ -178,7 +178,8 @@ class Engine:
                 envs = [OneTurnEnv([self.pad_id] * int(length), 2, self.pad_id, self.eot_id) for _ in range(n)]
                 sampling = EpisodeSampling(np.zeros((n, 2), np.uint32), np.ones(n, np.float32),
                                            np.ones(n, np.float32))
-                self.sampler.generate(envs, [0] * n, list(range(n)), self._key, slots=n, episode_sampling=sampling)
+                self.sampler.generate(envs, [0] * n, list(range(n)), jax.device_put(self._key, jax.devices()[0]),
+                                      slots=n, episode_sampling=sampling, feed=lambda: [], chunk=self.chunk)
             if n >= self.max_slots:
                 return
             b *= 2
@@ -311,6 +312,8 @@ class Engine:
                                    np.asarray([x[4] for x in first], np.float32),
                                    np.asarray([x[5] for x in first], np.float32))
         self._key, key = jax.random.split(self._key)
+        # Committed, as the key the decode loop hands back is: one compilation for every loop call.
+        key = jax.device_put(key, jax.devices()[0])
         self.stats["batches"] += 1
         self.sampler.generate([x[0] for x in first], [0] * len(first), list(range(len(first))), key,
                               weight_source=self._newer if self.weights is not None else None, chunk=self.chunk,

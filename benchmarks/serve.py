@@ -50,17 +50,20 @@ def run(rounds: int = 2, out: str = "runs/bench_serve.json") -> dict:
 
     import openai
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
+    for name in ("httpx", "httpx2"):  # no line per request
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     from jaxrl_async.rollout.sampler import EpisodeSampling
     from jaxrl_async.serve.app import start_in_thread
     from jaxrl_async.serve.engine import OneTurnEnv
     from jaxrl_async.serve.service import build_service, choice_keys
 
-    service = build_service(_config(), model_name="bench", max_slots=32, max_queue=1024, warmup=True)
+    service = build_service(_config(), model_name="bench", max_slots=32, max_queue=1024)
     server, url = start_in_thread(service)
     client = openai.OpenAI(base_url=url, api_key="dummy_key", max_retries=0, timeout=600)
     sampler, chat = service.engine.sampler, service.chat
+    # Every batch size the server may form, at the prompts' prefill width: no compilation in the timings.
+    service.engine.warmup([len(chat.encode(chat.render(_messages(i), TOOLS))) for i in (0, 10)])
 
     def http(c: int, n: int) -> tuple[float, int]:
         def one(i):
@@ -96,8 +99,9 @@ def run(rounds: int = 2, out: str = "runs/bench_serve.json") -> dict:
             direct(c, c)  # compile this batch size (the server shares the sampler and its compiled loops)
             http(c, c)
             d_s, d_tok = direct(c, n)
+            batches = service.engine.stats["batches"]
             h_s, h_tok = http(c, n)
-            rows.append({"concurrency": c, "requests": n,
+            rows.append({"concurrency": c, "requests": n, "server_batches": service.engine.stats["batches"] - batches,
                          "http_requests_per_s": n / h_s, "http_tokens_per_s": h_tok / h_s,
                          "sampler_requests_per_s": n / d_s, "sampler_tokens_per_s": d_tok / d_s,
                          "same_tokens": h_tok == d_tok, "overhead": h_s / d_s - 1.0})
@@ -115,11 +119,11 @@ def run(rounds: int = 2, out: str = "runs/bench_serve.json") -> dict:
 def print_table(res: dict) -> None:
     print(f"serve: chat completions over HTTP vs the in-process sampler ({res['max_tokens']} tokens a request)")
     print(f"{'conc':>5} {'reqs':>5} {'http req/s':>11} {'sampler req/s':>14} {'http tok/s':>11} "
-          f"{'sampler tok/s':>14} {'overhead':>9} {'same tokens':>12}")
+          f"{'sampler tok/s':>14} {'overhead':>9} {'same tokens':>12} {'batches':>8}")
     for r in res["rows"]:
         print(f"{r['concurrency']:>5} {r['requests']:>5} {r['http_requests_per_s']:>11.1f} "
               f"{r['sampler_requests_per_s']:>14.1f} {r['http_tokens_per_s']:>11.0f} {r['sampler_tokens_per_s']:>14.0f} "
-              f"{100 * r['overhead']:>8.1f}% {str(r['same_tokens']):>12}")
+              f"{100 * r['overhead']:>8.1f}% {str(r['same_tokens']):>12} {r['server_batches']:>8}")
 
 
 if __name__ == "__main__":

@@ -86,12 +86,13 @@ def test_openai_client_against_the_server(served):
         _ask(client, 3, max_tokens=6, temperature=1.0, top_p=1e-6))]
     assert ids[0] == ids[1] == ids[2]
     # A stop string cuts the content; the finish reason is "stop".
-    text = client.chat.completions.create(model="tiny", messages=CHAT, seed=5, max_tokens=16,
-                                          tool_choice="none").choices[0].message.content
-    if len(text) > 3:
-        s = client.chat.completions.create(model="tiny", messages=CHAT, seed=5, max_tokens=16, tool_choice="none",
-                                           stop=[text[2:4]]).choices[0]
-        assert s.finish_reason == "stop" and s.message.content == text[:text.find(text[2:4])]
+    text = client.chat.completions.create(model="tiny", messages=CHAT, tools=TOOLS, seed=5,
+                                          max_tokens=16).choices[0].message.content
+    assert len(text) > 3
+    s = client.chat.completions.create(model="tiny", messages=CHAT, tools=TOOLS, seed=5, max_tokens=16,
+                                       stop=["\n", text[2:4]]).choices[0]
+    assert s.finish_reason == "stop" and s.message.content == text[:min(text.find(x) for x in ("\n", text[2:4])
+                                                                       if x in text)]
 
 
 def test_parallel_seeded_requests_equal_one_by_one(served):
@@ -277,3 +278,61 @@ def test_follows_the_newest_published_version(served, tmp_path):
         service.engine.weights = None
         service.engine.sampler.update_params(params0, 0)
         writer.close()
+
+
+def test_agent_proxy_episodes_are_the_calls_tokens(served, tmp_path):
+    """Calls tied to an episode (route or header) become one trajectory equal token for token to
+    the calls' prompt and generated ids; a complete group goes into the trajectory queue."""
+    import httpx
+
+    from jaxrl_async.runtime.spool import Item, TrajectoryQueue
+    from jaxrl_async.serve.episodes import EpisodeRecorder
+
+    service, _, url = served
+    queue = TrajectoryQueue(str(tmp_path / "queue"), 4, fsync=False)
+    old = service.recorder
+    service.recorder = EpisodeRecorder(service.chat, group_size=2, sink=lambda name, trajs: queue.put(
+        Item(f"proxy-{name}", trajs, min(int(t.versions.max()) for t in trajs))))
+    try:
+        ep = openai.OpenAI(base_url=f"{url}/episodes/ep1", api_key="dummy_key", max_retries=0)
+        r1 = ep.chat.completions.create(model="tiny", messages=CHAT, tools=TOOLS, seed=31, max_tokens=6,
+                                        extra_body={"return_token_ids": True})
+        p1, t1 = r1.model_extra["prompt_token_ids"], r1.choices[0].model_extra["token_ids"]
+        ended = r1.choices[0].finish_reason != "length"
+        # The client sends back whatever assistant message it likes: the generated tokens stay.
+        history = CHAT + [{"role": "assistant", "content": "(edited by the client)"},
+                          {"role": "tool", "tool_call_id": "call_1", "content": '{"result": "higher"}'}]
+        r2 = ep.chat.completions.create(model="tiny", messages=history, tools=TOOLS, seed=32, max_tokens=6,
+                                        extra_body={"return_token_ids": True})
+        p2, t2 = r2.model_extra["prompt_token_ids"], r2.choices[0].model_extra["token_ids"]
+        stream1 = p1 + t1 + ([] if ended else [service.chat.eot_id])
+        assert p2[:len(stream1)] == stream1  # token in, token out: no re-tokenised text
+        full = service.chat.render(history, TOOLS)  # the new messages as the template renders them
+        assert full.endswith(service.chat.decode(p2[len(stream1):])) and len(p2) > len(stream1)
+        # A call that does not extend the episode is refused; the episode goes on.
+        status, err = _post(f"{url}/episodes/ep1", {"model": "tiny", "messages": CHAT[1:], "tools": TOOLS})
+        assert status == 400 and err["error"]["param"] == "messages"
+        # The second episode of the group, tied by header.
+        r3 = httpx.post(f"{url}/chat/completions", headers={"X-Episode-Id": "ep2"}, timeout=60, json={
+            "model": "tiny", "messages": CHAT, "tools": TOOLS, "seed": 33, "max_tokens": 4,
+            "return_token_ids": True}).json()
+        assert httpx.post(f"{url}/episodes/ep1/reward", json={"reward": 1.0, "success": True, "group": "g"}).json()[
+            "generated_tokens"] == len(t1) + len(t2)
+        assert queue.depth() == 0  # the group is not complete yet
+        assert httpx.post(f"{url}/episodes/ep2/reward", json={"reward": 0.0, "group": "g"}).status_code == 200
+        assert httpx.post(f"{url}/episodes/ep2/reward", json={"reward": 0.0}).status_code == 404
+        (item,) = queue.take(1, timeout=10)
+        a, b = item.trajectories
+        assert item.key == "proxy-g" and (a.reward, b.reward) == (1.0, 0.0) and a.group_id == b.group_id
+        ended2 = r2.choices[0].finish_reason != "length"
+        assert a.tokens.tolist() == p2 + t2 + ([] if ended2 else [service.chat.eot_id])
+        gen = np.flatnonzero(a.loss_mask)
+        assert gen.tolist() == list(range(len(p1), len(p1) + len(t1))) + list(range(len(p2), len(p2) + len(t2)))
+        logps = r1.choices[0].model_extra["token_logprobs"] + r2.choices[0].model_extra["token_logprobs"]
+        np.testing.assert_array_equal(a.behav_logp[gen], np.float32(logps))
+        assert (a.versions[gen] == 0).all() and (a.versions[~a.loss_mask] == -1).all() and a.num_turns == 2
+        c3 = r3["choices"][0]
+        assert b.tokens.tolist()[:len(r3["prompt_token_ids"]) + len(c3["token_ids"])] == \
+            r3["prompt_token_ids"] + c3["token_ids"]
+    finally:
+        service.recorder = old

@@ -277,7 +277,9 @@ class _Slots:
     """
 
     def __init__(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], max_len: int,
-                 old_logp: bool, pad: int = TOKENIZER.PAD, num_slots: Optional[int] = None):
+                 old_logp: bool, pad: int = TOKENIZER.PAD, num_slots: Optional[int] = None,
+                 open_ended: bool = False):
+        """open_ended: `num_slots` slots even with fewer episodes (more are fed later, `extend`)."""
         b = len(envs)
         self.pad = pad
         self.envs, self.task_seeds, self.group_ids = list(envs), list(task_seeds), list(group_ids)
@@ -300,11 +302,29 @@ class _Slots:
         self.old = np.zeros((b, max_len + 1), np.float32) if old_logp else None
         self.unscored = np.zeros(b, np.int32)  # tokens before this index are scored (or submitted)
         self.segment_ended = np.zeros(b, bool)  # a segment ended at this decode step (dedicated route)
-        n = b if num_slots is None else max(1, min(int(num_slots), b))
+        n = b if num_slots is None else max(1, int(num_slots) if open_ended else min(int(num_slots), b))
         self.slot_ep = np.full(n, -1, np.int64)
         self.next_episode = 0
         for slot in range(n):
             self.start_next(slot)
+
+    def extend(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int]) -> None:
+        """Appends waiting episodes (rows initialised as in the constructor); free slots take
+        them through `start_next`. The open-ended `generate(feed=...)` only."""
+        k, m = len(envs), self.max_len
+        self.envs += list(envs)
+        self.task_seeds += list(task_seeds)
+        self.group_ids += list(group_ids)
+        grow = {"tokens": np.full((k, m + 1), self.pad, np.int32), "loss_mask": np.zeros((k, m + 1), bool),
+                "behav": np.zeros((k, m + 1), np.float32), "versions": np.full((k, m + 1), -1, np.int32),
+                "budget": np.asarray([e.max_turn_tokens for e in envs], np.int32)}
+        for name in ("length", "cursor", "reread_until", "turn_start", "num_turns", "unscored"):
+            grow[name] = np.zeros(k, np.int32)
+        for name, dtype in (("done", bool), ("success", bool), ("segment_ended", bool), ("reward", np.float64),
+                            ("latency", np.float64)):
+            grow[name] = np.zeros(k, dtype)
+        for name, rows in grow.items():
+            setattr(self, name, np.concatenate([getattr(self, name), rows]))
 
     def start_next(self, slot: int) -> bool:
         """Gives `slot` the next waiting episode (its env is reset now); False when none is left."""
@@ -443,7 +463,9 @@ class Sampler:
     def generate(self, envs: Sequence[Env], task_seeds: Sequence[int], group_ids: Sequence[int], key,
                  weight_source: Optional[WeightSource] = None, chunk: int = 16,
                  slots: Optional[int] = None,
-                 episode_sampling: Optional[EpisodeSampling] = None) -> tuple[list[Trajectory], RolloutStats]:
+                 episode_sampling: Optional[EpisodeSampling] = None,
+                 feed: Optional[Callable[[], list]] = None,
+                 on_done: Optional[Callable[[int, Trajectory], None]] = None) -> tuple[list[Trajectory], RolloutStats]:
         """Runs one episode per env to completion, batched over KV-cache slots.
 
         envs, task_seeds, group_ids: one entry per episode (N of them).
@@ -456,7 +478,13 @@ class Sampler:
           or each episode's own key, temperature and top-p (`EpisodeSampling`, N rows): then
           an episode's tokens do not depend on the rest of the batch (`key` still drives the
           logit noise of `numerics.logit_noise_std`, if any).
-        Returns the trajectories in input order and rollout statistics.
+        feed: open-ended generation (a server's continuous batching across requests; needs
+          `episode_sampling`, no exact_route): called every `chunk` decode steps while some
+          slot is free, and when every episode is done; returns new episodes as a list of
+          (env, task_seed, group_id, key [2], temperature, top_p), which join in free slots;
+          the call returns when every episode is done and `feed` returns none.
+        on_done: called with (episode index, its Trajectory) as each episode ends.
+        Returns the trajectories in input order (fed ones after them) and rollout statistics.
 
         The decode steps run on the device (`_decode_loop`), many per call; the host takes
         over only when a slot's agent turn ends (the env answers), at a chunk boundary
@@ -473,12 +501,19 @@ class Sampler:
             raise ValueError(f"slots must be None or >= 1, got {slots}")
         if episode_sampling is not None and len(episode_sampling.keys) != len(envs):
             raise ValueError(f"episode_sampling has {len(episode_sampling.keys)} rows for {len(envs)} episodes")
+        if feed is not None and (episode_sampling is None or self.exact_route is not None):
+            raise ValueError("generate(feed=...) needs episode_sampling and a sampler without exact_route")
+        if episode_sampling is not None:  # host copies, extended by fed episodes
+            samp_keys = np.asarray(episode_sampling.keys, np.uint32)
+            samp_temp = np.asarray(episode_sampling.temperature, np.float32)
+            samp_top = np.asarray(episode_sampling.top_p, np.float32)
         t0 = time.perf_counter()
         max_len = self.model_config.max_len
         mode = self.exact_route
         self.pad, self.eot = _token_ids(envs)
         loop_fn = self._loop_fn(self.pad, self.eot)
-        eps = _Slots(envs, task_seeds, group_ids, max_len, old_logp=mode is not None, pad=self.pad, num_slots=slots)
+        eps = _Slots(envs, task_seeds, group_ids, max_len, old_logp=mode is not None, pad=self.pad, num_slots=slots,
+                     open_ended=feed is not None)
         n, b = len(eps), len(eps.slot_ep)
         cache = self.model.init_cache(self.model_config, b, self.numerics)
         stats = RolloutStats(episodes=n, slots=b)
@@ -487,7 +522,21 @@ class Sampler:
         far = 2**30
         step = 0  # the schedule's clock: decode steps, plus the steps prefilled context would have taken
         next_check = chunk
-        while not eps.done.all():
+        reported = np.zeros(len(eps), bool)  # on_done called
+        while True:
+            if feed is not None and ((eps.slot_ep < 0).any() or eps.done.all()):
+                new = feed()
+                if new:
+                    eps.extend([x[0] for x in new], [x[1] for x in new], [x[2] for x in new])
+                    samp_keys = np.concatenate([samp_keys, np.asarray([x[3] for x in new], np.uint32).reshape(-1, 2)])
+                    samp_temp = np.concatenate([samp_temp, np.asarray([x[4] for x in new], np.float32)])
+                    samp_top = np.concatenate([samp_top, np.asarray([x[5] for x in new], np.float32)])
+                    reported = np.concatenate([reported, np.zeros(len(new), bool)])
+                    for slot in np.flatnonzero(eps.slot_ep < 0):
+                        if not eps.start_next(int(slot)):
+                            break
+            if eps.done.all():
+                break
             if weight_source is not None and step >= next_check:
                 # A switch waits until every slot has re-read its context after the last one, so
                 # frequent publishing can never stall generation in endless re-reads.
@@ -506,6 +555,8 @@ class Sampler:
                 cache, width = self._prefill(eps, cache, stats, self.prefill_min)
                 step += width
             limit = max(next_check, step + 1) if weight_source is not None else far
+            if feed is not None:  # back to the host every chunk steps: new episodes may join free slots
+                limit = min(limit, step + chunk)
             # The slots' rows of the episodes' state: host arrays go straight to the compiled loop.
             active = eps.running()
             ep = np.where(eps.slot_ep >= 0, eps.slot_ep, 0)
@@ -515,9 +566,7 @@ class Sampler:
             if episode_sampling is None:
                 cache, key, out, behav = loop_fn(self._inf_leaves, cache, key, state, np.int32(step), np.int32(limit))
             else:  # the slots' rows of the episodes' own sampling settings
-                per_slot = (np.asarray(episode_sampling.keys, np.uint32)[ep],
-                            np.asarray(episode_sampling.temperature, np.float32)[ep],
-                            np.asarray(episode_sampling.top_p, np.float32)[ep])
+                per_slot = (samp_keys[ep], samp_temp[ep], samp_top[ep])
                 cache, key, out, behav = loop_fn(self._inf_leaves, cache, key, state, np.int32(step), np.int32(limit),
                                                  per_slot)
             out, behav = jax.device_get((out, behav))  # the cache and key stay on the device
@@ -540,6 +589,10 @@ class Sampler:
             # The envs answer the slots whose agent turn ended. (Answering them while the device decodes the
             # other slots, the slots rejoining a call later, was measured slower on a CPU: +38% decode steps.)
             self._answer(eps, np.flatnonzero(active & ~active_out).tolist(), max_len)
+            if on_done is not None:
+                for i in np.flatnonzero(eps.done & ~reported):
+                    reported[i] = True
+                    on_done(int(i), eps.to_trajectory(int(i)))
             if mode == Route.DEDICATED:
                 ended = np.flatnonzero(eps.segment_ended).tolist()
                 if ended:
@@ -549,8 +602,9 @@ class Sampler:
             if mode == Route.DEDICATED:
                 self._collect_old(eps, requests, stats)
         stats.decode_steps = step
+        stats.episodes = len(eps)
         stats.wall_s = time.perf_counter() - t0
-        return [eps.to_trajectory(i) for i in range(n)], stats
+        return [eps.to_trajectory(i) for i in range(len(eps))], stats
 
     def _prefill(self, eps: _Slots, cache, stats: RolloutStats, min_tokens: int):
         """Writes every running slot's known context but its last token into the KV cache in one

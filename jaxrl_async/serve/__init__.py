@@ -7,9 +7,12 @@ Modules: `protocol` (the request, checked; OpenAI-style errors), `chat_format` (
 prompt ids with the checkpoint's chat template; tool calls parsed by the family's parser of
 `envs.chat`), `engine` (requests batched into `rollout.sampler.Sampler.generate`), `service`
 (request to response; `build_service` loads a run config's model), `app` (FastAPI routes,
-uvicorn), `__main__` (the command line). docs/serve.md has the commands and examples.
+uvicorn), `episodes` (the agent proxy), `__main__` (the command line). docs/serve.md has the commands and examples.
 
-Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (no streaming).
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (no streaming); the agent proxy's
+`POST /v1/episodes/{episode}/chat/completions` (or the header `X-Episode-Id`) and
+`POST /v1/episodes/{episode}/reward` (`episodes`: calls tied to an episode become one
+training trajectory, token in, token out).
 
 Request fields read: `model` (any string; the response names the served model), `messages`
 (system / developer, user, assistant with optional `tool_calls`, tool; extra keys such as a

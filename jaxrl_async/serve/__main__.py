@@ -20,7 +20,8 @@ def main(argv):
     f = flags.FLAGS
     try:
         service = build_service(f.config, workdir=f.workdir, handoff=f.handoff, model_name=f.model_name,
-                                max_slots=f.max_slots, max_queue=f.max_queue, warmup=f.warmup)
+                                max_slots=f.max_slots, max_queue=f.max_queue,
+                                warmup=[int(x) for x in f.warmup])
     except ValueError as e:  # configuration errors: one line naming the field or path
         raise SystemExit(f"error: {e}") from None
     import uvicorn
@@ -48,5 +49,7 @@ if __name__ == "__main__":
                                           "workdir's directory name).")
     flags.DEFINE_integer("max_slots", 32, "KV-cache slots: requests decoded together.")
     flags.DEFINE_integer("max_queue", 256, "Requests waiting before the server answers 429.")
-    flags.DEFINE_bool("warmup", True, "Compile the decode loop for every batch size before serving.")
+    flags.DEFINE_list("warmup", ["32"], "Prompt lengths (tokens) to compile the decode loop and prefill for, at "
+                                        "every batch size, before serving (prompts are prefilled in power-of-two "
+                                        "widths); empty: compile on first use.")
     app.run(main)

@@ -1,4 +1,5 @@
-"""The HTTP layer: `/v1/models` and `/v1/chat/completions` on FastAPI, served by uvicorn.
+"""The HTTP layer: `/v1/models` and `/v1/chat/completions` on FastAPI, served by uvicorn, and
+the agent proxy's routes (`/v1/episodes/{episode}/chat/completions`, `.../reward`).
 
 Errors are answered in the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`:
 400 for a malformed request or a context overflow (`protocol.APIError`), 429 when the
@@ -41,13 +42,34 @@ def make_app(service: ChatService) -> FastAPI:
     async def models():
         return service.models()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def json_body(request: Request):
         try:
-            body = await request.json()
+            return await request.json()
         except ValueError:
             raise APIError(400, "the request body is not valid JSON") from None
-        return await service.complete(parse_chat_request(body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        episode = request.headers.get("x-episode-id") or None
+        return await service.complete(parse_chat_request(await json_body(request)), episode)
+
+    # The agent proxy (serve/episodes.py): calls tied to an episode, then its reward.
+    @app.post("/v1/episodes/{episode}/chat/completions")
+    async def episode_chat_completions(episode: str, request: Request):
+        return await service.complete(parse_chat_request(await json_body(request)), episode)
+
+    @app.post("/v1/episodes/{episode}/reward")
+    async def episode_reward(episode: str, request: Request):
+        body = await json_body(request)
+        reward = body.get("reward") if isinstance(body, dict) else None
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+            raise APIError(400, "reward: a number is required", param="reward")
+        group = body.get("group")
+        if group is not None and not isinstance(group, str):
+            raise APIError(400, "group: must be a string", param="group")
+        traj = service.recorder.finish(episode, float(reward), bool(body.get("success", False)), group)
+        return {"episode": episode, "tokens": int(traj.length), "generated_tokens": int(traj.loss_mask.sum()),
+                "reward": traj.reward, "group_id": traj.group_id}
 
     return app
 

@@ -1,21 +1,25 @@
-"""The serving engine: concurrent completion requests batched into the project's sampler.
+"""The serving engine: concurrent completion requests decoded together in the project's sampler.
 
 Each request choice is a one-turn episode (`OneTurnEnv`): its prompt is the rendered chat,
 the sampler generates the agent turn in a KV-cache slot until the end-of-turn token or the
-request's token budget, and the episode ends there. One engine thread takes every waiting
-request (up to `max_batch` episodes) and runs them in one `Sampler.generate` call, with
-`max_slots` KV-cache slots (continuous batching inside the call: a slot whose episode ends
-takes the next waiting one). Requests arriving during a call wait for the next one.
+request's token budget, and the episode ends there. One engine thread runs open-ended
+`Sampler.generate` calls (`feed=`): the requests waiting when a call starts begin it, and
+requests that arrive while it runs join free KV-cache slots at the next chunk boundary
+(continuous batching across requests); each request is answered as soon as its last choice
+ends. A call ends when every episode is done and none waits, or after `max_batch` episodes
+(which bounds its host arrays).
 
 Every episode samples with its own key, temperature and top-p (`EpisodeSampling`), so a
-request's tokens do not depend on which requests share its batch. The decode batch is
-padded to a power of two (at most `max_slots`) with one-token dummy episodes, so the decode
-loop compiles once per power of two, not once per batch size.
+request's tokens do not depend on which requests share its call or its slot. A call's KV-cache
+slots are the next power of two of the episodes that start it (at most `max_slots`), so the
+decode loop compiles once per power of two, not once per batch size (`warmup` compiles them
+ahead).
 
 The queue is bounded: `submit` raises `QueueFull` when `max_queue` requests wait (the server
 answers 429). With a `weights` source (a `runtime.handoff.WeightSource` or a
 `runtime.versions.VersionStore`: `latest_version()` and `get(version)`), the engine loads the
-newest published version before each batch; each completion reports the version of its tokens.
+newest published version before each call and at chunk boundaries inside it (the sampler
+re-reads every slot's context under the new weights); each completion reports its tokens' versions.
 """
 
 from __future__ import annotations
@@ -46,13 +50,15 @@ class Completion:
     token_ids [T]: the sampled tokens (the end-of-turn token included when sampled);
     logprobs [T]: each token's log-prob under the distribution it was drawn from;
     ended: the turn ended with the end-of-turn token (else the token budget or the context ran out);
-    version: the policy version of the tokens (-1 when none was generated).
+    version: the newest policy version of the tokens (-1 when none was generated);
+    token_versions [T]: each token's version (None: all `version`).
     """
 
     token_ids: list
     logprobs: list
     ended: bool
     version: int
+    token_versions: Optional[list] = None
 
 
 class OneTurnEnv:
@@ -88,18 +94,20 @@ def _pow2(n: int) -> int:
 
 
 class Engine:
-    """Batches submitted prompts into `sampler.generate` calls on one thread (see the module docstring).
+    """Decodes submitted prompts in open-ended `sampler.generate` calls on one thread (see the
+    module docstring).
 
     sampler: a `Sampler` with weights loaded (`update_params`); pad_id, eot_id: the chat
-    tokenizer's; max_slots: KV-cache slots of a call; max_batch: episodes per call (default
-    4 * max_slots); max_queue: requests waiting before `submit` raises `QueueFull`; gather_s:
-    after the first waiting request, how long the engine waits for others to join its batch
-    (requests that arrive during a generate call wait for the next one).
+    tokenizer's; max_slots: KV-cache slots of a call at most; max_batch: episodes per call
+    (default 4 * max_slots); chunk: decode steps between the host's looks for new requests
+    (and new weights); max_queue: requests waiting before `submit` raises `QueueFull`; gather_s:
+    before a call, the engine waits in steps of gather_s while more requests arrive (at most
+    25 steps), so that requests sent together start it (its slots are sized by them).
     """
 
     def __init__(self, sampler: Sampler, pad_id: int, eot_id: int, *, max_slots: int = 32,
                  max_batch: Optional[int] = None, max_queue: int = 256, weights=None, seed: int = 0,
-                 gather_s: float = 0.002):
+                 gather_s: float = 0.002, chunk: int = 16):
         if max_slots < 1 or max_queue < 1:
             raise ValueError(f"max_slots and max_queue must be >= 1; got {max_slots}, {max_queue}")
         if sampler.inf_params is None:
@@ -111,6 +119,7 @@ class Engine:
         self.max_queue = int(max_queue)
         self.weights = weights
         self.gather_s = float(gather_s)
+        self.chunk = int(chunk)
         self._key = jax.random.key(seed)  # drives only the sampler's logit noise, if configured
         self._queue: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
@@ -156,16 +165,21 @@ class Engine:
             self._cv.notify()
         return job.future
 
-    def warmup(self, prompt_tokens: int = 32) -> None:
-        """Compiles the decode loop for every padded batch size (powers of two up to `max_slots`)
-        with a prompt of `prompt_tokens`, so that no request waits for a compilation of those.
-        Call before serving (the engine thread must be idle)."""
+    def warmup(self, prompt_tokens: Sequence[int] = (32,)) -> None:
+        """Compiles the decode loop for every padded batch size (powers of two up to `max_slots`),
+        and the batched prefill of prompts of each length in `prompt_tokens` at each size, so
+        that no request of those shapes waits for a compilation (a prompt is prefilled in a
+        power-of-two width: other lengths in the same width share the compilation). Call
+        before serving (the engine thread must be idle)."""
         b = 1
         while True:
             n = min(b, self.max_slots)
-            envs = [OneTurnEnv([self.pad_id] * prompt_tokens, 2, self.pad_id, self.eot_id) for _ in range(n)]
-            sampling = EpisodeSampling(np.zeros((n, 2), np.uint32), np.ones(n, np.float32), np.ones(n, np.float32))
-            self.sampler.generate(envs, [0] * n, list(range(n)), self._key, slots=n, episode_sampling=sampling)
+            for length in prompt_tokens:
+                envs = [OneTurnEnv([self.pad_id] * int(length), 2, self.pad_id, self.eot_id) for _ in range(n)]
+                sampling = EpisodeSampling(np.zeros((n, 2), np.uint32), np.ones(n, np.float32),
+                                           np.ones(n, np.float32))
+                self.sampler.generate(envs, [0] * n, list(range(n)), jax.device_put(self._key, jax.devices()[0]),
+                                      slots=n, episode_sampling=sampling, feed=lambda: [], chunk=self.chunk)
             if n >= self.max_slots:
                 return
             b *= 2
@@ -185,8 +199,14 @@ class Engine:
             while not self._queue and not self._closed:
                 self._cv.wait()
         self._open.wait()
-        if self.gather_s > 0:
-            time.sleep(self.gather_s)  # let requests sent together join one batch
+        # Let requests sent together join one batch: wait while the queue still grows (every
+        # gather_s), for at most 25 gather_s.
+        t_end = time.monotonic() + 25 * self.gather_s
+        while self.gather_s > 0 and time.monotonic() < t_end:
+            before = self.waiting
+            time.sleep(self.gather_s)
+            if self.waiting == before or self.waiting >= self.max_batch:
+                break
         jobs, episodes = [], 0
         with self._cv:
             while self._queue and (not jobs or episodes + len(self._queue[0].keys) <= self.max_batch):
@@ -208,6 +228,18 @@ class Engine:
             return
         self.sampler.update_params(params, latest)
 
+    def _newer(self, _step):
+        """The sampler's weight source inside a call: the newest published version, if newer."""
+        if self.weights is None:
+            return None
+        latest = self.weights.latest_version()
+        if latest is None or latest == self.sampler.version:
+            return None
+        try:
+            return self.weights.get(latest), latest
+        except VersionEvicted:
+            return None
+
     def _run(self) -> None:
         while True:
             jobs = self._take()
@@ -216,50 +248,73 @@ class Engine:
                     return
                 continue
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if not jobs:
+                continue
+            calls: list = []
             try:
                 self._follow()
-                results = self._generate(jobs)
+                self._serve(jobs, calls)
             except Exception as e:  # noqa: BLE001 - the requests fail, the engine goes on
-                for job in jobs:
-                    job.future.set_exception(e)
-                continue
-            for job, res in zip(jobs, results):
-                job.future.set_result(res)
+                for job in calls:
+                    if not job.future.done():
+                        job.future.set_exception(e)
 
-    def _generate(self, jobs: list[_Job]) -> list[list[Completion]]:
-        envs, keys, temps, top_ps, owner = [], [], [], [], []
-        for j, job in enumerate(jobs):
-            for k in job.keys:
-                envs.append(OneTurnEnv(job.prompt, job.max_tokens, self.pad_id, self.eot_id))
-                keys.append(k)
-                temps.append(job.temperature)
-                top_ps.append(job.top_p)
-                owner.append(j)
-        n = len(envs)
-        slots = min(n, self.max_slots)
-        # Pad the decode batch to a power of two with one-token greedy dummies: one compile per size.
-        for _ in range(min(_pow2(n), self.max_slots) - slots if n < self.max_slots else 0):
-            envs.append(OneTurnEnv([self.pad_id], 1, self.pad_id, self.eot_id))
-            keys.append(np.zeros(2, np.uint32))
-            temps.append(0.0)
-            top_ps.append(1.0)
-        slots = min(len(envs), self.max_slots)
-        sampling = EpisodeSampling(np.stack(keys).astype(np.uint32), np.asarray(temps, np.float32),
-                                   np.asarray(top_ps, np.float32))
-        self._key, key = jax.random.split(self._key)
-        trajs, stats = self.sampler.generate(envs, [0] * len(envs), list(range(len(envs))), key, slots=slots,
-                                             episode_sampling=sampling)
-        out: list[list[Completion]] = [[] for _ in jobs]
-        for i in range(n):
-            t = trajs[i]
-            p = len(envs[i].prompt)
+    def _serve(self, jobs: list[_Job], calls: list) -> None:
+        """One open-ended `generate` call: `jobs` start it; requests that arrive while it runs join
+        free slots (up to `max_batch` episodes per call, which bounds its host arrays); each
+        request is answered as soon as its last choice ends."""
+        owner: list[tuple[_Job, int]] = []  # episode -> (job, choice)
+        results: dict[int, list] = {}
+        prompts: list[int] = []
+
+        def episodes(new_jobs):
+            out = []
+            for job in new_jobs:
+                calls.append(job)
+                results[id(job)] = [None] * len(job.keys)
+                for c, k in enumerate(job.keys):
+                    owner.append((job, c))
+                    prompts.append(len(job.prompt))
+                    out.append((OneTurnEnv(job.prompt, job.max_tokens, self.pad_id, self.eot_id), 0, len(owner) - 1,
+                                k, job.temperature, job.top_p))
+            return out
+
+        def feed():
+            room = self.max_batch - len(owner)
+            if room <= 0 or not self._open.is_set():
+                return []
+            taken = []
+            with self._cv:
+                while self._queue and len(self._queue[0].keys) <= room:
+                    job = self._queue.popleft()
+                    room -= len(job.keys)
+                    taken.append(job)
+            return episodes([j for j in taken if j.future.set_running_or_notify_cancel()])
+
+        def on_done(i, t):
+            job, c = owner[i]
+            p = prompts[i]
             gen = np.flatnonzero(t.loss_mask[p:]) + p  # sampled tokens (a forced end-of-turn token is not)
             ids = t.tokens[gen].tolist()
-            out[owner[i]].append(Completion(
-                token_ids=ids, logprobs=t.behav_logp[gen].tolist(),
-                ended=bool(ids) and ids[-1] == self.eot_id,
-                version=int(t.versions[gen].max()) if len(gen) else -1))
+            res = results[id(job)]
+            res[c] = Completion(token_ids=ids, logprobs=t.behav_logp[gen].tolist(),
+                                ended=bool(ids) and ids[-1] == self.eot_id,
+                                version=int(t.versions[gen].max()) if len(gen) else -1,
+                                token_versions=t.versions[gen].tolist())
+            self.stats["episodes"] += 1
+            self.stats["generated_tokens"] += len(ids)
+            if all(r is not None for r in res):
+                job.future.set_result(res)
+
+        first = episodes(jobs)
+        slots = min(_pow2(len(first)), self.max_slots)  # one compile per power of two
+        sampling = EpisodeSampling(np.stack([x[3] for x in first]).astype(np.uint32),
+                                   np.asarray([x[4] for x in first], np.float32),
+                                   np.asarray([x[5] for x in first], np.float32))
+        self._key, key = jax.random.split(self._key)
+        # Committed, as the key the decode loop hands back is: one compilation for every loop call.
+        key = jax.device_put(key, jax.devices()[0])
         self.stats["batches"] += 1
-        self.stats["episodes"] += n
-        self.stats["generated_tokens"] += stats.generated_tokens
-        return out
+        self.sampler.generate([x[0] for x in first], [0] * len(first), list(range(len(first))), key,
+                              weight_source=self._newer if self.weights is not None else None, chunk=self.chunk,
+                              slots=slots, episode_sampling=sampling, feed=feed, on_done=on_done)

@@ -15,7 +15,7 @@ import json
 import os
 import time
 import uuid
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxrl_async.serve.chat_format import ChatFormat
 from jaxrl_async.serve.engine import Completion, Engine, QueueFull
+from jaxrl_async.serve.episodes import EpisodeRecorder
 from jaxrl_async.serve.protocol import APIError, ChatRequest, MAX_N, bad
 
 
@@ -44,16 +45,20 @@ class ChatService:
     """Requests in, OpenAI chat-completion responses out (see the module docstring).
 
     engine: the `Engine`; chat: the `ChatFormat` of the model's tokenizer; max_len: the
-    model's context in tokens; model_name: the id `/v1/models` lists and responses name.
+    model's context in tokens; model_name: the id `/v1/models` lists and responses name;
+    recorder: the agent proxy's `episodes.EpisodeRecorder` (default: groups of one, kept in memory).
     """
 
-    def __init__(self, engine: Engine, chat: ChatFormat, max_len: int, model_name: str):
+    def __init__(self, engine: Engine, chat: ChatFormat, max_len: int, model_name: str,
+                 recorder: Optional[EpisodeRecorder] = None):
         self.engine, self.chat, self.max_len, self.model_name = engine, chat, int(max_len), model_name
+        self.recorder = recorder or EpisodeRecorder(chat)
         self._rng = np.random.default_rng()
 
-    def prepare(self, req: ChatRequest) -> tuple[list[int], str, int, bool]:
+    def prepare(self, req: ChatRequest, episode: Optional[str] = None) -> tuple[list[int], str, int, bool]:
         """(prompt ids, forced call prefix, max_tokens, whether tool calls are parsed) of a request;
-        APIError 400 when the template fails or the context cannot hold the request."""
+        APIError 400 when the template fails or the context cannot hold the request. With
+        `episode` (the agent proxy) a later call's prompt extends the episode's tokens."""
         tools = req.tools if req.tool_choice != "none" else None
         try:
             text = self.chat.render(req.messages, tools)
@@ -62,9 +67,16 @@ class ChatService:
                 prefix = self.chat.call_prefix(tools)
             elif isinstance(req.tool_choice, dict):
                 prefix = self.chat.call_prefix(tools, req.tool_choice["name"])
+            if episode is None:
+                prompt = self.chat.encode(text + prefix)
+            else:
+                if req.n != 1:
+                    raise bad("n", "an episode's call has one choice (n=1)")
+                prompt = self.recorder.prompt(episode, req.messages, tools, self.chat.encode(text + prefix), prefix)
+        except APIError:
+            raise
         except ValueError as e:  # the template rejects the conversation (models.hf.CheckpointError)
             raise bad("messages", f"the chat template cannot render this conversation: {e}") from None
-        prompt = self.chat.encode(text + prefix)
         room = self.max_len - len(prompt)
         if room < 1:
             raise bad("messages", f"the prompt has {len(prompt)} tokens; the model's context is {self.max_len} "
@@ -74,8 +86,8 @@ class ChatService:
                                     f"than the model's context of {self.max_len}", code="context_length_exceeded")
         return prompt, prefix, req.max_tokens or room, tools is not None
 
-    async def complete(self, req: ChatRequest) -> dict:
-        prompt, prefix, max_tokens, with_tools = self.prepare(req)
+    async def complete(self, req: ChatRequest, episode: Optional[str] = None) -> dict:
+        prompt, prefix, max_tokens, with_tools = self.prepare(req, episode)
         seed = req.seed if req.seed is not None else int(self._rng.integers(2**63))
         try:
             future = self.engine.submit(prompt, max_tokens, choice_keys(seed, req.n), req.temperature, req.top_p)
@@ -83,6 +95,8 @@ class ChatService:
             raise APIError(429, f"the server is busy: {e}; retry later", type="rate_limit_error",
                            code="queue_full") from None
         completions = await asyncio.wrap_future(future)
+        if episode is not None:
+            self.recorder.record(episode, req.messages, req.tools if with_tools else None, prompt, completions[0])
         return self.response(req, prompt, prefix, with_tools, completions)
 
     def _choice(self, i: int, c: Completion, req: ChatRequest, prefix: str, with_tools: bool) -> dict:
@@ -134,13 +148,14 @@ class ChatService:
 
 
 def build_service(config, workdir: str = "", handoff: str = "", model_name: str = "", max_slots: int = 32,
-                  max_queue: int = 256, warmup: bool = False) -> ChatService:
+                  max_queue: int = 256, warmup: Sequence[int] = ()) -> ChatService:
     """The service of a run config: its model (`model.checkpoint`'s weights or a random init from
     `seed`), its chat tokenizer (`task.tokenizer` / the checkpoint's / the shipped one) and its
     inference numerics. With `workdir` the weights are the newest version the training run
     published to its ring buffer (`workdir/versions`), and the engine follows newer ones (from
     the shared-memory slot named `handoff` first, when given). Raises ValueError naming the
-    field or path. warmup: compile the engine's batch sizes now (`Engine.warmup`)."""
+    field or path. warmup: prompt lengths to compile every batch size for now (`Engine.warmup`;
+    empty: compile on first use)."""
     from jaxrl_async import config as config_lib
     from jaxrl_async.rollout.sampler import Sampler
     from jaxrl_async.runtime import base as runtime_base
@@ -167,12 +182,15 @@ def build_service(config, workdir: str = "", handoff: str = "", model_name: str 
         params = weights.get(version)
     else:
         graphdef, params = config_lib.init_params(config, model_config)
+        # Committed to the device, as versions read from a ring buffer are: following a training
+        # run later then reuses the compiled decode loop instead of compiling it again.
+        params = jax.device_put(params, jax.devices()[0])
     sampler = Sampler(graphdef, model_config, config_lib.numerics_from(config), temperature=1.0)
     sampler.update_params(params, version)
     engine = Engine(sampler, chat.pad_id, chat.eot_id, max_slots=max_slots, max_queue=max_queue, weights=weights,
                     seed=config.seed)
     if warmup:
-        engine.warmup()
+        engine.warmup(warmup)
     source = config.model.checkpoint or workdir
     name = model_name or (os.path.basename(os.path.normpath(source)) if source else "") or "jaxrl_async"
     return ChatService(engine, chat, model_config.max_len, name)

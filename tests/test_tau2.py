@@ -183,3 +183,72 @@ def test_bad_kwargs_name_the_field(chatml):
         Tau2Env(chatml, domain="mock", user="openai", user_model="openai/x")
     with pytest.raises(ValueError, match="task.kwargs.user='solo'"):
         Tau2Env(chatml, domain="retail", user="solo")
+
+
+def _load_config(name):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_config_validation_names_the_field(tmp_path):
+    from jaxrl_async import cluster
+    from jaxrl_async import config as config_lib
+
+    c = _load_config("tau2_tiny")
+    config_lib.validate(c)
+    env = config_lib.env_factory(c)()
+    assert isinstance(env, Tau2Env) and env.solo and env.max_episode_tokens == c.model.max_len
+    for field, value, match in [("format", "tokens", "task.format must be 'chat'"),
+                                ("domain", "bank", "task.kwargs.domain must be one of"),
+                                ("user", "llm", "task.kwargs.user must be one of")]:
+        bad = _load_config("tau2_tiny")
+        if field == "format":
+            bad.task.format = value
+        else:
+            bad.task.kwargs[field] = value
+        with pytest.raises(ValueError, match=match):
+            config_lib.validate(bad)
+    bad = _load_config("tau2_tiny")
+    del bad.task.kwargs["domain"]
+    with pytest.raises(ValueError, match="task.kwargs.domain must be set"):
+        config_lib.validate(bad)
+    bad = _load_config("tau2_tiny")
+    bad.task.kwargs.split = "dev"
+    with pytest.raises(cluster.ConfigError, match="task.kwargs.split"):
+        cluster.check_startup(bad, str(tmp_path / "run"))
+    # The paper configs stop at startup without a checkpoint, then without the user endpoint.
+    for domain in ("retail", "airline", "telecom"):
+        c = _load_config(f"tau2_{domain}_qwen3")
+        with pytest.raises(cluster.ConfigError, match="model.checkpoint"):
+            cluster.check_startup(c, str(tmp_path / domain))
+    c.model.checkpoint = ""  # random init at the default sizes: the user endpoint is next
+    with pytest.raises(cluster.ConfigError, match="task.kwargs.user_model"):
+        cluster.check_startup(c, str(tmp_path / "telecom"))
+    c.task.kwargs.user_model = "openai/user"
+    with pytest.raises(cluster.ConfigError, match="task.kwargs.user_api_base"):
+        cluster.check_startup(c, str(tmp_path / "telecom"))
+
+
+@pytest.mark.slow
+def test_evaluate_writes_results_that_reevaluate_equal(tmp_path):
+    from jaxrl_async.tau2 import evaluate
+
+    c = _load_config("tau2_tiny")
+    c.task.kwargs.max_turns = 2
+    c.task.kwargs.max_turn_tokens = 16
+    report = evaluate.evaluate(c, trials=2, out=str(tmp_path), task_ids=["create_task_1", "update_task_1"])
+    assert set(report.rewards) == {"create_task_1", "update_task_1"}
+    assert all(len(r) == 2 for r in report.rewards.values()) and report.user_errors == 0
+    assert set(report.summary) == {"avg", "pass^1", "pass^2"}
+    assert report.table().splitlines()[-1].startswith("mock: avg@2 ")
+    loaded = results.load(report.path)
+    assert sorted(s.trial for s in loaded.simulations) == [0, 0, 1, 1]
+    rewards = [s.reward_info.reward for s in loaded.simulations]
+    assert results.reevaluate(loaded, "mock", solo=True) == rewards
+    assert report.summary["avg"] == pytest.approx(sum(rewards) / 4)

@@ -211,7 +211,7 @@ class Tau2Env:
         self.simulation = None
         self._start_time = self.lib.get_now()
         self._t0 = time.perf_counter()
-        self._gold = None
+        self._gold, self._gold_next = None, 0
         self._shown = None
         self._msgs = [{"role": "system", "content": self.agent.system_prompt}]
         if not self.solo:
@@ -264,6 +264,8 @@ class Tau2Env:
         text = self.tokenizer.decode(action)
         self._turn += 1
         kind, payload = chat.parse_turn(text, self.format)
+        if self._gold is not None and self._gold_next < len(self._gold) and text == self._gold[self._gold_next]:
+            self._gold_next += 1  # the scripted agent's plan advances on its own turns only
         error = payload if kind == "malformed" else None
         if self._user_failure is None and kind != "malformed":
             message = chat.agent_message(self.lib, kind, payload, self._turn)
@@ -312,6 +314,19 @@ class Tau2Env:
                 "turn": self._turn, "termination": termination, "user_error": self._user_failure is not None}
         return StepResult(observation=self.encode(obs_text), reward=reward, done=done, info=info)
 
+    def abandon(self):
+        """Ends an episode the sampler stopped (its context ran out) as tau2's ``max_steps``;
+        returns its ``SimulationRun`` (reward 0), or None after a user-simulator failure."""
+        if not self._done:
+            self._done = True
+            if self._user_failure is not None:
+                self.user_errors += 1
+            else:
+                self.orch.done = True
+                self.orch.termination_reason = self.lib.simulation.TerminationReason.MAX_STEPS
+                self._finish()
+        return self.simulation
+
     def _finish(self) -> tuple[float, str]:
         """tau2's SimulationRun of the finished episode and its reward."""
         lib, orch = self.lib, self.orch
@@ -329,15 +344,15 @@ class Tau2Env:
 
     # ---- scripted agent -------------------------------------------------------------------
     def expert_action(self, rng: np.random.Generator, noise: float) -> list[int]:
-        """The gold turn from the current state (``gold.plan``); with probability ``noise`` a
-        malformed call instead (its closing brace dropped)."""
+        """The next gold turn (``gold.plan``; the plan advances when a turn equals its next
+        text); with probability ``noise`` a malformed call instead (its closing brace dropped)."""
         from jaxrl_async.tau2 import gold
 
         if self._done:
             raise RuntimeError(f"{self.name}: expert_action() called on a finished episode")
         if self._gold is None:
             self._gold = gold.plan(self, self.task)
-        text = self._gold[min(self._turn, len(self._gold) - 1)]
+        text = self._gold[min(self._gold_next, len(self._gold) - 1)]
         if rng.random() < noise and "}" in text:
             i = text.rindex("}")
             text = text[:i] + text[i + 1:]

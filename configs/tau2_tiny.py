@@ -9,8 +9,8 @@ a solo episode needs no user simulator.
     make train CONFIG=configs/tau2_tiny.py WORKDIR=runs/tau2_tiny
 
 Sizes: the prompts are 1357-1397 tokens (the policy and 5 tool schemas in a 602-token
-vocabulary); a gold episode is 1492-1530 tokens (a call is ~50 tokens, `done` 17). Three
-64-token turns and their tool results fit in `model.max_len` = 2048; an episode that outgrows it
+vocabulary); a gold episode is 1492-1530 tokens (a call is 48-91 tokens, `done` 17). Three
+96-token turns and their tool results fit in `model.max_len` = 2048; an episode that outgrows it
 ends with reward 0. The warm start imitates the gold actions (`Tau2Env.expert_action`).
 """
 
@@ -26,7 +26,7 @@ def get_config():
     c.task.kwargs.split = "base"
     c.task.kwargs.user = "solo"
     c.task.kwargs.max_turns = 3
-    c.task.kwargs.max_turn_tokens = 64
+    c.task.kwargs.max_turn_tokens = 96  # the longest gold call is 91 tokens
 
     c.model.family = "qwen3"
     c.model.d_model = 64

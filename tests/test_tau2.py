@@ -139,6 +139,52 @@ class _Silent(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _FakeUserModel(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint: the user asks for the task, then stops."""
+
+    replies = ["Please create a task called 'Important Meeting' for user_1.", "###STOP###"]
+
+    def do_POST(self):  # noqa: N802
+        import json
+
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.calls.append(body)
+        text = self.replies[min(len(self.server.calls), len(self.replies)) - 1]
+        data = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": text}}],
+                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_openai_user_is_tau2_user_simulator_at_the_endpoint(chatml):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeUserModel)
+    server.calls = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = Tau2Env(chatml, domain="mock", user="openai", user_model="openai/user-sim",
+                      user_api_base=f"http://127.0.0.1:{server.server_address[1]}/v1", user_timeout_s=10,
+                      user_retries=0, max_turns=5, max_context=1 << 30, task_ids=["create_task_1"])
+        env.reset(0)
+        assert env._msgs[-1] == {"role": "user", "content": _FakeUserModel.replies[0]}
+        # tau2's user prompt (guidelines + the task's scenario) went to the endpoint.
+        assert "create a task" in server.calls[0]["messages"][0]["content"].lower()
+        res = _say(env, env.call_text("create_task", {"user_id": "user_1", "title": "Important Meeting"}))
+        assert not res.done
+        res = _say(env, "I created the task 'Important Meeting'.")
+        assert res.done and res.reward == 1.0 and res.info["termination"] == "user_stop"
+        assert env.user_errors == 0 and len(server.calls) == 2
+    finally:
+        server.shutdown()
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -236,18 +282,40 @@ def test_config_validation_names_the_field(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_writes_results_that_reevaluate_equal(tmp_path):
+def test_tau2_tiny_trains_end_to_end_then_evaluates(tmp_path):
+    """configs/tau2_tiny.py through the trainer (tau2 episodes sampled, scored by tau2's evaluator,
+    one RL step; compilation dominates on a CPU), then `evaluate` on the run's latest version:
+    its results file re-evaluates to the same rewards under tau2's evaluator."""
+    import json
+
     from jaxrl_async.tau2 import evaluate
+    from jaxrl_async.train import train_and_evaluate
 
     c = _load_config("tau2_tiny")
     c.task.kwargs.max_turns = 2
-    c.task.kwargs.max_turn_tokens = 16
-    report = evaluate.evaluate(c, trials=2, out=str(tmp_path), task_ids=["create_task_1", "update_task_1"])
+    c.task.kwargs.max_turn_tokens = 32
+    c.warmstart.enabled = False
+    c.proximal.source = "bypass"  # no separate log-prob program to compile
+    c.rl.groups_per_step, c.rl.group_size = 2, 2
+    c.optim.num_minibatches = 1
+    c.train.steps, c.train.eval_every, c.train.checkpoint_every = 1, 1, 1
+    c.eval.episodes = 4  # the training batch's shapes: one sampler program
+    run = tmp_path / "run"
+    s = train_and_evaluate(c, str(run), resume=False, progress=False)
+    assert s["steps"] == 1 and set(s["evals"]) == {"0", "1"}
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    step = next(r for r in rows if "rollout/turns_mean" in r)
+    assert step["rollout/turns_mean"] >= 1 and 0.0 <= step["rollout/return_mean"] <= 1.0
+
+    # 2 tasks x 2 trials = the same 4-episode batch shape.
+    report = evaluate.evaluate(c, trials=2, out=str(tmp_path / "eval"), workdir=str(run),
+                               task_ids=["create_task_1", "update_task_1"])
     assert set(report.rewards) == {"create_task_1", "update_task_1"}
     assert all(len(r) == 2 for r in report.rewards.values()) and report.user_errors == 0
     assert set(report.summary) == {"avg", "pass^1", "pass^2"}
     assert report.table().splitlines()[-1].startswith("mock: avg@2 ")
     loaded = results.load(report.path)
+    assert loaded.info.agent_info.llm == str(run)
     assert sorted(s.trial for s in loaded.simulations) == [0, 0, 1, 1]
     rewards = [s.reward_info.reward for s in loaded.simulations]
     assert results.reevaluate(loaded, "mock", solo=True) == rewards

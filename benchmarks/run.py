@@ -6,11 +6,13 @@
 2. `benchmarks.routes`: per-route cost and learning at a fixed staleness.
 3. `benchmarks.real_models`: the HF families' learner tokens/s and MFU, decode tokens/s against
    the bandwidth bound, peak memory (the qwen3_tiny shapes on a CPU, Qwen3-0.6B's on a GPU).
+4. `benchmarks.tau2`: τ2-bench's reward evaluation per episode and env step per turn, per domain
+   (needs the tau2 extra).
 
 The small setting (default) finishes in under 10 minutes on 2 CPU cores; `--full`
 (`make bench BENCH_ARGS=--full`) runs 100 RL steps per route and 50 end-to-end steps,
 the setting of the README's route table. `--sections` runs a subset: any of the kernel
-sections (loss, decode, learner, learner_variants, async, handoff, queue), `routes` and `real_models`.
+sections (loss, decode, learner, learner_variants, async, handoff, queue), `routes`, `real_models` and `tau2`.
 
     .venv/bin/python -m benchmarks.run [--full] [--sections=loss,decode,routes]
 """
@@ -21,7 +23,7 @@ import jax
 
 from benchmarks import kernels, real_models, routes
 
-SECTIONS = (*kernels.SECTIONS, "routes", "real_models")
+SECTIONS = (*kernels.SECTIONS, "routes", "real_models", "tau2")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("full", False, "Longer runs: 100 RL steps per route, 50 async steps.")
@@ -51,6 +53,11 @@ def main(argv):
     if "real_models" in FLAGS.sections:
         print()
         real_models.print_tables(real_models.run("tiny" if jax.default_backend() == "cpu" else "qwen3_0p6b"))
+    if "tau2" in FLAGS.sections:
+        from benchmarks import tau2  # the tau2 extra
+
+        print()
+        tau2.print_table(tau2.run())
 
 
 if __name__ == "__main__":

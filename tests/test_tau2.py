@@ -86,6 +86,38 @@ def test_token_stream_is_the_template_render(chatml, llama, family, domain, user
     _assert_stream(env, tokens, mask)
 
 
+@pytest.fixture(scope="module")
+def last_turn_think(tmp_path_factory):
+    """The shipped tokenizer with a ChatML template that, like Qwen3's, gives only the last
+    assistant tool-call message an empty think block: a render of the conversation so far is
+    then no prefix of the render once the turn's results follow."""
+    import shutil
+
+    path = str(tmp_path_factory.mktemp("think_tok") / "tok")
+    shutil.copytree(ct.SHIPPED_TOKENIZER, path)
+    head = "{{- '<|im_start|>' + message.role }}"
+    assert ct.CHATML_TEMPLATE.count(head) == 1
+    template = ct.CHATML_TEMPLATE.replace(head, head + "{%- if loop.last %}{{- '\\n<think>\\n\\n</think>\\n' }}{%- endif %}")
+    with open(f"{path}/chat_template.jinja", "w") as f:
+        f.write(template)
+    return hf.load_tokenizer(path)
+
+
+@pytest.mark.parametrize("domain,user", [("mock", "scripted"), ("telecom", "solo")])
+def test_observations_survive_a_template_that_rewrites_the_last_turn(chatml, last_turn_think, domain, user):
+    env = Tau2Env(last_turn_think, domain=domain, user=user, **BIG)
+    ref = Tau2Env(chatml, domain=domain, user=user, **BIG)
+    env.reset(0)
+    call = gold.plan(env, env.task)[0]
+    assert call.startswith("<think>\n\n</think>\n\n<tool_call>")  # the template's own form of a call
+    msgs = env._msgs + [chat.template_call("x", {})]
+    assert not env.render(msgs + [{"role": "tool", "content": "r"}], True).startswith(env.render(msgs, False))
+    gold.run_episode(env, 0)
+    gold.run_episode(ref, 0)
+    assert env.simulation.reward_info.reward == ref.simulation.reward_info.reward == 1.0
+    assert env._texts[2::3] == ref._texts[2::3]  # the same observations after each end-of-turn token
+
+
 def _say(env, text):
     return env.step(env.encode(text) + [env.eot_id])
 

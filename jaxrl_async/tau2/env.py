@@ -161,6 +161,24 @@ class Tau2Env:
         rest = b[len(a):]
         return rest[: rest.rindex(self.eot_token)]
 
+    def _observation_text(self, before: list[dict], after: list[dict], done: bool) -> str:
+        """What the template puts after the agent turn's end-of-turn token (the last one in
+        ``render(before)``), once ``after`` (= ``before`` + the messages received) is rendered.
+
+        The turn's end-of-turn token is located by count, not by comparing prefixes: templates
+        may render the last assistant message differently from earlier ones (Qwen3 adds an
+        empty ``<think>`` block to the last turn only), so ``render(before)`` need not be a
+        prefix of ``render(after)``; what precedes the token is the sampler's, never re-rendered."""
+        a = self.render(before, False)
+        b = self.render(after, not done)
+        k = a.count(self.eot_token)
+        j = -len(self.eot_token)
+        for _ in range(k):
+            j = b.find(self.eot_token, j + len(self.eot_token))
+            if j < 0:
+                raise ValueError("the chat template renders fewer end-of-turn tokens once the turn's results follow")
+        return b[j + len(self.eot_token):]
+
     def conversation_text(self) -> str:
         """Prompt + agent texts + end-of-turn tokens + observations, as laid out."""
         return "".join(self._texts)
@@ -295,12 +313,7 @@ class Tau2Env:
         done = self._user_failure is not None or orch.done
         before = self._msgs + [assistant]
         self._msgs = before + received
-        a = self.render(before, False)
-        b = self.render(self._msgs, not done)
-        i = a.rfind(self.eot_token)
-        if i < 0 or not b.startswith(a):
-            raise ValueError("the chat template is not prefix-stable at the agent's turn")
-        obs_text = a[i + len(self.eot_token):] + b[len(a):]
+        obs_text = self._observation_text(before, self._msgs, done)
         self._texts += [text, self.eot_token, obs_text]
         reward, termination = 0.0, None
         if done:

@@ -18,7 +18,11 @@ split) run by tau2's own ``Orchestrator`` with tau2's ``Environment``, the confi
 The token stream (prompt + turns + EOT + observations) is the template's render of the agent's
 view of the conversation, where each turn is stored as the tool-call message it parsed to when
 that renders back to the sampled text, as its text otherwise (see ``envs.chat`` for when the
-token ids, not only the text, are equal). Observations are loss-masked by the sampler.
+token ids, not only the text, are equal), for templates that render a message the same
+whatever follows it (the ChatML and Llama-3 templates). A template that re-renders earlier
+turns (Qwen3 drops their thinking and gives only the last turn an empty think block) gets
+the same observations: they are read after the turn's end-of-turn token, and the sampled
+turns stay as sampled. Observations are loss-masked by the sampler.
 
 Episodes end as tau2 ends them: user stop, agent stop (solo: the ``done`` call), tau2's
 ``max_steps`` / ``max_errors``, solo text (``agent_error``); also after ``max_turns`` agent

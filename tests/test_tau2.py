@@ -335,7 +335,8 @@ def test_tau2_tiny_trains_end_to_end_then_evaluates(tmp_path):
     run = tmp_path / "run"
     s = train_and_evaluate(c, str(run), resume=False, progress=False)
     assert s["steps"] == 1 and set(s["evals"]) == {"0", "1"}
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    with open(run / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
     step = next(r for r in rows if "rollout/turns_mean" in r)
     assert step["rollout/turns_mean"] >= 1 and 0.0 <= step["rollout/return_mean"] <= 1.0
 

@@ -211,7 +211,7 @@ class Tau2Env:
 
     def _prompt_text(self, task) -> str:
         """The prompt of ``task`` without running the user (scripted opening / solo / system)."""
-        orch, agent = self._build(task, 0)
+        _, agent = self._build(task, 0)
         self.tools = [t.openai_schema for t in agent.tools]
         msgs = [{"role": "system", "content": agent.system_prompt}]
         if not self.solo and self.remote is None:

@@ -8,11 +8,14 @@
    the bandwidth bound, peak memory (the qwen3_tiny shapes on a CPU, Qwen3-0.6B's on a GPU).
 4. `benchmarks.serve`: chat completions through the OpenAI-compatible server (HTTP) against the
    in-process sampler, requests/s and tokens/s at concurrency 1, 8 and 32 (needs the serve extra).
+5. `benchmarks.tau2`: τ2-bench's reward evaluation per episode and env step per turn, per domain
+   (needs the tau2 extra).
 
 The small setting (default) finishes in under 10 minutes on 2 CPU cores; `--full`
 (`make bench BENCH_ARGS=--full`) runs 100 RL steps per route and 50 end-to-end steps,
 the setting of the README's route table. `--sections` runs a subset: any of the kernel
-sections (loss, decode, learner, learner_variants, async, handoff, queue), `routes`, `real_models` and `serve`.
+sections (loss, decode, learner, learner_variants, async, handoff, queue), `routes`, `real_models`, `serve`
+and `tau2`.
 
     .venv/bin/python -m benchmarks.run [--full] [--sections=loss,decode,routes]
 """
@@ -23,7 +26,7 @@ import jax
 
 from benchmarks import kernels, real_models, routes
 
-SECTIONS = (*kernels.SECTIONS, "routes", "real_models", "serve")
+SECTIONS = (*kernels.SECTIONS, "routes", "real_models", "serve", "tau2")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("full", False, "Longer runs: 100 RL steps per route, 50 async steps.")
@@ -58,6 +61,11 @@ def main(argv):
 
         print()
         serve.print_table(serve.run(rounds=4 if FLAGS.full else 2))
+    if "tau2" in FLAGS.sections:
+        from benchmarks import tau2  # the tau2 extra
+
+        print()
+        tau2.print_table(tau2.run())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ Sub-packages, lowest first (each imports only from the ones listed before it):
 
 Two top-level modules sit beside the list: `config` (the schema and its typed views; it
 imports `core`, `models` and `envs`, and is imported from `rollout` up) and `metrics_log`
-(metrics files and figures; imports nothing of the package).
+(metrics files and figures; imports nothing of the package). `tau2` (τ2-bench through tau2's
+own code, docs/tau2.md) is a task package beside the list: its env builds on `envs` and `models`,
+its `evaluate` on `rollout` and `runtime`; `config` imports it only to build a `task.name="tau2"` env.
 
 See docs/design.md for the design.
 """

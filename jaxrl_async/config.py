@@ -29,7 +29,9 @@ def base_config() -> config_dict.ConfigDict:
     c.seed = 0  # one seed for model init, task seeds and sampling: same seed, same run
 
     c.task = config_dict.ConfigDict()
-    c.task.name = "tooluse_easy"  # agent task, see jaxrl_async/envs: "search" | "search_easy" | "tooluse" | "tooluse_easy"
+    # agent task, see jaxrl_async/envs: "search" | "search_easy" | "tooluse" | "tooluse_easy"; or "tau2": τ2-bench
+    # through tau2's own code (jaxrl_async/tau2, docs/tau2.md; task.format="chat"; task.kwargs: domain, split, user, ...)
+    c.task.name = "tooluse_easy"
     c.task.kwargs = config_dict.ConfigDict()  # task difficulty knobs passed to make_env (see the task's constructor)
     # "tokens": the task in the word vocabulary (envs.TOKENIZER) | "chat": the task as a chat with tool calls
     # (envs.chat.ChatEnv; task.kwargs may also set its max_turn_tokens, system_prompt, format)
@@ -309,6 +311,8 @@ def validate(config) -> None:
         raise ValueError(f"config.numerics.logit_noise_std must be a finite number >= 0; "
                          f"got {given['numerics.logit_noise_std']!r}")
     _validate_model_family(given)
+    if given["task.name"] == "tau2":
+        _validate_tau2(given["task.format"], given[_FREE_FORM] or {})
 
 
 def _validate_model_family(given: dict) -> None:
@@ -358,6 +362,24 @@ def _validate_model_family(given: dict) -> None:
                 raise ValueError(f"config.model.head_dim ({hd or given['model.d_model'] // heads}) must be even (rotary)")
     if given["task.tokenizer"] and given["task.format"] != "chat":
         raise ValueError(f"config.task.tokenizer ({given['task.tokenizer']!r}) is used with task.format='chat' only")
+
+
+def _validate_tau2(task_format: str, kwargs: dict) -> None:
+    """task.name='tau2': the format and the task.kwargs that can be checked without tau2 (the
+    split and the rest are checked when the env is built, at startup)."""
+    from jaxrl_async.tau2.tasks import DOMAINS
+    from jaxrl_async.tau2.users import USERS
+
+    if task_format != "chat":
+        raise ValueError(f"config.task.format must be 'chat' with task.name='tau2'; got {task_format!r}")
+    if "domain" not in kwargs:
+        raise ValueError(f"config.task.kwargs.domain must be set with task.name='tau2' (one of {DOMAINS})")
+    if kwargs["domain"] not in DOMAINS:
+        raise ValueError(f"config.task.kwargs.domain must be one of {DOMAINS}; got {kwargs['domain']!r}")
+    if not isinstance(kwargs.get("split", "base"), str):
+        raise ValueError(f"config.task.kwargs.split must be a split name (base, train, test); got {kwargs['split']!r}")
+    if kwargs.get("user", "scripted") not in USERS:
+        raise ValueError(f"config.task.kwargs.user must be one of {USERS}; got {kwargs['user']!r}")
 
 
 # Typed views of a validated config: what the components are built from.
@@ -496,6 +518,11 @@ def numerics_from(config) -> model_lib.Numerics:
 def env_factory(config):
     """A zero-argument constructor of the configured task's env."""
     kwargs = config.task.kwargs.to_dict()
+    if config.task.name == "tau2":
+        from jaxrl_async.tau2.env import Tau2Env
+        tokenizer = chat_tokenizer(config)
+        kwargs.setdefault("max_context", config.model.max_len)  # episodes end at the model's context
+        return lambda: Tau2Env(tokenizer, **kwargs)
     if config.task.format == "chat":
         from jaxrl_async.envs.chat import make_chat_env
         tokenizer = chat_tokenizer(config)

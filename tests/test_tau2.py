@@ -86,6 +86,38 @@ def test_token_stream_is_the_template_render(chatml, llama, family, domain, user
     _assert_stream(env, tokens, mask)
 
 
+@pytest.fixture(scope="module")
+def last_turn_think(tmp_path_factory):
+    """The shipped tokenizer with a ChatML template that, like Qwen3's, gives only the last
+    assistant tool-call message an empty think block: a render of the conversation so far is
+    then no prefix of the render once the turn's results follow."""
+    import shutil
+
+    path = str(tmp_path_factory.mktemp("think_tok") / "tok")
+    shutil.copytree(ct.SHIPPED_TOKENIZER, path)
+    head = "{{- '<|im_start|>' + message.role }}"
+    assert ct.CHATML_TEMPLATE.count(head) == 1
+    template = ct.CHATML_TEMPLATE.replace(head, head + "{%- if loop.last %}{{- '\\n<think>\\n\\n</think>\\n' }}{%- endif %}")
+    with open(f"{path}/chat_template.jinja", "w") as f:
+        f.write(template)
+    return hf.load_tokenizer(path)
+
+
+@pytest.mark.parametrize("domain,user", [("mock", "scripted"), ("telecom", "solo")])
+def test_observations_survive_a_template_that_rewrites_the_last_turn(chatml, last_turn_think, domain, user):
+    env = Tau2Env(last_turn_think, domain=domain, user=user, **BIG)
+    ref = Tau2Env(chatml, domain=domain, user=user, **BIG)
+    env.reset(0)
+    call = gold.plan(env, env.task)[0]
+    assert call.startswith("<think>\n\n</think>\n\n<tool_call>")  # the template's own form of a call
+    msgs = env._msgs + [chat.template_call("x", {})]
+    assert not env.render(msgs + [{"role": "tool", "content": "r"}], True).startswith(env.render(msgs, False))
+    gold.run_episode(env, 0)
+    gold.run_episode(ref, 0)
+    assert env.simulation.reward_info.reward == ref.simulation.reward_info.reward == 1.0
+    assert env._texts[2::3] == ref._texts[2::3]  # the same observations after each end-of-turn token
+
+
 def _say(env, text):
     return env.step(env.encode(text) + [env.eot_id])
 
@@ -139,6 +171,52 @@ class _Silent(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _FakeUserModel(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint: the user asks for the task, then stops."""
+
+    replies = ["Please create a task called 'Important Meeting' for user_1.", "###STOP###"]
+
+    def do_POST(self):  # noqa: N802
+        import json
+
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.calls.append(body)
+        text = self.replies[min(len(self.server.calls), len(self.replies)) - 1]
+        data = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": text}}],
+                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_openai_user_is_tau2_user_simulator_at_the_endpoint(chatml):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeUserModel)
+    server.calls = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = Tau2Env(chatml, domain="mock", user="openai", user_model="openai/user-sim",
+                      user_api_base=f"http://127.0.0.1:{server.server_address[1]}/v1", user_timeout_s=10,
+                      user_retries=0, max_turns=5, max_context=1 << 30, task_ids=["create_task_1"])
+        env.reset(0)
+        assert env._msgs[-1] == {"role": "user", "content": _FakeUserModel.replies[0]}
+        # tau2's user prompt (guidelines + the task's scenario) went to the endpoint.
+        assert "create a task" in server.calls[0]["messages"][0]["content"].lower()
+        res = _say(env, env.call_text("create_task", {"user_id": "user_1", "title": "Important Meeting"}))
+        assert not res.done
+        res = _say(env, "I created the task 'Important Meeting'.")
+        assert res.done and res.reward == 1.0 and res.info["termination"] == "user_stop"
+        assert env.user_errors == 0 and len(server.calls) == 2
+    finally:
+        server.shutdown()
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -183,3 +261,95 @@ def test_bad_kwargs_name_the_field(chatml):
         Tau2Env(chatml, domain="mock", user="openai", user_model="openai/x")
     with pytest.raises(ValueError, match="task.kwargs.user='solo'"):
         Tau2Env(chatml, domain="retail", user="solo")
+
+
+def _load_config(name):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_config_validation_names_the_field(tmp_path):
+    from jaxrl_async import cluster
+    from jaxrl_async import config as config_lib
+
+    c = _load_config("tau2_tiny")
+    config_lib.validate(c)
+    env = config_lib.env_factory(c)()
+    assert isinstance(env, Tau2Env) and env.solo and env.max_episode_tokens == c.model.max_len
+    for field, value, match in [("format", "tokens", "task.format must be 'chat'"),
+                                ("domain", "bank", "task.kwargs.domain must be one of"),
+                                ("user", "llm", "task.kwargs.user must be one of")]:
+        bad = _load_config("tau2_tiny")
+        if field == "format":
+            bad.task.format = value
+        else:
+            bad.task.kwargs[field] = value
+        with pytest.raises(ValueError, match=match):
+            config_lib.validate(bad)
+    bad = _load_config("tau2_tiny")
+    del bad.task.kwargs["domain"]
+    with pytest.raises(ValueError, match="task.kwargs.domain must be set"):
+        config_lib.validate(bad)
+    bad = _load_config("tau2_tiny")
+    bad.task.kwargs.split = "dev"
+    with pytest.raises(cluster.ConfigError, match="task.kwargs.split"):
+        cluster.check_startup(bad, str(tmp_path / "run"))
+    # The paper configs stop at startup without a checkpoint, then without the user endpoint.
+    for domain in ("retail", "airline", "telecom"):
+        c = _load_config(f"tau2_{domain}_qwen3")
+        with pytest.raises(cluster.ConfigError, match="model.checkpoint"):
+            cluster.check_startup(c, str(tmp_path / domain))
+    c.model.checkpoint = ""  # random init at the default sizes: the user endpoint is next
+    with pytest.raises(cluster.ConfigError, match="task.kwargs.user_model"):
+        cluster.check_startup(c, str(tmp_path / "telecom"))
+    c.task.kwargs.user_model = "openai/user"
+    with pytest.raises(cluster.ConfigError, match="task.kwargs.user_api_base"):
+        cluster.check_startup(c, str(tmp_path / "telecom"))
+
+
+@pytest.mark.slow
+def test_tau2_tiny_trains_end_to_end_then_evaluates(tmp_path):
+    """configs/tau2_tiny.py through the trainer (tau2 episodes sampled, scored by tau2's evaluator,
+    one RL step; compilation dominates on a CPU), then `evaluate` on the run's latest version:
+    its results file re-evaluates to the same rewards under tau2's evaluator."""
+    import json
+
+    from jaxrl_async.tau2 import evaluate
+    from jaxrl_async.train import train_and_evaluate
+
+    c = _load_config("tau2_tiny")
+    c.task.kwargs.max_turns = 2
+    c.task.kwargs.max_turn_tokens = 32
+    c.warmstart.enabled = False
+    c.proximal.source = "bypass"  # no separate log-prob program to compile
+    c.rl.groups_per_step, c.rl.group_size = 2, 2
+    c.optim.num_minibatches = 1
+    c.train.steps, c.train.eval_every, c.train.checkpoint_every = 1, 1, 1
+    c.eval.episodes = 4  # the training batch's shapes: one sampler program
+    run = tmp_path / "run"
+    s = train_and_evaluate(c, str(run), resume=False, progress=False)
+    assert s["steps"] == 1 and set(s["evals"]) == {"0", "1"}
+    with open(run / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    step = next(r for r in rows if "rollout/turns_mean" in r)
+    assert step["rollout/turns_mean"] >= 1 and 0.0 <= step["rollout/return_mean"] <= 1.0
+
+    # 2 tasks x 2 trials = the same 4-episode batch shape.
+    report = evaluate.evaluate(c, trials=2, out=str(tmp_path / "eval"), workdir=str(run),
+                               task_ids=["create_task_1", "update_task_1"])
+    assert set(report.rewards) == {"create_task_1", "update_task_1"}
+    assert all(len(r) == 2 for r in report.rewards.values()) and report.user_errors == 0
+    assert set(report.summary) == {"avg", "pass^1", "pass^2"}
+    assert report.table().splitlines()[-1].startswith("mock: avg@2 ")
+    loaded = results.load(report.path)
+    assert loaded.info.agent_info.llm == str(run)
+    assert sorted(s.trial for s in loaded.simulations) == [0, 0, 1, 1]
+    rewards = [s.reward_info.reward for s in loaded.simulations]
+    assert results.reevaluate(loaded, "mock", solo=True) == rewards
+    assert report.summary["avg"] == pytest.approx(sum(rewards) / 4)

@@ -16,10 +16,11 @@ and becomes one of:
   message ``Error: <why>`` (``MALFORMED``) and the turn counts against the turn budget.
 
 Qwen3 ``<think>`` rule: thinking is part of the agent's tokens and stays in the token stream
-as sampled (token in, token out), in every turn; ``<think>...</think>`` blocks are removed
-only from the text tau2 sees (the message to the user, the evaluator's trajectory). The
-Qwen3 chat template drops the thinking of earlier turns when it re-renders a conversation,
-so the stream equals the template's render only for turns without thinking.
+as sampled (token in, token out), in every turn, never re-rendered; ``<think>...</think>``
+blocks are removed only from the text tau2 sees (the message to the user, the evaluator's
+trajectory). The Qwen3 chat template drops the thinking of earlier turns when it re-renders a
+conversation (and gives the last turn an empty ``<think>`` block), so the stream equals the
+template's render only up to those blocks; the observations are the template's own.
 """
 
 from __future__ import annotations

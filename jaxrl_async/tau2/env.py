@@ -18,7 +18,11 @@ split) run by tau2's own ``Orchestrator`` with tau2's ``Environment``, the confi
 The token stream (prompt + turns + EOT + observations) is the template's render of the agent's
 view of the conversation, where each turn is stored as the tool-call message it parsed to when
 that renders back to the sampled text, as its text otherwise (see ``envs.chat`` for when the
-token ids, not only the text, are equal). Observations are loss-masked by the sampler.
+token ids, not only the text, are equal), for templates that render a message the same
+whatever follows it (the ChatML and Llama-3 templates). A template that re-renders earlier
+turns (Qwen3 drops their thinking and gives only the last turn an empty think block) gets
+the same observations: they are read after the turn's end-of-turn token, and the sampled
+turns stay as sampled. Observations are loss-masked by the sampler.
 
 Episodes end as tau2 ends them: user stop, agent stop (solo: the ``done`` call), tau2's
 ``max_steps`` / ``max_errors``, solo text (``agent_error``); also after ``max_turns`` agent
@@ -161,6 +165,24 @@ class Tau2Env:
         rest = b[len(a):]
         return rest[: rest.rindex(self.eot_token)]
 
+    def _observation_text(self, before: list[dict], after: list[dict], done: bool) -> str:
+        """What the template puts after the agent turn's end-of-turn token (the last one in
+        ``render(before)``), once ``after`` (= ``before`` + the messages received) is rendered.
+
+        The turn's end-of-turn token is located by count, not by comparing prefixes: templates
+        may render the last assistant message differently from earlier ones (Qwen3 adds an
+        empty ``<think>`` block to the last turn only), so ``render(before)`` need not be a
+        prefix of ``render(after)``; what precedes the token is the sampler's, never re-rendered."""
+        a = self.render(before, False)
+        b = self.render(after, not done)
+        k = a.count(self.eot_token)
+        j = -len(self.eot_token)
+        for _ in range(k):
+            j = b.find(self.eot_token, j + len(self.eot_token))
+            if j < 0:
+                raise ValueError("the chat template renders fewer end-of-turn tokens once the turn's results follow")
+        return b[j + len(self.eot_token):]
+
     def conversation_text(self) -> str:
         """Prompt + agent texts + end-of-turn tokens + observations, as laid out."""
         return "".join(self._texts)
@@ -189,7 +211,7 @@ class Tau2Env:
 
     def _prompt_text(self, task) -> str:
         """The prompt of ``task`` without running the user (scripted opening / solo / system)."""
-        orch, agent = self._build(task, 0)
+        _, agent = self._build(task, 0)
         self.tools = [t.openai_schema for t in agent.tools]
         msgs = [{"role": "system", "content": agent.system_prompt}]
         if not self.solo and self.remote is None:
@@ -211,7 +233,7 @@ class Tau2Env:
         self.simulation = None
         self._start_time = self.lib.get_now()
         self._t0 = time.perf_counter()
-        self._gold = None
+        self._gold, self._gold_next = None, 0
         self._shown = None
         self._msgs = [{"role": "system", "content": self.agent.system_prompt}]
         if not self.solo:
@@ -264,6 +286,8 @@ class Tau2Env:
         text = self.tokenizer.decode(action)
         self._turn += 1
         kind, payload = chat.parse_turn(text, self.format)
+        if self._gold is not None and self._gold_next < len(self._gold) and text == self._gold[self._gold_next]:
+            self._gold_next += 1  # the scripted agent's plan advances on its own turns only
         error = payload if kind == "malformed" else None
         if self._user_failure is None and kind != "malformed":
             message = chat.agent_message(self.lib, kind, payload, self._turn)
@@ -293,12 +317,7 @@ class Tau2Env:
         done = self._user_failure is not None or orch.done
         before = self._msgs + [assistant]
         self._msgs = before + received
-        a = self.render(before, False)
-        b = self.render(self._msgs, not done)
-        i = a.rfind(self.eot_token)
-        if i < 0 or not b.startswith(a):
-            raise ValueError("the chat template is not prefix-stable at the agent's turn")
-        obs_text = a[i + len(self.eot_token):] + b[len(a):]
+        obs_text = self._observation_text(before, self._msgs, done)
         self._texts += [text, self.eot_token, obs_text]
         reward, termination = 0.0, None
         if done:
@@ -311,6 +330,19 @@ class Tau2Env:
         info = {"success": done and reward == 1.0, "latency_s": time.perf_counter() - t0, "error": error,
                 "turn": self._turn, "termination": termination, "user_error": self._user_failure is not None}
         return StepResult(observation=self.encode(obs_text), reward=reward, done=done, info=info)
+
+    def abandon(self):
+        """Ends an episode the sampler stopped (its context ran out) as tau2's ``max_steps``;
+        returns its ``SimulationRun`` (reward 0), or None after a user-simulator failure."""
+        if not self._done:
+            self._done = True
+            if self._user_failure is not None:
+                self.user_errors += 1
+            else:
+                self.orch.done = True
+                self.orch.termination_reason = self.lib.simulation.TerminationReason.MAX_STEPS
+                self._finish()
+        return self.simulation
 
     def _finish(self) -> tuple[float, str]:
         """tau2's SimulationRun of the finished episode and its reward."""
@@ -329,15 +361,15 @@ class Tau2Env:
 
     # ---- scripted agent -------------------------------------------------------------------
     def expert_action(self, rng: np.random.Generator, noise: float) -> list[int]:
-        """The gold turn from the current state (``gold.plan``); with probability ``noise`` a
-        malformed call instead (its closing brace dropped)."""
+        """The next gold turn (``gold.plan``; the plan advances when a turn equals its next
+        text); with probability ``noise`` a malformed call instead (its closing brace dropped)."""
         from jaxrl_async.tau2 import gold
 
         if self._done:
             raise RuntimeError(f"{self.name}: expert_action() called on a finished episode")
         if self._gold is None:
             self._gold = gold.plan(self, self.task)
-        text = self._gold[min(self._turn, len(self._gold) - 1)]
+        text = self._gold[min(self._gold_next, len(self._gold) - 1)]
         if rng.random() < noise and "}" in text:
             i = text.rindex("}")
             text = text[:i] + text[i + 1:]

@@ -23,7 +23,7 @@ import time
 from jaxrl_async.tau2 import lib as lib_module
 
 USERS = ("scripted", "solo", "openai")
-OPENING_DONE = "Done."
+DONE_REPLY = "Done."
 
 
 class UserFailure(RuntimeError):
@@ -98,7 +98,7 @@ def user_classes():
             if not self.opened:
                 self.opened = True
                 return M.UserMessage(role="user", content=self.opening), state
-            return M.UserMessage(role="user", content=OPENING_DONE), state
+            return M.UserMessage(role="user", content=DONE_REPLY), state
 
         def set_seed(self, seed):
             pass

@@ -80,7 +80,6 @@ EXTRAS_REQUIRE = {
         "deepdiff==9.1.0",
         "python-dotenv==1.2.4",
         "docstring-parser==0.18.0",
-        "tenacity==9.2.1",
         "litellm==1.110.2",
     ],
     # `make bench`: rlax is the baseline of the loss benchmark (it pulls in distrax and a

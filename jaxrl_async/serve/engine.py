@@ -290,7 +290,7 @@ class Engine:
 
         def feed():
             room = self.max_batch - len(owner)
-            if room <= 0 or not self._open.is_set():
+            if room <= 0 or not self._open.is_set() or self._closed:
                 return []
             taken = []
             with self._cv:

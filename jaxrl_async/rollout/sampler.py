@@ -42,7 +42,10 @@ server needs): each episode brings its own PRNG key, temperature and top-p. The 
 position t of an episode is drawn with `fold_in(episode key, t)`, so what an episode samples
 depends on its own key, context and logits only, not on which other episodes share the batch,
 their slots or the batch size. Without it the batch shares one key stream (split once per
-decode step) and the sampler's temperature, exactly as before.
+decode step) and the sampler's temperature, exactly as before. With it a call may also be
+open-ended (`generate(feed=..., on_done=...)`, a server's continuous batching across
+requests): new episodes join free KV-cache slots at chunk boundaries and each episode is
+reported as it ends.
 """
 
 from __future__ import annotations

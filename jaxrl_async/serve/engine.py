@@ -32,6 +32,7 @@ import time
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_async.envs.base import StepResult
@@ -87,6 +88,14 @@ class _Job:
     temperature: float
     top_p: float
     future: concurrent.futures.Future
+
+
+def uncommitted(params):
+    """`params` as arrays not committed to a device (as a random init's are). Versions read from
+    a ring buffer are committed, and jit compiles separately for committed and uncommitted
+    inputs (the params and everything the decode loop derives from them: its KV cache and key
+    outputs): without this, the first followed version would compile the decode loop again."""
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
 
 
 def _pow2(n: int) -> int:
@@ -178,8 +187,8 @@ class Engine:
                 envs = [OneTurnEnv([self.pad_id] * int(length), 2, self.pad_id, self.eot_id) for _ in range(n)]
                 sampling = EpisodeSampling(np.zeros((n, 2), np.uint32), np.ones(n, np.float32),
                                            np.ones(n, np.float32))
-                self.sampler.generate(envs, [0] * n, list(range(n)), jax.device_put(self._key, jax.devices()[0]),
-                                      slots=n, episode_sampling=sampling, feed=lambda: [], chunk=self.chunk)
+                self.sampler.generate(envs, [0] * n, list(range(n)), self._key, slots=n,
+                                      episode_sampling=sampling, feed=lambda: [], chunk=self.chunk)
             if n >= self.max_slots:
                 return
             b *= 2
@@ -226,7 +235,7 @@ class Engine:
             params = self.weights.get(latest)
         except VersionEvicted:  # already replaced by a newer one: take that next time
             return
-        self.sampler.update_params(params, latest)
+        self.sampler.update_params(uncommitted(params), latest)
 
     def _newer(self, _step):
         """The sampler's weight source inside a call: the newest published version, if newer."""
@@ -236,7 +245,7 @@ class Engine:
         if latest is None or latest == self.sampler.version:
             return None
         try:
-            return self.weights.get(latest), latest
+            return uncommitted(self.weights.get(latest)), latest
         except VersionEvicted:
             return None
 
@@ -281,7 +290,7 @@ class Engine:
 
         def feed():
             room = self.max_batch - len(owner)
-            if room <= 0 or not self._open.is_set():
+            if room <= 0 or not self._open.is_set() or self._closed:
                 return []
             taken = []
             with self._cv:
@@ -312,8 +321,6 @@ class Engine:
                                    np.asarray([x[4] for x in first], np.float32),
                                    np.asarray([x[5] for x in first], np.float32))
         self._key, key = jax.random.split(self._key)
-        # Committed, as the key the decode loop hands back is: one compilation for every loop call.
-        key = jax.device_put(key, jax.devices()[0])
         self.stats["batches"] += 1
         self.sampler.generate([x[0] for x in first], [0] * len(first), list(range(len(first))), key,
                               weight_source=self._newer if self.weights is not None else None, chunk=self.chunk,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_async.serve.chat_format import ChatFormat
-from jaxrl_async.serve.engine import Completion, Engine, QueueFull
+from jaxrl_async.serve.engine import Completion, Engine, QueueFull, uncommitted
 from jaxrl_async.serve.episodes import EpisodeRecorder
 from jaxrl_async.serve.protocol import APIError, ChatRequest, MAX_N, bad
 
@@ -179,12 +179,9 @@ def build_service(config, workdir: str = "", handoff: str = "", model_name: str 
         version = weights.latest_version()
         if version is None:
             raise ValueError(f"--workdir {workdir!r}: the run has published no parameter version yet ({vdir})")
-        params = weights.get(version)
+        params = uncommitted(weights.get(version))
     else:
         graphdef, params = config_lib.init_params(config, model_config)
-        # Committed to the device, as versions read from a ring buffer are: following a training
-        # run later then reuses the compiled decode loop instead of compiling it again.
-        params = jax.device_put(params, jax.devices()[0])
     sampler = Sampler(graphdef, model_config, config_lib.numerics_from(config), temperature=1.0)
     sampler.update_params(params, version)
     engine = Engine(sampler, chat.pad_id, chat.eot_id, max_slots=max_slots, max_queue=max_queue, weights=weights,

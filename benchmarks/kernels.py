@@ -98,8 +98,8 @@ def bench_decode(b: int, steps: int) -> dict:
     key), so the table compares the model calls, not the host-side helpers around them; on
     an accelerator each such helper is a dispatch that costs about as much as a decode step.
     """
-    from jaxrl_async.models import transformer as M
     from jaxrl_async.envs.tokenizer import TOKENIZER
+    from jaxrl_async.models import transformer as M
     from jaxrl_async.rollout.sampler import Sampler
 
     cfg = M.ModelConfig(vocab_size=TOKENIZER.vocab_size, max_len=steps)

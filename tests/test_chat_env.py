@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from jaxrl_async.envs import ENV_NAMES
-from jaxrl_async.envs.base import expert_episode
 from jaxrl_async.envs import chat_tokenizer as ct
+from jaxrl_async.envs.base import expert_episode
 from jaxrl_async.envs.chat import (
     CHAT_ERRORS,
     ChatEnv,

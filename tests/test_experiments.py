@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxrl_async.experiments import report, sweep as experiments
+from jaxrl_async.experiments import report
+from jaxrl_async.experiments import sweep as experiments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "experiments", "smoke.py")

@@ -13,8 +13,8 @@ import pytest
 
 from jaxrl_async.learner import update as learner_lib
 from jaxrl_async.metrics_log import read_metrics
-from jaxrl_async.runtime.spool import TrajectoryQueue
 from jaxrl_async.runtime.base import queue_dir
+from jaxrl_async.runtime.spool import TrajectoryQueue
 from jaxrl_async.train import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,19 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_async.core import advantages as adv_lib
 from jaxrl_async import config as config_lib
-from jaxrl_async.learner import update as learner_lib
-from jaxrl_async.models import transformer as model_lib
+from jaxrl_async.core import advantages as adv_lib
+from jaxrl_async.core.losses import LossConfig, policy_loss
 from jaxrl_async.envs import make_env
 from jaxrl_async.envs.tokenizer import TOKENIZER
-from jaxrl_async.core.losses import LossConfig, policy_loss
+from jaxrl_async.learner import update as learner_lib
+from jaxrl_async.learner.route import ProximalRoute
 from jaxrl_async.metrics_log import read_metrics
+from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.rollout.sampler import Sampler
 from jaxrl_async.rollout.trajectory import collate
-from jaxrl_async.learner.route import ProximalRoute
-from jaxrl_async.train import train_and_evaluate
 from jaxrl_async.runtime.versions import VersionStore
+from jaxrl_async.train import train_and_evaluate
 
 MAX_LEN = 64
 B = 8

@@ -66,7 +66,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jsonschema
 import numpy as np

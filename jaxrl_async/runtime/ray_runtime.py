@@ -40,13 +40,26 @@ import math
 import os
 import pickle
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 
-from jaxrl_async.runtime.groups import (DeathStreak, Group, GroupKey, GroupLoop, SamplerState, SourceStatus,
-                                        TakenKeys, gate_admits, hung, ledger_dir, queue_dir,
-                                        retained_checkpoints, too_stale)
+from jaxrl_async.runtime.groups import (
+    DeathStreak,
+    Group,
+    GroupKey,
+    GroupLoop,
+    SamplerState,
+    SourceStatus,
+    TakenKeys,
+    gate_admits,
+    hung,
+    ledger_dir,
+    queue_dir,
+    retained_checkpoints,
+    too_stale,
+)
 
 _log = logging.getLogger(__name__)
 NAMESPACE = "jaxrl_async"

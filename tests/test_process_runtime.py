@@ -110,7 +110,7 @@ def test_sampler_sigkill_is_restarted_with_exact_accounting(tmp_path, process_co
     assert summary["steps"] == 8
     rows = _training_rows(workdir)
     assert rows[-1]["samplers/restarts_total"] >= 1
-    g, n = c.rl.groups_per_step, c.rl.group_size
+    g = c.rl.groups_per_step
     dropped = rows[-1]["queue/dropped_stale_total"]
     consumed = _consumed(workdir)
     # No accepted group lost or counted twice: every take is a distinct key, one batch per step.

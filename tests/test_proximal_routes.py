@@ -46,8 +46,10 @@ def _batch(world, switch: bool, numerics="fp32", old_logp=None):
     trajs, _ = sampler.generate([make_env("search", n=8, max_turns=4) for _ in range(B)], list(range(B)),
                                 [i // 2 for i in range(B)], jax.random.key(5), weight_source=ws, chunk=8)
     batch = collate(trajs, MAX_LEN)
-    adv = adv_lib.group_relative(np.asarray([t.reward for t in trajs]).reshape(B // 2, 2) + np.arange(B).reshape(B // 2, 2))
-    return batch.replace(advantages=np.asarray(adv_lib.broadcast_to_tokens(np.asarray(adv).reshape(-1), batch.loss_mask)))
+    rewards = np.asarray([t.reward for t in trajs]).reshape(B // 2, 2) + np.arange(B).reshape(B // 2, 2)
+    adv = adv_lib.group_relative(rewards)
+    token_adv = adv_lib.broadcast_to_tokens(np.asarray(adv).reshape(-1), batch.loss_mask)
+    return batch.replace(advantages=np.asarray(token_adv))
 
 
 def _route(world, source, **proximal):

@@ -125,7 +125,8 @@ class WeightSlot:
         version = int(version)
         cur = int(self._header[_CURRENT])
         if cur >= 0 and version <= int(self._header[_VER + 2 * cur]):
-            raise ValueError(f"versions must strictly increase: got {version} after {int(self._header[_VER + 2 * cur])}")
+            last = int(self._header[_VER + 2 * cur])
+            raise ValueError(f"versions must strictly increase: got {version} after {last}")
         if jax.tree.structure(params) != self._treedef:
             raise ValueError(f"params structure {jax.tree.structure(params)} does not match the slot's {self._treedef}")
         t0 = time.perf_counter()

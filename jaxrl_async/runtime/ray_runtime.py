@@ -509,7 +509,8 @@ class RayRuntime:
         except ImportError as e:
             raise ImportError("config.runtime.mode='ray' needs Ray: pip install -e '.[ray]'") from e
 
-        self.config, self.workdir, self.epoch, self.store, self.log = config, os.path.abspath(workdir), epoch, store, log
+        self.config, self.workdir, self.epoch = config, os.path.abspath(workdir), epoch
+        self.store, self.log = store, log
         self.bound = config.runtime.max_staleness
         g = config.rl.groups_per_step
         self.capacity = config.runtime.queue_capacity or (self.bound + 1) * g

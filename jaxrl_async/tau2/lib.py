@@ -42,4 +42,5 @@ def load() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         LLMAgent=LLMAgent, LLMSoloAgent=LLMSoloAgent, message=message, simulation=simulation, tasks=tasks,
         EvaluationType=EvaluationType, evaluate_simulation=evaluate_simulation, Orchestrator=Orchestrator,
-        Role=Role, registry=registry, run=run, STOP=STOP, DummyUser=DummyUser, UserSimulator=UserSimulator, get_now=get_now)
+        Role=Role, registry=registry, run=run, STOP=STOP, DummyUser=DummyUser, UserSimulator=UserSimulator,
+        get_now=get_now)

@@ -98,8 +98,8 @@ def bench_decode(b: int, steps: int) -> dict:
     key), so the table compares the model calls, not the host-side helpers around them; on
     an accelerator each such helper is a dispatch that costs about as much as a decode step.
     """
-    from jaxrl_async.models import transformer as M
     from jaxrl_async.envs.tokenizer import TOKENIZER
+    from jaxrl_async.models import transformer as M
     from jaxrl_async.rollout.sampler import Sampler
 
     cfg = M.ModelConfig(vocab_size=TOKENIZER.vocab_size, max_len=steps)
@@ -534,17 +534,29 @@ def bench_queue(items: int = 48, latency_items: int = 40) -> dict:
         d = os.path.join(root, "raw")
         os.makedirs(d)
         for i in range(items):
-            t0 = time.perf_counter(); blob = pickle.dumps(item, protocol=5); t1 = time.perf_counter()
-            pickle.loads(blob); t2 = time.perf_counter()
+            t0 = time.perf_counter()
+            blob = pickle.dumps(item, protocol=5)
+            t1 = time.perf_counter()
+            pickle.loads(blob)
+            t2 = time.perf_counter()
             tmp = os.path.join(d, f".tmp{i}")
             with open(tmp, "wb") as f:
-                f.write(blob); f.flush(); t3 = time.perf_counter()
-                os.fsync(f.fileno()); t4 = time.perf_counter()
-            os.replace(tmp, os.path.join(d, f"{i}.item")); t5 = time.perf_counter()
-            fd = os.open(d, os.O_RDONLY); os.fsync(fd); os.close(fd); t6 = time.perf_counter()
+                f.write(blob)
+                f.flush()
+                t3 = time.perf_counter()
+                os.fsync(f.fileno())
+                t4 = time.perf_counter()
+            os.replace(tmp, os.path.join(d, f"{i}.item"))
+            t5 = time.perf_counter()
+            fd = os.open(d, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            t6 = time.perf_counter()
             with open(os.path.join(d, f"{i}.item"), "rb") as f:
                 f.read()
-            t7 = time.perf_counter(); os.listdir(d); t8 = time.perf_counter()
+            t7 = time.perf_counter()
+            os.listdir(d)
+            t8 = time.perf_counter()
             for name, dt in zip(raw, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7)):
                 raw[name].append(dt)
         out["raw_ms"] = {name: 1e3 * float(np.median(v)) for name, v in raw.items()}
@@ -799,8 +811,9 @@ def _print_handoff(res):
     print(f"| ring buffer only (Orbax save + SHA-256, sampler restores) | {r['disk_latency_ms']:.2f} | "
           f"{r['disk']['latency_max_ms']:.2f} | {r['disk_publish_ms']:.2f} | 1.00 | "
           f"{r['disk_latency_vs_learner_step']:.3f} |")
-    print(f"| shared-memory slot (Orbax in the background) | {r['latency_ms']:.2f} | {r['shm']['latency_max_ms']:.2f} | "
-          f"{r['publish_ms']:.2f} | {1 / r['speedup_vs_disk']:.3f} | {r['latency_vs_learner_step']:.3f} |")
+    print(f"| shared-memory slot (Orbax in the background) | {r['latency_ms']:.2f} | "
+          f"{r['shm']['latency_max_ms']:.2f} | {r['publish_ms']:.2f} | {1 / r['speedup_vs_disk']:.3f} | "
+          f"{r['latency_vs_learner_step']:.3f} |")
     print(f"learner step (same run, median): {r['learner_step_ms']:.1f} ms; of the slot path's critical path "
           f"(medians): {r['shm']['slot_write_ms']:.2f} ms writing the slot, {r['shm']['publish_wait_ms']:.2f} ms "
           f"waiting for the previous background Orbax write\n")

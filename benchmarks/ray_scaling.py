@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    header = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
               "load_before": _load(), "command": " ".join([os.path.basename(sys.executable), "-m",
                                                             "benchmarks.ray_scaling", *sys.argv[1:]])}

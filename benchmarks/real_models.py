@@ -13,8 +13,9 @@ Decode: the bare KV-cache decode step (`llama.decode_step`; bf16 inference weigh
 on the GPU shapes, float32 for the tiny ones as their config samples: bf16 is emulated, slow,
 on a CPU) in a Python loop, at each batch; its bound is the weight bytes read per step over the
 memory bandwidth (the GPU's HBM figure, or a large copy measured in the same run on a CPU;
-the KV cache's own bytes are not in the bound; the cache holds `decode_len` positions). Peak memory: the device's peak bytes in use
-on a GPU, the process's peak resident memory on a CPU. JSON to `runs/bench_real_models.json`.
+the KV cache's own bytes are not in the bound; the cache holds `decode_len` positions). Peak
+memory: the device's peak bytes in use on a GPU, the process's peak resident memory on a CPU.
+JSON to `runs/bench_real_models.json`.
 """
 
 from __future__ import annotations
@@ -160,14 +161,16 @@ def run(shapes: str, out: str = "runs/bench_real_models.json", learner_steps: in
     dev = jax.devices()[0]
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {dev.device_kind} x{jax.device_count()}, "
                       f"jax {jax.__version__}",
-           "shapes": shapes, "decode_numerics": spec["numerics"], "matmul_params": matmul_params(cfg), "peaks_from": peaks_from,
+           "shapes": shapes, "decode_numerics": spec["numerics"], "matmul_params": matmul_params(cfg),
+           "peaks_from": peaks_from,
            "peak_flops_per_s": peak_flops, "bandwidth_bytes_per_s": bandwidth, "learner": [], "decode": []}
     for b, t in spec["learner"]:
         r = bench_learner(cfg, b, t, learner_steps)
         r["mfu"] = r["model_flops_per_s"] / peak_flops if peak_flops else None
         res["learner"].append(r)
     for b in spec["decode"]:
-        r = bench_decode(dataclasses.replace(cfg, max_len=spec["decode_len"]), b, spec["decode_steps"], spec["numerics"])
+        decode_cfg = dataclasses.replace(cfg, max_len=spec["decode_len"])
+        r = bench_decode(decode_cfg, b, spec["decode_steps"], spec["numerics"])
         r["bound_tokens_per_s"] = b * bandwidth / r["weight_bytes"] if bandwidth else None
         r["vs_bound"] = r["tokens_per_s"] / r["bound_tokens_per_s"] if bandwidth else None
         res["decode"].append(r)
@@ -182,13 +185,14 @@ def run(shapes: str, out: str = "runs/bench_real_models.json", learner_steps: in
 def print_tables(res: dict) -> None:
     print(f"machine: {res['machine']}; Qwen3 shapes {res['shapes']!r}, random weights, "
           f"{res['matmul_params'] / 1e6:.1f}M matmul parameters; peaks: {res['peaks_from']}")
-    print("\n| learner (RL update, float32 params) | tokens/s | step s | model TFLOP/s | MFU |\n|---|---:|---:|---:|---:|")
+    print("\n| learner (RL update, float32 params) | tokens/s | step s | model TFLOP/s | MFU |\n"
+          "|---|---:|---:|---:|---:|")
     for r in res["learner"]:
         mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         print(f"| [{r['batch']}, {r['seq_len']}] | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
               f"{r['model_flops_per_s'] / 1e12:.3f} | {mfu} |")
-    print(f"\n| decode ({res['decode_numerics']} weights and KV cache, bare step) | tokens/s | ms per step | weight-bandwidth bound tokens/s | "
-          "of the bound |\n|---|---:|---:|---:|---:|")
+    print(f"\n| decode ({res['decode_numerics']} weights and KV cache, bare step) | tokens/s | ms per step | "
+          "weight-bandwidth bound tokens/s | of the bound |\n|---|---:|---:|---:|---:|")
     for r in res["decode"]:
         bound = "" if r["bound_tokens_per_s"] is None else f"{r['bound_tokens_per_s']:.0f}"
         share = "" if r["vs_bound"] is None else f"{100 * r['vs_bound']:.1f}%"
@@ -205,5 +209,6 @@ def main(argv):
 
 if __name__ == "__main__":
     # Defined here, not at import: `benchmarks.run` imports this module beside its own flags.
-    flags.DEFINE_enum("shapes", None, list(SHAPES), "Model shapes; default: tiny on a CPU, qwen3_0p6b on an accelerator.")
+    flags.DEFINE_enum("shapes", None, list(SHAPES),
+                      "Model shapes; default: tiny on a CPU, qwen3_0p6b on an accelerator.")
     app.run(main)

@@ -20,9 +20,8 @@ and `tau2`.
     .venv/bin/python -m benchmarks.run [--full] [--sections=loss,decode,routes]
 """
 
-from absl import app, flags, logging
-
 import jax
+from absl import app, flags, logging
 
 from benchmarks import kernels, real_models, routes
 

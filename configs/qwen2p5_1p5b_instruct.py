@@ -25,7 +25,8 @@ def get_config():
     c.model.family = "qwen2"
     c.model.checkpoint = config_dict.placeholder(str)  # required: --config.model.checkpoint=/path
     c.model.max_len = 1024  # the longest episode (system prompt with tool schemas + 5 turns) is well under 1k
-    c.model.remat = True  # learner activations: 128 rows x 1k tokens x 28 layers (1.5B) fit in 80 GB only rematerialised
+    # Learner activations: 128 rows x 1k tokens x 28 layers (1.5B) fit in 80 GB only rematerialised.
+    c.model.remat = True
 
     c.numerics.dtype = "bf16"  # sampler weights and KV cache in bf16 (the learner stays fp32)
 

@@ -22,7 +22,8 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -35,7 +36,6 @@ from jaxrl_async.learner import update as learner_lib
 from jaxrl_async.learner.checkpoints import CheckpointMismatch, Checkpoints
 from jaxrl_async.learner.route import ProximalRoute
 from jaxrl_async.learner.warmstart import warmstart_params
-from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.rollout.evaluate import Evaluator, rollout_metrics
 from jaxrl_async.rollout.trajectory import Batch, Trajectory, collate
 from jaxrl_async.runtime import base as runtime_base

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxrl_async.experiments import report, sweep as experiments
+from jaxrl_async.experiments import report
+from jaxrl_async.experiments import sweep as experiments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "experiments", "smoke.py")
@@ -291,7 +292,8 @@ def test_bootstrap_ci_golden_values_and_edge_cases():
     assert (ci.low, ci.high) == pytest.approx((1.8, 4.2))
     assert report.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0], seed=0) == ci  # reproducible
     assert report.bootstrap_ci([1.0, np.nan, 2.0, 3.0, np.inf, 4.0, 5.0], seed=0) == ci  # non-finite dropped
-    assert ci.fmt(2) == "3.00 [1.80, 4.20]" and report.bootstrap_ci([0.25], seed=0).fmt(1, pct=True) == "25.0% [25.0, 25.0]"
+    assert ci.fmt(2) == "3.00 [1.80, 4.20]"
+    assert report.bootstrap_ci([0.25], seed=0).fmt(1, pct=True) == "25.0% [25.0, 25.0]"
     one = report.bootstrap_ci([0.7])
     assert (one.estimate, one.low, one.high, one.n) == (0.7, 0.7, 0.7, 1)
     empty = report.bootstrap_ci([np.nan])

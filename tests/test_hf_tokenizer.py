@@ -85,7 +85,7 @@ QWEN_TEMPLATE = """{%- if tools %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
-"""
+"""  # noqa: E501  (a Jinja chat template: its long lines are part of the text, kept verbatim)
 
 LLAMA_TEMPLATE = """{{- bos_token }}
 {%- if not date_string is defined %}
@@ -137,7 +137,7 @@ LLAMA_TEMPLATE = """{{- bos_token }}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
 {%- endif %}
-"""
+"""  # noqa: E501  (a Jinja chat template: its long lines are part of the text, kept verbatim)
 
 TOOLS = [{
     "type": "function",

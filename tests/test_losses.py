@@ -754,7 +754,7 @@ def test_extreme_ppo_log_ratio_is_clamped(old):
     old_logp = lp.copy() if old else None
     for config in (LossConfig(), ALL_ON, LossConfig(dual_clip=3.0, is_mode="none")):
         (loss, metrics), grad = jax.jit(jax.value_and_grad(
-            lambda x: policy_loss(x, prox, beh, adv, mask, config, old_logp), has_aux=True))(lp)
+            lambda x, config=config: policy_loss(x, prox, beh, adv, mask, config, old_logp), has_aux=True))(lp)
         assert np.isfinite(loss)
         assert np.all(np.isfinite(grad))
         for key, value in metrics.items():

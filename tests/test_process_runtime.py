@@ -13,8 +13,8 @@ import pytest
 
 from jaxrl_async.learner import update as learner_lib
 from jaxrl_async.metrics_log import read_metrics
-from jaxrl_async.runtime.spool import TrajectoryQueue
 from jaxrl_async.runtime.base import queue_dir
+from jaxrl_async.runtime.spool import TrajectoryQueue
 from jaxrl_async.train import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +110,7 @@ def test_sampler_sigkill_is_restarted_with_exact_accounting(tmp_path, process_co
     assert summary["steps"] == 8
     rows = _training_rows(workdir)
     assert rows[-1]["samplers/restarts_total"] >= 1
-    g, n = c.rl.groups_per_step, c.rl.group_size
+    g = c.rl.groups_per_step
     dropped = rows[-1]["queue/dropped_stale_total"]
     consumed = _consumed(workdir)
     # No accepted group lost or counted twice: every take is a distinct key, one batch per step.

@@ -7,19 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_async.core import advantages as adv_lib
 from jaxrl_async import config as config_lib
-from jaxrl_async.learner import update as learner_lib
-from jaxrl_async.models import transformer as model_lib
+from jaxrl_async.core import advantages as adv_lib
+from jaxrl_async.core.losses import LossConfig, policy_loss
 from jaxrl_async.envs import make_env
 from jaxrl_async.envs.tokenizer import TOKENIZER
-from jaxrl_async.core.losses import LossConfig, policy_loss
+from jaxrl_async.learner import update as learner_lib
+from jaxrl_async.learner.route import ProximalRoute
 from jaxrl_async.metrics_log import read_metrics
+from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.rollout.sampler import Sampler
 from jaxrl_async.rollout.trajectory import collate
-from jaxrl_async.learner.route import ProximalRoute
-from jaxrl_async.train import train_and_evaluate
 from jaxrl_async.runtime.versions import VersionStore
+from jaxrl_async.train import train_and_evaluate
 
 MAX_LEN = 64
 B = 8
@@ -46,8 +46,10 @@ def _batch(world, switch: bool, numerics="fp32", old_logp=None):
     trajs, _ = sampler.generate([make_env("search", n=8, max_turns=4) for _ in range(B)], list(range(B)),
                                 [i // 2 for i in range(B)], jax.random.key(5), weight_source=ws, chunk=8)
     batch = collate(trajs, MAX_LEN)
-    adv = adv_lib.group_relative(np.asarray([t.reward for t in trajs]).reshape(B // 2, 2) + np.arange(B).reshape(B // 2, 2))
-    return batch.replace(advantages=np.asarray(adv_lib.broadcast_to_tokens(np.asarray(adv).reshape(-1), batch.loss_mask)))
+    rewards = np.asarray([t.reward for t in trajs]).reshape(B // 2, 2) + np.arange(B).reshape(B // 2, 2)
+    adv = adv_lib.group_relative(rewards)
+    token_adv = adv_lib.broadcast_to_tokens(np.asarray(adv).reshape(-1), batch.loss_mask)
+    return batch.replace(advantages=np.asarray(token_adv))
 
 
 def _route(world, source, **proximal):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from jaxrl_async.core import advantages as adv_lib
-from jaxrl_async.learner import update as learner_lib
-from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.envs import make_env
 from jaxrl_async.envs.tokenizer import TOKENIZER
+from jaxrl_async.learner import update as learner_lib
+from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.rollout.sampler import RolloutStats, Sampler
 from jaxrl_async.rollout.trajectory import collate
 

@@ -314,8 +314,9 @@ class FakeSource:
 
 
 def _group(key, sv, n=2):
-    from jaxrl_async.rollout.trajectory import Trajectory
     import numpy as np
+
+    from jaxrl_async.rollout.trajectory import Trajectory
 
     t = Trajectory(tokens=np.zeros(3, np.int32), loss_mask=np.ones(3, bool), behav_logp=np.zeros(3, np.float32),
                    versions=np.zeros(3, np.int32), reward=0.0, success=False, num_turns=1, group_id=7, task_seed=0)

@@ -16,13 +16,13 @@ import numpy as np
 import psutil
 import pytest
 
-from jaxrl_async.models import transformer as model_lib
+from jaxrl_async.core.buckets import bucket
 from jaxrl_async.envs import make_env
 from jaxrl_async.envs.tokenizer import TOKENIZER
-from jaxrl_async.core.buckets import bucket
-from jaxrl_async.runtime.scorer import LogProbScorer, ScorerError
+from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.rollout.sampler import Sampler
 from jaxrl_async.rollout.trajectory import collate
+from jaxrl_async.runtime.scorer import LogProbScorer, ScorerError
 from jaxrl_async.runtime.versions import VersionStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

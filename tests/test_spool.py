@@ -10,8 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from jaxrl_async.runtime import spool as q
 from jaxrl_async.rollout.trajectory import Trajectory
+from jaxrl_async.runtime import spool as q
 
 
 def _traj(key: str, i: int, length: int = 8) -> Trajectory:
@@ -293,9 +293,9 @@ def test_timing_accounts_for_put_and_take(tmp_path):
 
 
 def test_queue_fsync_config_is_validated():
-    from jaxrl_async import config as config_lib
-
     from ml_collections import config_dict
+
+    from jaxrl_async import config as config_lib
 
     assert config_lib.base_config().runtime.queue_fsync is True
     d = config_lib.base_config().to_dict()

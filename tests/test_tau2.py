@@ -97,7 +97,8 @@ def last_turn_think(tmp_path_factory):
     shutil.copytree(ct.SHIPPED_TOKENIZER, path)
     head = "{{- '<|im_start|>' + message.role }}"
     assert ct.CHATML_TEMPLATE.count(head) == 1
-    template = ct.CHATML_TEMPLATE.replace(head, head + "{%- if loop.last %}{{- '\\n<think>\\n\\n</think>\\n' }}{%- endif %}")
+    think = "{%- if loop.last %}{{- '\\n<think>\\n\\n</think>\\n' }}{%- endif %}"
+    template = ct.CHATML_TEMPLATE.replace(head, head + think)
     with open(f"{path}/chat_template.jinja", "w") as f:
         f.write(template)
     return hf.load_tokenizer(path)

@@ -12,8 +12,9 @@ same schedule. The loss is the default decoupled loss with token-level truncatio
 Axes: the exact route `snapshot` stands for all three exact routes in the grid (they give
 the same pi_old to 1e-5, tested in tests/test_proximal_routes.py); the second block runs
 every route, `dedicated`, `interrupt` and plain `ewma` included, at one setting (staleness
-4, bf16), to show the exact routes learn the same and to measure every route's cost. Staleness s: tokens s and s + 1 versions old (see
-`experiments.set_staleness`); numerics: the sampler's dtype (the learner is fp32).
+4, bf16), to show the exact routes learn the same and to measure every route's cost.
+Staleness s: tokens s and s + 1 versions old (see `experiments.set_staleness`); numerics:
+the sampler's dtype (the learner is fp32).
 """
 
 from jaxrl_async.config import base_config

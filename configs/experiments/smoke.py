@@ -31,5 +31,6 @@ def get_sweep():
     return [
         {"proximal.source": ("snapshot", "recompute"), "staleness": (0, 2), "numerics.dtype": ("bf16",),
          "seed": (0, 1)},
-        {"proximal.source": tuple(r.value for r in Route), "staleness": (2,), "numerics.dtype": ("bf16",), "seed": (0,)},
+        {"proximal.source": tuple(r.value for r in Route), "staleness": (2,), "numerics.dtype": ("bf16",),
+         "seed": (0,)},
     ]

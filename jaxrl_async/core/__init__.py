@@ -1,1 +1,4 @@
-"""The math: the decomposed-ratio policy loss, advantages, and the proximal routes' pure pieces (no I/O, no processes)."""
+"""The math: the decomposed-ratio policy loss, advantages, and the proximal routes' pure pieces.
+
+No I/O, no processes.
+"""

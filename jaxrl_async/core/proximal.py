@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 
-class Route(str, enum.Enum):
+class Route(str, enum.Enum):  # noqa: UP042  (not StrEnum: that would change str(Route.X))
     """`proximal.source`: where `prox = log pi_prox` comes from (docs/design.md section 3).
 
     The exact routes give the true `pi_old` of each token's version and differ only in

@@ -32,7 +32,7 @@ import abc
 import dataclasses
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -66,7 +66,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -383,14 +384,17 @@ class ChatEnv:
 
     # ---- sizes --------------------------------------------------------------------------
     def _compute_bounds(self) -> tuple[int, int, int]:
-        key = (id(self.tokenizer), getattr(self.tokenizer, "path", None), self.tokenizer.chat_template, self.format, self.system_prompt,
-               type(self.env).__name__, tuple(sorted((k, v) for k, v in vars(self.env).items()
-                                                    if isinstance(v, (int, float, str, bool)) and not k.startswith("_"))))
+        env_fields = tuple(sorted((k, v) for k, v in vars(self.env).items()
+                                  if isinstance(v, (int, float, str, bool)) and not k.startswith("_")))
+        key = (id(self.tokenizer), getattr(self.tokenizer, "path", None), self.tokenizer.chat_template, self.format,
+               self.system_prompt, type(self.env).__name__, env_fields)
         if key in _BOUNDS_CACHE:
             return _BOUNDS_CACHE[key]
         spec = self.spec
-        prompt = _slot_bound(lambda w: len(self.tokenizer.apply_chat_template(
-            self._intro(spec.user_message(w)), tools=self.tools, add_generation_prompt=True)), spec.prompt_shape(self.env))
+        prompt = _slot_bound(
+            lambda w: len(self.tokenizer.apply_chat_template(self._intro(spec.user_message(w)), tools=self.tools,
+                                                             add_generation_prompt=True)),
+            spec.prompt_shape(self.env))
         base = [{"role": "user", "content": "x"}, self._call_message("x", {})]
 
         def obs_len(content: str) -> int:

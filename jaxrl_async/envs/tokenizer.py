@@ -14,7 +14,7 @@ Layout of the ids::
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 # Largest whole number with its own token.
 MAX_NUMBER = 99

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -216,7 +216,8 @@ def learning_table(runs: pd.DataFrame, curves: pd.DataFrame, dtype: str, target:
     for src in routes_in(rows):
         finals = [fmt(_at(stats, (src, st), "success_final"), _at(stats, (src, st), "success_final", "std"))
                   for st in stal]
-        reach = [f"{fmt(_at(stats, g, 'to_target_step'), digits=0)} / {fmt(_at(stats, g, 'to_target_wall_s'), digits=0)} "
+        reach = [f"{fmt(_at(stats, g, 'to_target_step'), digits=0)} / "
+                 f"{fmt(_at(stats, g, 'to_target_wall_s'), digits=0)} "
                  f"({_at(stats, g, 'to_target_step', 'n')}/{_at(stats, g, 'rows')})" if g in stats.index else "n/a"
                  for g in ((src, st) for st in stal)]
         body.append([src] + finals + reach)
@@ -556,9 +557,9 @@ def three_term_learning_table(rows: pd.DataFrame, target: float, **bootstrap) ->
             bootstrap_ci(audit, **bootstrap).fmt(2, pct=True),
             bootstrap_ci(sel.get("staleness/is_truncated_frac", pd.Series(dtype=float)), **bootstrap).fmt(2, pct=True),
             bootstrap_ci(sel["ratio/effective_clip_frac"], **bootstrap).fmt(2, pct=True)])
-    columns = ["route", "seeds", "final success", f"steps to {target:g} (reached)", f"learner s to {target:g} (runs reaching it)",
-               "discrepancy rejected", "discrepancy truncated", "recompute would reject (audit)",
-               "staleness weight truncated", "effective clip"]
+    columns = ["route", "seeds", "final success", f"steps to {target:g} (reached)",
+               f"learner s to {target:g} (runs reaching it)", "discrepancy rejected", "discrepancy truncated",
+               "recompute would reject (audit)", "staleness weight truncated", "effective clip"]
     return markdown(pd.DataFrame(body, columns=columns))
 
 
@@ -591,7 +592,7 @@ def three_term_comparisons(rows: pd.DataFrame, pairs, **bootstrap) -> str:
         if a not in present or b not in present:
             continue
 
-        def paired(key, kind):
+        def paired(key, kind, a=a, b=b):  # binds this pair (B023)
             sa, sb = _by_seed(rows, a, key), _by_seed(rows, b, key)
             seeds = sa.index.intersection(sb.index)
             return bootstrap_compare(sa[seeds], sb[seeds], kind=kind, **bootstrap)

@@ -7,7 +7,8 @@ a `Batch` of `[B, T]` arrays, the one type the learner's proximal route and upda
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import flax.struct
 import numpy as np

@@ -29,9 +29,9 @@ import numpy as np
 from jaxrl_async import config as config_lib
 from jaxrl_async.core.proximal import Route
 from jaxrl_async.rollout.sampler import RolloutStats, Sampler
+from jaxrl_async.rollout.trajectory import Trajectory
 from jaxrl_async.runtime.groups import queue_dir, sampler_batch_metrics  # noqa: F401  (re-exported)
 from jaxrl_async.runtime.scorer import LogProbScorer
-from jaxrl_async.rollout.trajectory import Trajectory
 
 
 class Runtime(Protocol):

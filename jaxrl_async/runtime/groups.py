@@ -28,7 +28,8 @@ import logging
 import os
 import re
 import time
-from typing import Callable, Iterable, Optional, Protocol
+from collections.abc import Callable, Iterable
+from typing import Optional, Protocol
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class GroupKey:
     __str__ = format
 
     @classmethod
-    def parse(cls, key: str) -> "GroupKey":
+    def parse(cls, key: str) -> GroupKey:
         """The inverse of `format`; ValueError for anything else."""
         m = _KEY.fullmatch(key) if isinstance(key, str) else None
         if m is None:
@@ -96,7 +97,7 @@ class GroupKey:
         return cls(*(int(x) for x in m.groups()))
 
     @classmethod
-    def try_parse(cls, key: str) -> Optional["GroupKey"]:
+    def try_parse(cls, key: str) -> Optional[GroupKey]:
         try:
             return cls.parse(key)
         except ValueError:

@@ -101,7 +101,7 @@ class WeightSlot:
         self.stats = {"writes": 0, "reads": 0, "read_retries": 0, "write_s": 0.0}
 
     @classmethod
-    def create(cls, target, name: Optional[str] = None) -> "WeightSlot":
+    def create(cls, target, name: Optional[str] = None) -> WeightSlot:
         """A new, empty slot (the learner's); `name` defaults to a unique one."""
         check_platform()
         _, size, _ = _layout(target)
@@ -109,7 +109,7 @@ class WeightSlot:
         return cls(shared_memory.SharedMemory(name=name, create=True, size=_HEADER + 2 * size), target, owner=True)
 
     @classmethod
-    def attach(cls, name: str, target) -> "WeightSlot":
+    def attach(cls, name: str, target) -> WeightSlot:
         """The slot `name` created by a learner (FileNotFoundError if it is gone)."""
         check_platform()
         return cls(shared_memory.SharedMemory(name=name), target, owner=False)
@@ -125,7 +125,8 @@ class WeightSlot:
         version = int(version)
         cur = int(self._header[_CURRENT])
         if cur >= 0 and version <= int(self._header[_VER + 2 * cur]):
-            raise ValueError(f"versions must strictly increase: got {version} after {int(self._header[_VER + 2 * cur])}")
+            last = int(self._header[_VER + 2 * cur])
+            raise ValueError(f"versions must strictly increase: got {version} after {last}")
         if jax.tree.structure(params) != self._treedef:
             raise ValueError(f"params structure {jax.tree.structure(params)} does not match the slot's {self._treedef}")
         t0 = time.perf_counter()

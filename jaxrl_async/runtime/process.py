@@ -20,12 +20,13 @@ compacted (`spool.TrajectoryQueue.compact`), so the queue's record of them stays
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from jaxrl_async.runtime import sampler_process
 from jaxrl_async.runtime.base import queue_dir, ring_capacity
 from jaxrl_async.runtime.groups import Group, GroupLoop, SourceStatus, retained_checkpoints, too_stale
 from jaxrl_async.runtime.spool import TrajectoryQueue
+
 
 class SpoolSource:
     """The spool queue and its sampler processes as a `groups.GroupSource`."""

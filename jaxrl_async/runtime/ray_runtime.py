@@ -40,13 +40,26 @@ import math
 import os
 import pickle
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 
-from jaxrl_async.runtime.groups import (DeathStreak, Group, GroupKey, GroupLoop, SamplerState, SourceStatus,
-                                        TakenKeys, gate_admits, hung, ledger_dir, queue_dir,
-                                        retained_checkpoints, too_stale)
+from jaxrl_async.runtime.groups import (
+    DeathStreak,
+    Group,
+    GroupKey,
+    GroupLoop,
+    SamplerState,
+    SourceStatus,
+    TakenKeys,
+    gate_admits,
+    hung,
+    ledger_dir,
+    queue_dir,
+    retained_checkpoints,
+    too_stale,
+)
 
 _log = logging.getLogger(__name__)
 NAMESPACE = "jaxrl_async"
@@ -496,7 +509,8 @@ class RayRuntime:
         except ImportError as e:
             raise ImportError("config.runtime.mode='ray' needs Ray: pip install -e '.[ray]'") from e
 
-        self.config, self.workdir, self.epoch, self.store, self.log = config, os.path.abspath(workdir), epoch, store, log
+        self.config, self.workdir, self.epoch = config, os.path.abspath(workdir), epoch
+        self.store, self.log = store, log
         self.bound = config.runtime.max_staleness
         g = config.rl.groups_per_step
         self.capacity = config.runtime.queue_capacity or (self.bound + 1) * g

@@ -28,8 +28,9 @@ the learner calls it only while it waits for groups. A sampler that dies is rest
 its set-up finished) `STARTUP_DEATHS` times in a row stops the run with an error: a sampler
 that cannot start would otherwise be restarted forever. The usual cause is a script that
 trains at import, without `if __name__ == "__main__":`: spawn re-runs it in every sampler,
-where the run refuses to start (`base.refuse_in_spawn_bootstrap`). Each sampler also appends one line per group it queues to `WORKDIR/queue/ledger/` (key,
-start version, whether the queue already had it), which the soak driver's accounting reads.
+where the run refuses to start (`base.refuse_in_spawn_bootstrap`). Each sampler also appends
+one line per group it queues to `WORKDIR/queue/ledger/` (key, start version, whether the
+queue already had it), which the soak driver's accounting reads.
 """
 
 from __future__ import annotations

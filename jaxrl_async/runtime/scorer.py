@@ -43,8 +43,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from multiprocessing.connection import Connection
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -138,7 +139,7 @@ class LogProbScorer:
 
     def start(self, versions_dir: str, ring_capacity: int, model_config, seed: int, *,
               warmup_rows: int = 0, keep_versions: Optional[int] = None,
-              env: Optional[dict] = None, disk_wait_s: float = _DISK_WAIT_S) -> "LogProbScorer":
+              env: Optional[dict] = None, disk_wait_s: float = _DISK_WAIT_S) -> LogProbScorer:
         """Starts the scorer process and returns self without waiting for it to be ready.
 
         versions_dir, ring_capacity: the ring buffer (`versions.VersionStore`, opened
@@ -230,7 +231,7 @@ class LogProbScorer:
                 proc.kill()
                 proc.wait()
 
-    def __enter__(self) -> "LogProbScorer":
+    def __enter__(self) -> LogProbScorer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -323,7 +323,7 @@ class TrajectoryQueue:
         t1 = time.perf_counter()
         t["take_scan_s"] += t1 - t0
         out = []
-        for _, sv, ns, qkey, name in waiting[:n]:
+        for _, _sv, _ns, _qkey, name in waiting[:n]:
             dst = os.path.join(self._accepted, f"{self._step}.{name}")
             # The rename is the commit: from here the key is consumed. A crash before the
             # read below leaves it accepted at this step, which `recover` brings back.

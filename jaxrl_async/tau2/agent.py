@@ -16,7 +16,7 @@ import functools
 from jaxrl_async.tau2 import lib as lib_module
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def agent_classes():
     """(agent, solo agent) classes built on tau2's (created once, after tau2 is imported)."""
     lib = lib_module.load()

@@ -36,7 +36,8 @@ def paper_config(domain: str) -> config_dict.ConfigDict:
 
     c.model.family = "qwen3"
     c.model.checkpoint = config_dict.placeholder(str)  # required: --config.model.checkpoint=/path
-    c.model.max_len = 16384  # the system prompt with the policy and tools is ~3-6k tokens; long episodes end at the context
+    # The system prompt with the policy and tools is ~3-6k tokens; long episodes end at the context.
+    c.model.max_len = 16384
     c.model.remat = True
     c.numerics.dtype = "bf16"
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -243,7 +243,8 @@ class Tau2Env:
                 self._advance()
             except UserFailure as e:
                 self._user_failure = str(e)
-            self._msgs += [chat.template_message(self.lib, m) for m in self.orch.agent_state.messages + self._incoming()]
+            history = self.orch.agent_state.messages + self._incoming()
+            self._msgs += [chat.template_message(self.lib, m) for m in history]
         text = self.render(self._msgs, True)
         self._texts = [text]
         return self.encode(text)

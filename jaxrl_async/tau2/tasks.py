@@ -16,7 +16,7 @@ DOMAINS = ("retail", "airline", "telecom", "mock")
 SOLO_DOMAINS = ("telecom", "mock")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def splits(domain: str) -> dict[str, list[str]]:
     """The domain's named splits (task ids); {} where it has none."""
     check_domain(domain)
@@ -28,7 +28,7 @@ def check_domain(domain: str, field: str = "task.kwargs.domain") -> None:
         raise ValueError(f"{field} must be one of {DOMAINS}; got {domain!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(domain: str, split: str = "base", solo: bool = False) -> tuple:
     """The tasks of ``domain``'s ``split`` (in tau2's order); solo: those valid in solo mode."""
     check_domain(domain)

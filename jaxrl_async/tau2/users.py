@@ -62,7 +62,7 @@ def user_action_groups(task) -> list[list]:
     return groups
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def user_classes():
     """(scripted user, openai user) classes built on tau2's ``UserSimulator``."""
     lib = lib_module.load()

@@ -122,7 +122,8 @@ def print_table(res: dict) -> None:
           f"{'sampler tok/s':>14} {'overhead':>9} {'same tokens':>12} {'batches':>8}")
     for r in res["rows"]:
         print(f"{r['concurrency']:>5} {r['requests']:>5} {r['http_requests_per_s']:>11.1f} "
-              f"{r['sampler_requests_per_s']:>14.1f} {r['http_tokens_per_s']:>11.0f} {r['sampler_tokens_per_s']:>14.0f} "
+              f"{r['sampler_requests_per_s']:>14.1f} {r['http_tokens_per_s']:>11.0f} "
+              f"{r['sampler_tokens_per_s']:>14.0f} "
               f"{100 * r['overhead']:>8.1f}% {str(r['same_tokens']):>12} {r['server_batches']:>8}")
 
 

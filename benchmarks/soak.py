@@ -404,7 +404,8 @@ def soak(args) -> dict:
         kinds = kinds + ("scorer_kill",)
 
     # A persistent compilation cache: restarted learners and samplers skip most of their compile time.
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.abspath(args.compile_cache or os.path.join(workdir, "jax_cache")))
+    cache_dir = os.path.abspath(args.compile_cache or os.path.join(workdir, "jax_cache"))
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir)
     if ray_mode:
         args.ray_address = _start_ray(args, env)
         if "RAY_AUTH_MODE" in os.environ:  # ray.init turned token auth on for its cluster: the learners follow
@@ -453,7 +454,8 @@ def soak(args) -> dict:
             if learner.poll() is not None:  # died by itself (a fault we injected kills it only via learner_kill)
                 unexpected_exits += 1
                 exit_fault = {"kind": "learner_exit", "t": now, "at_s": now - t0, "step": progress.last_step,
-                              "detail": f"status {learner.returncode}" + (f" after {pending['kind']}" if pending else ""),
+                              "detail": f"status {learner.returncode}"
+                                        + (f" after {pending['kind']}" if pending else ""),
                               "log_tail": _tail(log_path, 600)}
                 faults.append(exit_fault)
                 learner = start_learner()
@@ -566,9 +568,13 @@ def soak(args) -> dict:
     by_kind = collections.defaultdict(list)
     for f in faults:
         by_kind[f["kind"]].append(f.get("recovery_s"))
-    table = {k: {"count": len(v), "recovered": sum(x is not None for x in v),
-                 "recovery_median_s": float(np.median([x for x in v if x is not None])) if any(x is not None for x in v) else None,
-                 "recovery_max_s": max((x for x in v if x is not None), default=None)}
+
+    def recovered(v):
+        return [x for x in v if x is not None]
+
+    table = {k: {"count": len(v), "recovered": len(recovered(v)),
+                 "recovery_median_s": float(np.median(recovered(v))) if recovered(v) else None,
+                 "recovery_max_s": max(recovered(v), default=None)}
              for k, v in sorted(by_kind.items())}
     kinds_missing = sorted(set(kinds) - {f["kind"] for f in faults})
     ok = (acc["duplicates_trained"] == 0 and acc["groups_lost"] == 0 and not acc["steps_missing"]

@@ -9,7 +9,6 @@ parsing exactly, whatever a random model would write.
 
 import concurrent.futures
 import json
-import threading
 import time
 
 import numpy as np
@@ -137,11 +136,12 @@ def _post(url, body, raw=None):
     ({"model": "tiny"}, "messages", None),
     ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", None),
     ({"model": "tiny", "messages": CHAT, "temperature": 3}, "temperature", None),
-    ({"model": "tiny", "messages": CHAT, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
-     "tool_choice", None),
+    ({"model": "tiny", "messages": CHAT, "tools": TOOLS,
+      "tool_choice": {"type": "function", "function": {"name": "x"}}}, "tool_choice", None),
     ({"model": "tiny", "messages": CHAT + [{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]},
      "messages[2].tool_calls[0].function", None),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "number " * 400}]}, "messages", "context_length_exceeded"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "number " * 400}]}, "messages",
+     "context_length_exceeded"),
     ({"model": "tiny", "messages": CHAT, "max_tokens": 10_000}, "max_tokens", "context_length_exceeded"),
 ])
 def test_bad_requests_get_400_and_the_server_keeps_serving(served, body, param, code):
@@ -195,6 +195,7 @@ class _ScriptedEngine:
 @pytest.fixture(scope="module")
 def llama_tokenizer(tmp_path_factory):
     from test_chat_env import _save_llama  # the Llama-3.1-like template the chat env is tested on
+
     from jaxrl_async.envs.base import expert_episode
 
     root = tmp_path_factory.mktemp("serve_llama_tok")

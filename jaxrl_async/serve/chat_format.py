@@ -21,7 +21,8 @@ from there and the prefix is part of the text that is parsed.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from jaxrl_async.envs.chat import _CALL_BLOCK, EOT_TOKENS, PARSERS, detect_format
 

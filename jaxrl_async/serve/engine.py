@@ -29,7 +29,8 @@ import concurrent.futures
 import dataclasses
 import threading
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -27,7 +27,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 

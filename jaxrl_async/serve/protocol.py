@@ -135,7 +135,8 @@ def _check_tools(tools: Any) -> Optional[list]:
         f = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict) \
                 or not isinstance(f.get("name"), str) or not f["name"]:
-            raise bad(f"tools[{i}]", "must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}")
+            raise bad(f"tools[{i}]",
+                      "must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}")
     return tools or None
 
 

@@ -15,7 +15,8 @@ import json
 import os
 import time
 import uuid
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import numpy as np
 from jaxrl_async.serve.chat_format import ChatFormat
 from jaxrl_async.serve.engine import Completion, Engine, QueueFull, uncommitted
 from jaxrl_async.serve.episodes import EpisodeRecorder
-from jaxrl_async.serve.protocol import APIError, ChatRequest, MAX_N, bad
+from jaxrl_async.serve.protocol import MAX_N, APIError, ChatRequest, bad
 
 
 @jax.jit

@@ -124,6 +124,18 @@ def state_shardings(state, mesh, axes):
     return jax.tree_util.tree_map_with_path(pick, state)
 
 
+def sharded_train_state(params, optimizer, mesh, axes, ewma: bool = False):
+    """A fresh `learner.update.TrainState` of `params` placed by `state_shardings`: the params are
+    split first, and the optimizer state and EWMA are created split, so the whole state never
+    sits on one device. Returns (state, its shardings)."""
+    from jaxrl_async.learner import update as update_lib
+
+    abstract = jax.eval_shape(lambda p: update_lib.create_train_state(p, optimizer, ewma), params)
+    shardings = state_shardings(abstract, mesh, axes)
+    state = update_lib.create_train_state(jax.device_put(params, shardings.params), optimizer, ewma, shardings)
+    return state, shardings
+
+
 def _paths_and(params, shardings):
     leaves = jax.tree_util.tree_leaves_with_path(params)
     return ([path_names(p) for p, _ in leaves], jax.tree.leaves(shardings), [x for _, x in leaves])

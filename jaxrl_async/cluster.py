@@ -219,7 +219,11 @@ class RLCluster:
         if not resume:  # a fresh run: the workdir's old checkpoints are void (Orbax would skip saving over them)
             shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
         self.checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
-        state = learner_lib.create_train_state(init_params, self.optimizer, ewma=ewma)
+        # The train state on the learner mesh, split by the model's logical axes over fsdp and tensor
+        # (replicated on a data-only mesh); created split, and checkpoints restore into that placement.
+        self.mesh = mesh_lib.mesh_from_config(config)
+        axes = config_lib.model_module(config).param_axes(init_params)
+        state, self.state_sharding = mesh_lib.sharded_train_state(init_params, self.optimizer, self.mesh, axes, ewma)
         restored = None
         if resume and self.checkpoints.all_steps():
             try:
@@ -259,7 +263,7 @@ class RLCluster:
                 params, ws_metrics = warmstart_params(config, self.graphdef, init_params, self.model_config,
                                                       workdir, log)
                 meta.update(ws_metrics)
-                state = learner_lib.create_train_state(params, self.optimizer, ewma=ewma)
+                state, _ = mesh_lib.sharded_train_state(params, self.optimizer, self.mesh, axes, ewma)
             self.store.publish(0, state.params)
         self.store.flush()  # the version the run starts from is on disk before any reader starts
         self.handoff: Optional[WeightSlot] = None
@@ -271,12 +275,7 @@ class RLCluster:
         meta["epoch"] = max(meta["epoch"], _read_epoch(workdir) if restored is not None else -1) + 1
         _write_epoch(workdir, meta["epoch"])
         self.meta, self.start_step = meta, start
-        # The train state on the learner mesh: params and optimizer state split by the model's logical
-        # axes over fsdp and tensor (replicated on a data-only mesh).
-        self.mesh = mesh_lib.mesh_from_config(config)
-        self.state_sharding = mesh_lib.state_shardings(state, self.mesh,
-                                                       config_lib.model_module(config).param_axes(state.params))
-        self.state = jax.device_put(state, self.state_sharding)
+        self.state = jax.device_put(state, self.state_sharding)  # a restored state may come back elsewhere
         self.meta["memory/state_bytes_per_device"] = mesh_lib.bytes_per_device(
             (self.state.params, self.state.opt_state, self.state.ewma))
         log(f"learner mesh {dict(self.mesh.shape)}: memory/state_bytes_per_device = "

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrl_async.models.sharding import MESH_AXES, param_shardings
+from jaxrl_async.models.sharding import MESH_AXES, param_shardings, path_names
 
 DATA_AXIS, FSDP_AXIS, TENSOR_AXIS = MESH_AXES
 ROW_AXES = (DATA_AXIS, FSDP_AXIS)  # batch rows split over both
@@ -99,20 +99,6 @@ def is_sharded(mesh) -> bool:
     return mesh.shape.get(FSDP_AXIS, 1) * mesh.shape.get(TENSOR_AXIS, 1) > 1
 
 
-def _names(path) -> tuple:
-    out = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            out.append(k.key)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            out.append(k.idx)
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            out.append(k.name)
-        else:
-            out.append(str(k))
-    return tuple(out)
-
-
 def state_shardings(state, mesh, axes):
     """NamedShardings of a whole train state (`learner.update.TrainState`) on `mesh`.
 
@@ -128,7 +114,7 @@ def state_shardings(state, mesh, axes):
     whole = NamedSharding(mesh, PartitionSpec())
 
     def pick(path, x):
-        names = _names(path)
+        names = path_names(path)
         for k in lengths:
             hit = by_path.get(names[-k:]) if len(names) >= k else None
             if hit is not None and hit[1] == np.shape(x):
@@ -138,9 +124,21 @@ def state_shardings(state, mesh, axes):
     return jax.tree_util.tree_map_with_path(pick, state)
 
 
+def sharded_train_state(params, optimizer, mesh, axes, ewma: bool = False):
+    """A fresh `learner.update.TrainState` of `params` placed by `state_shardings`: the params are
+    split first, and the optimizer state and EWMA are created split, so the whole state never
+    sits on one device. Returns (state, its shardings)."""
+    from jaxrl_async.learner import update as update_lib
+
+    abstract = jax.eval_shape(lambda p: update_lib.create_train_state(p, optimizer, ewma), params)
+    shardings = state_shardings(abstract, mesh, axes)
+    state = update_lib.create_train_state(jax.device_put(params, shardings.params), optimizer, ewma, shardings)
+    return state, shardings
+
+
 def _paths_and(params, shardings):
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    return ([_names(p) for p, _ in leaves], jax.tree.leaves(shardings), [x for _, x in leaves])
+    return ([path_names(p) for p, _ in leaves], jax.tree.leaves(shardings), [x for _, x in leaves])
 
 
 def bytes_per_device(tree) -> int:

@@ -50,8 +50,16 @@ def make_optimizer(learning_rate: float, grad_clip: float, weight_decay: float =
     )
 
 
-def create_train_state(params, optimizer: optax.GradientTransformation, ewma: bool = False) -> TrainState:
-    """A fresh train state; with `ewma`, an EWMA of the weights that starts as a copy (count 0)."""
+def create_train_state(params, optimizer: optax.GradientTransformation, ewma: bool = False,
+                       shardings=None) -> TrainState:
+    """A fresh train state; with `ewma`, an EWMA of the weights that starts as a copy (count 0).
+
+    shardings: the state's placement (`learner.mesh.state_shardings`, params placed so
+    already): the optimizer state and the EWMA are then built in place, split, never whole on
+    one device.
+    """
+    if shardings is not None:
+        return jax.jit(lambda p: create_train_state(p, optimizer, ewma), out_shardings=shardings)(params)
     return TrainState(params=params, opt_state=optimizer.init(params),
                       step=jnp.zeros((), jnp.int32), version=jnp.zeros((), jnp.int32),
                       ewma=jax.tree.map(jnp.copy, params) if ewma else None,

@@ -67,7 +67,7 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
-def _names(path) -> tuple:
+def path_names(path) -> tuple:
     """The dict keys / attribute names / indices of a pytree path, less the Variable's `.value`."""
     out = []
     for k in path:
@@ -93,7 +93,7 @@ def param_axes(params, table: Mapping[tuple[str, ...], LogicalAxes], family: str
     """
 
     def axes(path, x):
-        names = tuple(n for n in _names(path) if isinstance(n, str))
+        names = tuple(n for n in path_names(path) if isinstance(n, str))
         for k in range(len(names), 0, -1):
             if names[-k:] in table:
                 logical = table[names[-k:]]
@@ -103,7 +103,7 @@ def param_axes(params, table: Mapping[tuple[str, ...], LogicalAxes], family: str
                     raise ValueError(f"{family} parameter {'.'.join(names)} has shape {_shape(x)}, but its "
                                      f"logical axes {logical} name {len(logical)} dimensions")
                 return logical
-        raise ValueError(f"{family} parameter {'.'.join(map(str, _names(path)))} has no logical axes "
+        raise ValueError(f"{family} parameter {'.'.join(map(str, path_names(path)))} has no logical axes "
                          f"(add it to the family's PARAM_AXES)")
 
     # Tuples of names are pytrees: wrap them so they come back as leaves.

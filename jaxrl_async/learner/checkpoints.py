@@ -18,7 +18,8 @@ import logging
 import os
 import shutil
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import jax
 import numpy as np

@@ -63,8 +63,9 @@ def make_mesh(num_devices: int = 0, *, data: int = 0, fsdp: int = 1, tensor: int
     if data == 0:
         n = num_devices or available
         if n % (fsdp * tensor):
+            used = "config.parallel.num_devices" if num_devices else "all JAX sees"
             raise ValueError(f"config.parallel.fsdp * tensor = {fsdp} * {tensor} = {fsdp * tensor} does not divide "
-                             f"the {n} devices used ({'config.parallel.num_devices' if num_devices else 'all JAX sees'})")
+                             f"the {n} devices used ({used})")
         data = n // (fsdp * tensor)
     n = data * fsdp * tensor
     if num_devices and n != num_devices:

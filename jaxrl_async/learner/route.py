@@ -3,14 +3,14 @@
 `ProximalRoute` turns a host batch into the device batch the update reads, with
 `prox_logp` from the configured `proximal.source` (`core.proximal.Route`) and the route's
 cost metrics. With `proximal.anchor` (the three-term loss) an exact source fills
-`old_logp` instead, and `prox_logp` holds the anchor. `snapshot_logp` is the exact snapshot recomputation from the parameter-version
-ring buffer.
+`old_logp` instead, and `prox_logp` holds the anchor. `snapshot_logp` is the exact snapshot
+recomputation from the parameter-version ring buffer.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

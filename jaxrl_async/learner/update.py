@@ -100,8 +100,8 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
     (they depend on `pi_theta`, docs/design.md section 3). With `three_term` (`proximal.anchor`),
     the loss also reads `old_logp` (the exact pi_old; `prox_logp` is then the anchor) and takes
     the three-term form (docs/design.md section 2.6); otherwise `old_logp` is ignored. When the
-    state carries an EWMA it is updated after every optimizer step with decay `ewma_beta`. Metrics are averaged over all gradient
-    steps of the update.
+    state carries an EWMA it is updated after every optimizer step with decay `ewma_beta`. Metrics
+    are averaged over all gradient steps of the update.
 
     Non-finite guard: if the loss or the gradient norm of any gradient step is not finite
     (NaN behaviour log-probs from a broken sampler, an overflow, a corrupt batch), the whole
@@ -130,7 +130,8 @@ def make_rl_update(graphdef, optimizer: optax.GradientTransformation, loss_confi
     def update(state: TrainState, batch: Batch, key, ewma_beta=0.0):
         if three_term:
             if batch.old_logp is None:
-                raise ValueError("three_term update: the batch has no old_logp (the route fills it with proximal.anchor)")
+                raise ValueError("three_term update: the batch has no old_logp "
+                                 "(the route fills it with proximal.anchor)")
         else:
             batch = batch.replace(old_logp=None)  # read through prox_logp only
 

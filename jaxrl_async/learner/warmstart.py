@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +30,6 @@ import orbax.checkpoint as ocp
 from jaxrl_async import config as config_lib
 from jaxrl_async.envs.base import Env, expert_episode
 from jaxrl_async.learner import update as learner_lib
-
 
 # The warm start's format: bump it when the code changes what a warm start produces.
 FORMAT_VERSION = 2
@@ -140,4 +139,5 @@ def run_warmstart(config, graphdef, params, model_config, workdir: str, log) -> 
         nll.append(float(m["sft/nll"]))
         if (i + 1) % 50 == 0 or i + 1 == ws.steps:
             log(f"warm start {i + 1}/{ws.steps}: nll {np.mean(nll[-50:]):.3f}")
-    return state.params, {"warmstart/nll_final": float(np.mean(nll[-20:])), "warmstart/wall_s": time.perf_counter() - t0}
+    return state.params, {"warmstart/nll_final": float(np.mean(nll[-20:])),
+                          "warmstart/wall_s": time.perf_counter() - t0}

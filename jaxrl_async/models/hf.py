@@ -109,7 +109,8 @@ def config_from_hf(hf: dict, max_len: int | None = None, source: str = "config.j
 
     layer_types = hf.get("layer_types") or []
     if hf.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
-        raise CheckpointError(f"{source}: sliding-window attention ('use_sliding_window' / 'layer_types') is not supported")
+        raise CheckpointError(f"{source}: sliding-window attention ('use_sliding_window' / 'layer_types') "
+                              "is not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: field 'hidden_act' = {hf.get('hidden_act')!r}; only 'silu' is supported")
     if float(hf.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
@@ -572,7 +573,8 @@ class HFTokenizer:
         chat = []
         for m in messages:
             m = {k: v for k, v in dict(m).items() if v is not None}
-            reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if m.get(k) is not None), None)
+            keys = ("reasoning_content", "thinking", "reasoning")
+            reasoning = next((m[k] for k in keys if m.get(k) is not None), None)
             if reasoning is not None:
                 m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
             chat.append(m)

@@ -166,7 +166,7 @@ class LlamaConfig:
     def rope_params(self) -> dict[str, Any]:
         return dict(self.rope_scaling or ())
 
-    def replace(self, **changes) -> "LlamaConfig":
+    def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -362,7 +362,7 @@ class LlamaModel(nnx.Module):
         for i, layer in enumerate(self.layers):
             if self.config.remat and cache is None:
                 x, _ = nnx.remat(
-                    lambda lyr, x_: lyr(x_, positions, inv_freq, None, i), policy=policy
+                    lambda lyr, x_, i=i: lyr(x_, positions, inv_freq, None, i), policy=policy
                 )(layer, x)
             else:
                 x, cache = layer(x, positions, inv_freq, cache, i)

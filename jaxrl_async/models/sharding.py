@@ -30,7 +30,7 @@ single-device programs (the sampler's, the reference tests') are unchanged, bit 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np

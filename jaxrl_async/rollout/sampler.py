@@ -301,6 +301,7 @@ class _Slots:
         self.reward = np.zeros(b, np.float64)
         self.success = np.zeros(b, bool)
         self.latency = np.zeros(b, np.float64)
+        self.discarded = [""] * b  # why an episode is no verdict on the agent (Trajectory.discarded)
         # Old-logit bookkeeping (used only when the sampler computes old_logp).
         self.old = np.zeros((b, max_len + 1), np.float32) if old_logp else None
         self.unscored = np.zeros(b, np.int32)  # tokens before this index are scored (or submitted)
@@ -318,6 +319,7 @@ class _Slots:
         self.envs += list(envs)
         self.task_seeds += list(task_seeds)
         self.group_ids += list(group_ids)
+        self.discarded += [""] * k
         grow = {"tokens": np.full((k, m + 1), self.pad, np.int32), "loss_mask": np.zeros((k, m + 1), bool),
                 "behav": np.zeros((k, m + 1), np.float32), "versions": np.full((k, m + 1), -1, np.int32),
                 "budget": np.asarray([e.max_turn_tokens for e in envs], np.int32)}
@@ -388,6 +390,7 @@ class _Slots:
             task_seed=self.task_seeds[i],
             old_logp=None if self.old is None else self.old[i, :ln].copy(),
             tool_latency_s=float(self.latency[i]),
+            discarded=self.discarded[i],
         )
 
 
@@ -667,6 +670,8 @@ class Sampler:
             slots.reward[i] = float(result.reward)
             slots.success[i] = bool(result.info.get("success", False))
             slots.done[i] = True
+            if result.info.get("user_error"):  # the user simulator failed: no verdict on the agent
+                slots.discarded[i] = "user_error"
             # A turn closed by the rollout at position max_len - 1 puts its (context-only)
             # forced EOT at max_len: drop it, episodes never exceed the context.
             slots.truncate(i)

@@ -89,6 +89,11 @@ class RolloutStats:
     loop_steps: int = 0  # decode steps the device ran (decode_steps also counts prefilled context)
     prefill_calls: int = 0
     prefill_tokens: int = 0
+    # Shared-prefix KV cache (`Sampler(prefix_cache=True)`): prefills of the prefix (once per version
+    # and prefix), slots that took it instead of prefilling it, and the tokens they did not prefill.
+    prefix_computes: int = 0
+    prefix_hits: int = 0
+    prefix_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -234,6 +239,18 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
     return st["cache"], st["key"], st["ctx"], st["length"], st["cursor"], st["active"], st["behav"], st["step"]
 
 
+def _copy_prefix(cache, prefix_kv, take):
+    """Copies a prefix's KV (`{"k", "v"}: [L, 1, W, ...]`) into positions 0..W-1 of the cache rows
+    where `take` [B] is set (the cache is donated). Positions of the bucket beyond the prefix are
+    copied too: a slot's positions at or after its cursor are rewritten before they are attended."""
+    def put(c, p):
+        w = p.shape[2]
+        sel = take.reshape((1, -1) + (1,) * (c.ndim - 2))
+        return c.at[:, :, :w].set(jnp.where(sel, p.astype(c.dtype), c[:, :, :w]))
+
+    return jax.tree.map(put, cache, prefix_kv)
+
+
 def _packed_loop(graphdef, treedef, numerics, temperature, model, pad, eot, leaves, cache, key, state, step, limit,
                  per_slot=None):
     """`_decode_loop` with its inputs and outputs packed, so one call moves few arrays.
@@ -294,6 +311,7 @@ class _Slots:
         self.length = np.zeros(b, np.int32)  # tokens in the episode so far
         self.cursor = np.zeros(b, np.int32)  # context tokens already in the KV cache
         self.reread_until = np.zeros(b, np.int32)  # after a weight switch: context the slot must re-read first
+        self.credit = np.zeros(b, np.int32)  # prefix tokens copied into the cache, not yet on the step clock
         self.turn_start = np.zeros(b, np.int32)  # index of the current agent turn's first token
         self.budget = np.asarray([e.max_turn_tokens for e in envs], np.int32)
         self.done = np.zeros(b, bool)
@@ -323,7 +341,7 @@ class _Slots:
         grow = {"tokens": np.full((k, m + 1), self.pad, np.int32), "loss_mask": np.zeros((k, m + 1), bool),
                 "behav": np.zeros((k, m + 1), np.float32), "versions": np.full((k, m + 1), -1, np.int32),
                 "budget": np.asarray([e.max_turn_tokens for e in envs], np.int32)}
-        for name in ("length", "cursor", "reread_until", "turn_start", "num_turns", "unscored"):
+        for name in ("length", "cursor", "reread_until", "turn_start", "num_turns", "unscored", "credit"):
             grow[name] = np.zeros(k, np.int32)
         for name, dtype in (("done", bool), ("success", bool), ("segment_ended", bool), ("reward", np.float64),
                             ("latency", np.float64)):
@@ -408,7 +426,7 @@ class Sampler:
 
     def __init__(self, graphdef, model_config, numerics: model_lib.Numerics,
                  temperature: float = 1.0, exact_route: Optional[Route] = None, scorer=None,
-                 prefill_min: Optional[int] = 16):
+                 prefill_min: Optional[int] = 16, prefix_cache: bool = False):
         """exact_route: None (no `Trajectory.old_logp`), `Route.INTERRUPT` or `Route.DEDICATED`
         (see the module docstring). scorer: a started `runtime.scorer.LogProbScorer` reading the same
         ring buffer the sampler's versions come from; required by `Route.DEDICATED`.
@@ -417,7 +435,13 @@ class Sampler:
         when some slot has at least `prefill_min` known tokens to (re-)read, all pending context
         is instead written in one batched forward (`model_lib.prefill`) before the loop. Short
         observations are cheaper in the loop; a re-read after a weight switch (every slot, its
-        whole context) is much cheaper prefilled. None: never prefill."""
+        whole context) is much cheaper prefilled. None: never prefill.
+        prefix_cache: share the KV cache of the prompts' common prefix (a task's system prompt and
+        tools): it is prefilled once per parameter version, into one row, and copied into every
+        slot that starts (or re-reads) a context beginning with it (`_apply_prefix`). The prefix
+        is the longest common prefix of the contexts seen, at least `prefill_min` tokens; needs
+        `prefill_min`. The same tokens and `behav_logp` as without (the step clock counts the
+        copied prefix as prefilled), up to the float rounding of a prefill of another shape."""
         if exact_route is not None:
             exact_route = Route(exact_route)
             if not exact_route.sampler_side:
@@ -435,6 +459,12 @@ class Sampler:
         if prefill_min is not None and prefill_min < 2:
             raise ValueError(f"prefill_min must be None or >= 2, got {prefill_min!r}")
         self.prefill_min = prefill_min
+        if prefix_cache and prefill_min is None:
+            raise ValueError("prefix_cache needs prefill_min (the copied prefix stands for a prefill)")
+        self.prefix_cache = bool(prefix_cache)
+        self._prefix: Optional[np.ndarray] = None  # the shared prefix's tokens [P]
+        self._prefix_kv = None  # its KV cache (one row, `_bucket(P)` positions) under the current version
+        self._copy_prefix = jax.jit(_copy_prefix, donate_argnums=(0,))
         self.inf_params = None
         self.learner_params = None  # float32 params of `version` (interrupt route only)
         self.version = -1
@@ -449,6 +479,7 @@ class Sampler:
         self.inf_params = self.model.inference_params(params, self.numerics)
         self._inf_leaves = tuple(jax.tree.leaves(self.inf_params))  # what the compiled decode loop takes
         self.version = int(version)
+        self._prefix_kv = None  # computed again, lazily, under the new weights
         if self.exact_route == Route.INTERRUPT:
             self.learner_params = params
         elif self.exact_route == Route.DEDICATED:
@@ -557,6 +588,8 @@ class Sampler:
                     eps.cursor[:] = 0
                     eps.reread_until[:] = np.minimum(eps.length, max_len)
                 next_check = (step // chunk + 1) * chunk
+            if self.prefix_cache:
+                cache = self._apply_prefix(eps, cache, stats)
             if self.prefill_min is not None:
                 cache, width = self._prefill(eps, cache, stats, self.prefill_min)
                 step += width
@@ -615,27 +648,84 @@ class Sampler:
     def _prefill(self, eps: _Slots, cache, stats: RolloutStats, min_tokens: int):
         """Writes every running slot's known context but its last token into the KV cache in one
         batched forward (the last token is fed by the decode loop, which samples after it).
-        Returns the cache and the longest row's prefill: the decode steps it stands for."""
+        Returns the cache and the longest row's prefill: the decode steps it stands for, the
+        prefix copied by `_apply_prefix` included (the step clock is the same with or without)."""
         max_len = self.model_config.max_len
         ep = np.where(eps.slot_ep >= 0, eps.slot_ep, 0)
         cursor, length = eps.cursor[ep], eps.length[ep]
-        pending = eps.running() & (cursor < length - 1)
+        running = eps.running()
+        pending = running & (cursor < length - 1)
         n = np.where(pending, length - 1 - cursor, 0)
-        if n.max(initial=0) + 1 < min_tokens:  # + 1: the last known token, fed by the loop
+        clock = n + np.where(running, eps.credit[ep], 0)
+        if clock.max(initial=0) + 1 < min_tokens:  # + 1: the last known token, fed by the loop
             return cache, 0
-        width = _bucket(int(n.max()), max_len)
-        cols = np.arange(width)[None]
-        positions = cursor[:, None] + cols
-        valid = cols < n[:, None]
-        tokens = np.take_along_axis(eps.tokens[ep], np.minimum(positions, max_len), axis=1)
-        tokens = np.where(valid, tokens, self.pad).astype(np.int32)
-        positions = np.where(valid, positions, max_len).astype(np.int32)  # padding: the cache write is dropped
-        cache = self.model.prefill(self.graphdef, self.inf_params, cache, jnp.asarray(tokens), jnp.asarray(positions),
-                                  self.numerics)
-        eps.cursor[ep[pending]] = length[pending] - 1
-        stats.prefill_calls += 1
-        stats.prefill_tokens += int(n.sum())
-        return cache, int(n.max())
+        eps.credit[ep[running]] = 0
+        if n.max(initial=0) > 0:
+            width = _bucket(int(n.max()), max_len)
+            cols = np.arange(width)[None]
+            positions = cursor[:, None] + cols
+            valid = cols < n[:, None]
+            tokens = np.take_along_axis(eps.tokens[ep], np.minimum(positions, max_len), axis=1)
+            tokens = np.where(valid, tokens, self.pad).astype(np.int32)
+            positions = np.where(valid, positions, max_len).astype(np.int32)  # padding: the cache write is dropped
+            cache = self.model.prefill(self.graphdef, self.inf_params, cache, jnp.asarray(tokens),
+                                      jnp.asarray(positions), self.numerics)
+            eps.cursor[ep[pending]] = length[pending] - 1
+            stats.prefill_calls += 1
+            stats.prefill_tokens += int(n.sum())
+        return cache, int(clock.max())
+
+    def _apply_prefix(self, eps: _Slots, cache, stats: RolloutStats):
+        """Copies the shared prefix's KV cache into every running slot that has nothing in the
+        cache yet (a new episode, or a re-read after a weight switch) and whose context begins
+        with the prefix; their cursor moves past it, and the copied tokens are credited to the
+        step clock (`_prefill`). The prefix (`self._prefix`) is the longest common prefix of the
+        contexts seen (each but its last token, which the decode loop feeds), kept only while it
+        is at least `prefill_min` tokens; its KV is prefilled once per version and prefix."""
+        max_len = self.model_config.max_len
+        ep = np.where(eps.slot_ep >= 0, eps.slot_ep, 0)
+        fresh = np.flatnonzero(eps.running() & (eps.cursor[ep] == 0) & (eps.length[ep] > 1))
+        if fresh.size == 0:
+            return cache
+        prefix = self._prefix
+        for slot in fresh:
+            ctx = eps.tokens[ep[slot], :min(int(eps.length[ep[slot]]), max_len) - 1]
+            if prefix is None:
+                common = ctx
+            else:
+                m = min(len(prefix), len(ctx))
+                diff = np.flatnonzero(prefix[:m] != ctx[:m])
+                common = prefix[:diff[0] if diff.size else m]
+            if len(common) >= self.prefill_min:  # shorter: not worth a prefix; this slot prefills as usual
+                prefix = common
+        if prefix is None:
+            return cache
+        if self._prefix is None or len(prefix) != len(self._prefix):
+            self._prefix, self._prefix_kv = prefix.copy(), None
+        p = len(prefix)
+        take = np.zeros(len(eps.slot_ep), bool)
+        for slot in fresh:
+            i = ep[slot]
+            take[slot] = eps.length[i] - 1 >= p and bool((eps.tokens[i, :p] == prefix).all())
+        if not take.any():
+            return cache
+        if self._prefix_kv is None:
+            width = _bucket(p, max_len)
+            row = self.model.init_cache(self.model_config, 1, self.numerics)
+            tokens = np.full((1, width), self.pad, np.int32)
+            tokens[0, :p] = prefix
+            positions = np.where(np.arange(width) < p, np.arange(width), max_len).astype(np.int32)[None]
+            row = self.model.prefill(self.graphdef, self.inf_params, row, jnp.asarray(tokens), jnp.asarray(positions),
+                                     self.numerics)
+            self._prefix_kv = jax.tree.map(lambda x: x[:, :, :width], row)
+            stats.prefix_computes += 1
+        cache = self._copy_prefix(cache, self._prefix_kv, jnp.asarray(take))
+        i = ep[take]
+        eps.cursor[i] = p
+        eps.credit[i] = p
+        stats.prefix_hits += int(take.sum())
+        stats.prefix_tokens += int(take.sum()) * p
+        return cache
 
     def _answer(self, eps: _Slots, slots: list, max_len: int) -> None:
         """The envs of `slots` (whose agent turns ended) answer; a slot whose episode is done

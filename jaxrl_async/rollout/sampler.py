@@ -37,6 +37,11 @@ learner needs no extra forward pass:
 
 Either way sampling itself is unchanged: same keys, same tokens, same `behav_logp`.
 
+Shared-prefix KV cache (opt-in, `Sampler(prefix_cache=True)`): the longest common prefix of the
+contexts the sampler starts (a task's system prompt and tools) is prefilled once per parameter
+version into one row, and that row is copied into every slot that starts (or re-reads after a
+switch) a context beginning with it, instead of prefilling it again (`_apply_prefix`).
+
 Per-episode sampling (opt-in, `generate(..., episode_sampling=EpisodeSampling(...))`, what a
 server needs): each episode brings its own PRNG key, temperature and top-p. The token at
 position t of an episode is drawn with `fold_in(episode key, t)`, so what an episode samples

@@ -21,7 +21,8 @@ class Evaluator:
         self.make_env = config_lib.env_factory(config)
         self.seeds = [config.eval.seed_offset + i for i in range(config.eval.episodes)]
         self.sampler = Sampler(graphdef, model_config, numerics, config.eval.temperature,
-                               prefix_cache=config.sampler.prefix_cache)
+                               prefix_cache=config.sampler.prefix_cache,
+                               env_workers=config.sampler.env_workers)
 
     def __call__(self, params, version: int, key) -> dict[str, float]:
         n = len(self.seeds)

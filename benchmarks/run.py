@@ -8,8 +8,8 @@
    the bandwidth bound, peak memory (the qwen3_tiny shapes on a CPU, Qwen3-0.6B's on a GPU).
 4. `benchmarks.serve`: chat completions through the OpenAI-compatible server (HTTP) against the
    in-process sampler, requests/s and tokens/s at concurrency 1, 8 and 32 (needs the serve extra).
-5. `benchmarks.tau2`: τ2-bench's reward evaluation per episode and env step per turn, per domain
-   (needs the tau2 extra).
+5. `benchmarks.tau2`: τ2-bench's reward evaluation per episode and env step per turn, per domain,
+   and the shared-prefix KV cache's prefill speedup at 64 episodes (needs the tau2 extra).
 
 The small setting (default) finishes in under 10 minutes on 2 CPU cores; `--full`
 (`make bench BENCH_ARGS=--full`) runs 100 RL steps per route and 50 end-to-end steps,
@@ -65,6 +65,8 @@ def main(argv):
 
         print()
         tau2.print_table(tau2.run())
+        print()
+        tau2.print_prefix(tau2.prefix_run())
 
 
 if __name__ == "__main__":

@@ -151,11 +151,20 @@ def _has_checkpoints(workdir: str) -> bool:
 
 
 def batch_from(trajs: list[Trajectory], config, max_len: int) -> Batch:
-    """The host batch of `trajs` with their per-token advantages (grouped by `group_id`)."""
+    """The host batch of `trajs` with their per-token advantages (grouped by `group_id`).
+
+    Discarded episodes (`Trajectory.discarded`, e.g. a user-simulator failure) never reach the
+    loss: their rows keep their place (the batch shape, hence the compiled update, is unchanged)
+    with the loss mask and advantages zeroed; their groups' baselines are the other members'
+    (a group left with fewer than two is not trained: `kept_episode_advantages`). Every
+    runtime's batches come through here.
+    """
     batch = collate(trajs, max_len)
-    adv = adv_lib.episode_advantages([t.reward for t in trajs], [t.group_id for t in trajs],
-                                     config.rl.advantage, config.rl.normalize_std)
-    return batch.replace(advantages=np.where(batch.loss_mask, adv[:, None], np.float32(0.0)).astype(np.float32))
+    adv, train = adv_lib.kept_episode_advantages([t.reward for t in trajs], [t.group_id for t in trajs],
+                                                 [not t.discarded for t in trajs], config.rl.advantage,
+                                                 config.rl.normalize_std)
+    mask = batch.loss_mask & train[:, None]
+    return batch.replace(loss_mask=mask, advantages=np.where(mask, adv[:, None], np.float32(0.0)).astype(np.float32))
 
 
 def _epoch_file(workdir: str) -> str:
@@ -329,7 +338,7 @@ class RLCluster:
         t_m = time.perf_counter()
         metrics = {k: float(x) for k, x in jax.device_get(metrics).items()}  # one transfer for all metrics
         self._guard_nonfinite(step, metrics, host, trajs)
-        metrics.update(rollout_metrics(trajs, v, self.runtime.bound))
+        metrics.update(rollout_metrics(trajs, v, self.runtime.bound, self.config.task.name))
         metrics.update(info)
         metrics.update(prox_metrics)
         # Where the learner's own part of the step goes (the wait for data is the runtime's).

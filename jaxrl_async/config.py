@@ -67,6 +67,12 @@ def base_config() -> config_dict.ConfigDict:
     # KV-cache slots per generate call (the decode batch): 0 = one per episode; fewer than the call's episodes =
     # continuous batching (a slot whose episode ends takes the next one, so short episodes don't wait for long ones)
     c.sampler.slots = 0
+    # Share the KV cache of the prompts' common prefix (a task's system prompt and tools): prefilled once
+    # per parameter version and copied into each slot instead of prefilled per episode (rollout/sampler.py)
+    c.sampler.prefix_cache = False
+    # Threads stepping the envs: 0 = on the host between device calls (every slot waits); N > 0 = while an episode
+    # waits on its env (a user simulator, a tool, the reward evaluation) the other slots keep decoding
+    c.sampler.env_workers = 0
 
     c.rl = config_dict.ConfigDict()
     c.rl.groups_per_step = 16  # task instances per RL step
@@ -270,6 +276,12 @@ def validate(config) -> None:
         if cap is not None and cap < given["rl.groups_per_step"]:
             raise ValueError(f"config.runtime.queue_capacity ({cap}) must hold at least one batch "
                              f"(config.rl.groups_per_step = {given['rl.groups_per_step']})")
+    if isinstance(given["sampler.env_workers"], bool) or not isinstance(given["sampler.env_workers"], int) or \
+            given["sampler.env_workers"] < 0:
+        raise ValueError(f"config.sampler.env_workers must be an integer >= 0 (0 = env steps on the host); "
+                         f"got {given['sampler.env_workers']!r}")
+    if not isinstance(given["sampler.prefix_cache"], bool):
+        raise ValueError(f"config.sampler.prefix_cache must be True or False; got {given['sampler.prefix_cache']!r}")
     if not isinstance(given["runtime.queue_fsync"], bool):
         raise ValueError(f"config.runtime.queue_fsync must be True or False; got {given['runtime.queue_fsync']!r}")
     for f in ("runtime.ray_num_cpus", "runtime.ray_num_gpus"):

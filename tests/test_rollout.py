@@ -1,5 +1,7 @@
 """Rollout bookkeeping: per-token masks, behaviour log-probs and versions, partial rollouts."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,3 +279,94 @@ def test_sampler_slots_config_is_validated_and_reaches_generate(setup, monkeypat
     monkeypatch.setattr(sampler, "generate", fake_generate)
     runtime_base.generate_sampler_batch(sampler, lambda: make_env("search", n=8, max_turns=4), c, 0, 0, 0, None, 0.0)
     assert seen == {"slots": 3, "episodes": c.runtime.sampler_groups * c.rl.group_size}
+
+
+# The shared-prefix KV cache: a prompt prefix common to every episode is prefilled once per version.
+
+
+class _PrefixedEnv:
+    """The search env behind a 20-token prefix shared by every episode and a token per task seed."""
+
+    def __init__(self):
+        self.inner = make_env("search", n=8, max_turns=4)
+        self.max_turn_tokens = self.inner.max_turn_tokens
+
+    def reset(self, seed):
+        prompt = self.inner.reset(seed)
+        return prompt[:1] + list(range(20, 40)) + [40 + seed % 3] + prompt[1:]
+
+    def step(self, action):
+        return self.inner.step(action)
+
+
+def test_prefix_cache_gives_the_same_rollout_as_prefilling(setup):
+    cfg, graphdef, p0, p1 = setup
+    n = 12
+    out = {}
+    for prefix_cache in (False, True):
+        sampler = Sampler(graphdef, cfg, model_lib.Numerics("fp32"), prefill_min=8, prefix_cache=prefix_cache)
+        sampler.update_params(p0, 0)
+        out[prefix_cache] = sampler.generate([_PrefixedEnv() for _ in range(n)], list(range(n)),
+                                             [i // 2 for i in range(n)], jax.random.key(7),
+                                             weight_source=lambda step: (p1, 1) if step >= 40 else None, chunk=8,
+                                             slots=5)
+    (a, sa), (b, sb) = out[False], out[True]
+    assert sa.weight_switches == sb.weight_switches == 1 and sa.decode_steps == sb.decode_steps
+    # Each episode start and the re-reads after the switch take the 21-token prefix; it is
+    # prefilled once per version.
+    assert sb.prefix_computes == 2 and sb.prefix_hits >= n + 5 and sb.prefix_tokens == 21 * sb.prefix_hits
+    assert sa.prefix_hits == 0 and sb.prefill_tokens < sa.prefill_tokens
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+        np.testing.assert_array_equal(x.versions, y.versions)
+        np.testing.assert_array_equal(x.loss_mask, y.loss_mask)
+        np.testing.assert_allclose(x.behav_logp, y.behav_logp, atol=1e-5)
+
+
+# Env steps in a worker pool: while one episode waits on its env, the other slots keep decoding.
+
+
+class _SlowEnv:
+    """The search env whose even task seeds answer after `delay` seconds (a user or a tool)."""
+
+    def __init__(self, delay):
+        self.inner = make_env("search", n=8, max_turns=4)
+        self.max_turn_tokens = self.inner.max_turn_tokens
+        self.delay, self.seed = delay, None
+
+    def reset(self, seed):
+        self.seed = seed
+        return self.inner.reset(seed)
+
+    def step(self, action):
+        if self.seed % 2 == 0:
+            time.sleep(self.delay)
+        return self.inner.step(action)
+
+
+def test_env_workers_overlap_env_steps_with_decoding_and_sample_the_same(setup):
+    from jaxrl_async.rollout.sampler import EpisodeSampling
+
+    cfg, graphdef, p0, p1 = setup
+    n = 8
+    keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(11), n)), np.uint32)
+    samp = EpisodeSampling(keys, np.ones(n, np.float32), np.ones(n, np.float32))
+    out = {}
+    for workers in (0, 4):
+        sampler = Sampler(graphdef, cfg, model_lib.Numerics("fp32"), env_workers=workers)
+        sampler.update_params(p0, 0)
+        out[workers] = sampler.generate([_SlowEnv(0.05) for _ in range(n)], list(range(n)), [i // 2 for i in range(n)],
+                                        jax.random.key(0), slots=6, episode_sampling=samp)
+    (a, sa), (b, sb) = out[0], out[4]
+    assert sa.env_overlap_calls == 0 and sb.env_overlap_calls > 0
+    # Each episode's own key: the same tokens whenever its env answered; behav_logp is the learner's.
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+        np.testing.assert_array_equal(x.loss_mask, y.loss_mask)
+        assert x.reward == y.reward and x.num_turns == y.num_turns
+    # A slot that waited on its env kept its KV cache: behav_logp is the learner's log-prob.
+    batch = collate(b, MAX_LEN)
+    lp = np.asarray(learner_lib.token_logprobs(graphdef, p0, jnp.asarray(batch.tokens)))
+    np.testing.assert_allclose(batch.behav_logp[batch.loss_mask], lp[batch.loss_mask], atol=1e-5)
+    with pytest.raises(ValueError, match="env_workers"):
+        Sampler(graphdef, cfg, model_lib.Numerics("fp32"), env_workers=-1)

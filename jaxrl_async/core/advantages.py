@@ -121,3 +121,41 @@ def episode_advantages(rewards, group_ids, estimator: str = "grpo", normalize_st
     out = np.empty_like(rewards)
     out[order] = np.asarray(adv, np.float32).reshape(-1)
     return out
+
+
+def kept_episode_advantages(rewards, group_ids, keep, estimator: str = "grpo",
+                            normalize_std: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Episode advantages ``[B]`` of a batch some of whose episodes are discarded (``keep`` false:
+    no verdict on the agent, e.g. its user simulator failed), and which episodes train.
+
+    A discarded episode is dropped: its group's advantages are computed over the episodes kept,
+    as if the group had only them (the baseline is the rest's). A group that lost a member and
+    has fewer than two left is dropped whole: its lone episode has no baseline (GRPO would give
+    it 0, RLOO none). Groups without a discarded member are computed as by `episode_advantages`
+    (same values). Episodes that do not train get advantage 0.
+
+    Args:
+      rewards, group_ids: ``[B]``, as in `episode_advantages`.
+      keep: ``[B]`` bool, False for a discarded episode.
+
+    Returns:
+      (``[B]`` float32 advantages, ``[B]`` bool: the episode trains).
+    """
+    rewards = np.asarray(rewards, np.float32)
+    ids = np.asarray(group_ids)
+    keep = np.asarray(keep, bool)
+    chex.assert_equal_shape([rewards, ids, keep])
+    if keep.all():
+        return episode_advantages(rewards, ids, estimator, normalize_std), keep.copy()
+    _, inverse = np.unique(ids, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    kept = np.bincount(inverse, weights=keep).astype(np.int64)
+    lost = np.bincount(inverse, weights=~keep) > 0
+    train = keep & ~(lost & (kept < 2))[inverse]
+    adv = np.zeros_like(rewards)
+    # `episode_advantages` wants equal group sizes: one call per size of the trained groups.
+    size = np.bincount(inverse, weights=train).astype(np.int64)
+    for n in np.unique(size[size > 0]):
+        rows = train & (size[inverse] == n)
+        adv[rows] = episode_advantages(rewards[rows], ids[rows], estimator, normalize_std)
+    return adv, train

@@ -37,6 +37,15 @@ learner needs no extra forward pass:
 
 Either way sampling itself is unchanged: same keys, same tokens, same `behav_logp`.
 
+Shared-prefix KV cache (opt-in, `Sampler(prefix_cache=True)`): the longest common prefix of the
+contexts the sampler starts (a task's system prompt and tools) is prefilled once per parameter
+version into one row, and that row is copied into every slot that starts (or re-reads after a
+switch) a context beginning with it, instead of prefilling it again (`_apply_prefix`).
+
+Env steps in a worker pool (opt-in, `Sampler(env_workers=N)`): a slot whose agent turn ended
+hands its env step to a thread and leaves the decode batch (its KV cache kept) while the other
+slots keep decoding; it rejoins at the next host turn after the answer arrived (`_collect`).
+
 Per-episode sampling (opt-in, `generate(..., episode_sampling=EpisodeSampling(...))`, what a
 server needs): each episode brings its own PRNG key, temperature and top-p. The token at
 position t of an episode is drawn with `fold_in(episode key, t)`, so what an episode samples
@@ -50,6 +59,7 @@ reported as it ends.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -89,6 +99,13 @@ class RolloutStats:
     loop_steps: int = 0  # decode steps the device ran (decode_steps also counts prefilled context)
     prefill_calls: int = 0
     prefill_tokens: int = 0
+    # Shared-prefix KV cache (`Sampler(prefix_cache=True)`): prefills of the prefix (once per version
+    # and prefix), slots that took it instead of prefilling it, and the tokens they did not prefill.
+    prefix_computes: int = 0
+    prefix_hits: int = 0
+    prefix_tokens: int = 0
+    # env_workers: decode-loop calls made while some episode waited on its env (decoding overlapped env steps).
+    env_overlap_calls: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -176,8 +193,9 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
     Fixed-shape batch state, one row per slot: ctx [B, max_len] int32 (each slot's known
     context, prompt, generated tokens and observations, PAD after it), length [B] (tokens in
     ctx), cursor [B] (tokens already in the KV cache), active [B] bool (slots that advance;
-    finished ones idle at position 0 and their output is ignored), turn_start [B] (where the
-    current agent turn began), budget [B] (the env's per-turn token budget), step and limit
+    the others idle at position max_len: their cache write is dropped, so a slot waiting on its
+    env keeps its cache, and their output is ignored), turn_start [B] (where the current agent
+    turn began), budget [B] (the env's per-turn token budget), step and limit
     (int32 scalars: decode steps so far and the step to stop at, a chunk boundary).
 
     Each step feeds every active slot its token at `cursor` (known context not prefilled yet,
@@ -207,7 +225,8 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
         noise_key, sample_key = jax.random.split(sub)
         act, cur, ln = st["active"], st["cursor"], st["length"]
         feed = jnp.where(act, st["ctx"][rows, jnp.minimum(cur, max_len - 1)], pad)
-        pos = jnp.where(act, cur, 0)
+        # An inactive slot's write goes out of range and is dropped: a slot waiting on its env keeps its cache.
+        pos = jnp.where(act, cur, max_len)
         logp, cache = model.decode_step(graphdef, inf_params, st["cache"], feed, pos, numerics, noise_key)
         if per_slot is not None:
             slot_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(per_slot[0]), ln)
@@ -232,6 +251,18 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
           "cursor": cursor, "active": active, "stopped": jnp.asarray(False), "step": step}
     st = jax.lax.while_loop(cond, body, st)
     return st["cache"], st["key"], st["ctx"], st["length"], st["cursor"], st["active"], st["behav"], st["step"]
+
+
+def _copy_prefix(cache, prefix_kv, take):
+    """Copies a prefix's KV (`{"k", "v"}: [L, 1, W, ...]`) into positions 0..W-1 of the cache rows
+    where `take` [B] is set (the cache is donated). Positions of the bucket beyond the prefix are
+    copied too: a slot's positions at or after its cursor are rewritten before they are attended."""
+    def put(c, p):
+        w = p.shape[2]
+        sel = take.reshape((1, -1) + (1,) * (c.ndim - 2))
+        return c.at[:, :, :w].set(jnp.where(sel, p.astype(c.dtype), c[:, :, :w]))
+
+    return jax.tree.map(put, cache, prefix_kv)
 
 
 def _packed_loop(graphdef, treedef, numerics, temperature, model, pad, eot, leaves, cache, key, state, step, limit,
@@ -294,13 +325,16 @@ class _Slots:
         self.length = np.zeros(b, np.int32)  # tokens in the episode so far
         self.cursor = np.zeros(b, np.int32)  # context tokens already in the KV cache
         self.reread_until = np.zeros(b, np.int32)  # after a weight switch: context the slot must re-read first
+        self.credit = np.zeros(b, np.int32)  # prefix tokens copied into the cache, not yet on the step clock
         self.turn_start = np.zeros(b, np.int32)  # index of the current agent turn's first token
         self.budget = np.asarray([e.max_turn_tokens for e in envs], np.int32)
         self.done = np.zeros(b, bool)
+        self.waiting = np.zeros(b, bool)  # its env is answering in the worker pool (`env_workers`)
         self.num_turns = np.zeros(b, np.int32)
         self.reward = np.zeros(b, np.float64)
         self.success = np.zeros(b, bool)
         self.latency = np.zeros(b, np.float64)
+        self.discarded = [""] * b  # why an episode is no verdict on the agent (Trajectory.discarded)
         # Old-logit bookkeeping (used only when the sampler computes old_logp).
         self.old = np.zeros((b, max_len + 1), np.float32) if old_logp else None
         self.unscored = np.zeros(b, np.int32)  # tokens before this index are scored (or submitted)
@@ -318,12 +352,14 @@ class _Slots:
         self.envs += list(envs)
         self.task_seeds += list(task_seeds)
         self.group_ids += list(group_ids)
+        self.discarded += [""] * k
         grow = {"tokens": np.full((k, m + 1), self.pad, np.int32), "loss_mask": np.zeros((k, m + 1), bool),
                 "behav": np.zeros((k, m + 1), np.float32), "versions": np.full((k, m + 1), -1, np.int32),
                 "budget": np.asarray([e.max_turn_tokens for e in envs], np.int32)}
-        for name in ("length", "cursor", "reread_until", "turn_start", "num_turns", "unscored"):
+        for name in ("length", "cursor", "reread_until", "turn_start", "num_turns", "unscored", "credit"):
             grow[name] = np.zeros(k, np.int32)
-        for name, dtype in (("done", bool), ("success", bool), ("segment_ended", bool), ("reward", np.float64),
+        for name, dtype in (("done", bool), ("waiting", bool), ("success", bool), ("segment_ended", bool),
+                            ("reward", np.float64),
                             ("latency", np.float64)):
             grow[name] = np.zeros(k, dtype)
         for name, rows in grow.items():
@@ -344,7 +380,8 @@ class _Slots:
     def running(self) -> np.ndarray:
         """[S] bool: slots whose episode is not done (they advance in the decode loop)."""
         live = self.slot_ep >= 0
-        return live & ~self.done[np.where(live, self.slot_ep, 0)]
+        ep = np.where(live, self.slot_ep, 0)
+        return live & ~self.done[ep] & ~self.waiting[ep]
 
     def __len__(self) -> int:
         return len(self.envs)
@@ -388,6 +425,7 @@ class _Slots:
             task_seed=self.task_seeds[i],
             old_logp=None if self.old is None else self.old[i, :ln].copy(),
             tool_latency_s=float(self.latency[i]),
+            discarded=self.discarded[i],
         )
 
 
@@ -405,7 +443,7 @@ class Sampler:
 
     def __init__(self, graphdef, model_config, numerics: model_lib.Numerics,
                  temperature: float = 1.0, exact_route: Optional[Route] = None, scorer=None,
-                 prefill_min: Optional[int] = 16):
+                 prefill_min: Optional[int] = 16, prefix_cache: bool = False, env_workers: int = 0):
         """exact_route: None (no `Trajectory.old_logp`), `Route.INTERRUPT` or `Route.DEDICATED`
         (see the module docstring). scorer: a started `runtime.scorer.LogProbScorer` reading the same
         ring buffer the sampler's versions come from; required by `Route.DEDICATED`.
@@ -414,7 +452,18 @@ class Sampler:
         when some slot has at least `prefill_min` known tokens to (re-)read, all pending context
         is instead written in one batched forward (`model_lib.prefill`) before the loop. Short
         observations are cheaper in the loop; a re-read after a weight switch (every slot, its
-        whole context) is much cheaper prefilled. None: never prefill."""
+        whole context) is much cheaper prefilled. None: never prefill.
+        prefix_cache: share the KV cache of the prompts' common prefix (a task's system prompt and
+        tools): it is prefilled once per parameter version, into one row, and copied into every
+        slot that starts (or re-reads) a context beginning with it (`_apply_prefix`). The prefix
+        is the longest common prefix of the contexts seen, at least `prefill_min` tokens; needs
+        `prefill_min`. The same tokens and `behav_logp` as without (the step clock counts the
+        copied prefix as prefilled), up to the float rounding of a prefill of another shape.
+        env_workers: 0 steps the envs on the host between device calls (every slot waits for
+        them). N > 0: env steps run in a pool of N threads, and while an episode waits on its env
+        (a user simulator, a tool, the reward evaluation) the other slots keep decoding; its slot
+        rejoins the decode batch when the answer has arrived. The tokens then depend on when the
+        envs answer, unless each episode brings its own key (`episode_sampling`)."""
         if exact_route is not None:
             exact_route = Route(exact_route)
             if not exact_route.sampler_side:
@@ -432,6 +481,15 @@ class Sampler:
         if prefill_min is not None and prefill_min < 2:
             raise ValueError(f"prefill_min must be None or >= 2, got {prefill_min!r}")
         self.prefill_min = prefill_min
+        if prefix_cache and prefill_min is None:
+            raise ValueError("prefix_cache needs prefill_min (the copied prefix stands for a prefill)")
+        self.prefix_cache = bool(prefix_cache)
+        if isinstance(env_workers, bool) or not isinstance(env_workers, int) or env_workers < 0:
+            raise ValueError(f"env_workers must be an integer >= 0; got {env_workers!r}")
+        self.env_workers = env_workers
+        self._prefix: Optional[np.ndarray] = None  # the shared prefix's tokens [P]
+        self._prefix_kv = None  # its KV cache (one row, `_bucket(P)` positions) under the current version
+        self._copy_prefix = jax.jit(_copy_prefix, donate_argnums=(0,))
         self.inf_params = None
         self.learner_params = None  # float32 params of `version` (interrupt route only)
         self.version = -1
@@ -446,6 +504,7 @@ class Sampler:
         self.inf_params = self.model.inference_params(params, self.numerics)
         self._inf_leaves = tuple(jax.tree.leaves(self.inf_params))  # what the compiled decode loop takes
         self.version = int(version)
+        self._prefix_kv = None  # computed again, lazily, under the new weights
         if self.exact_route == Route.INTERRUPT:
             self.learner_params = params
         elif self.exact_route == Route.DEDICATED:
@@ -506,10 +565,6 @@ class Sampler:
             raise ValueError(f"episode_sampling has {len(episode_sampling.keys)} rows for {len(envs)} episodes")
         if feed is not None and (episode_sampling is None or self.exact_route is not None):
             raise ValueError("generate(feed=...) needs episode_sampling and a sampler without exact_route")
-        if episode_sampling is not None:  # host copies, extended by fed episodes
-            samp_keys = np.asarray(episode_sampling.keys, np.uint32)
-            samp_temp = np.asarray(episode_sampling.temperature, np.float32)
-            samp_top = np.asarray(episode_sampling.top_p, np.float32)
         t0 = time.perf_counter()
         max_len = self.model_config.max_len
         mode = self.exact_route
@@ -520,13 +575,36 @@ class Sampler:
         n, b = len(eps), len(eps.slot_ep)
         cache = self.model.init_cache(self.model_config, b, self.numerics)
         stats = RolloutStats(episodes=n, slots=b)
+        reported = np.zeros(len(eps), bool)  # on_done called
+        pool = concurrent.futures.ThreadPoolExecutor(self.env_workers) if self.env_workers else None
+        pending: dict = {}  # episode -> (slot, future of its env step), with a worker pool
+        try:
+            trajs = self._run(eps, cache, key, stats, loop_fn, weight_source, chunk, episode_sampling, feed, on_done,
+                              reported, pool, pending)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        stats.wall_s = time.perf_counter() - t0
+        return trajs, stats
+
+    def _run(self, eps, cache, key, stats, loop_fn, weight_source, chunk, episode_sampling, feed, on_done, reported,
+             pool, pending):
+        """The body of `generate` (its arguments, the episodes' state and the env worker pool)."""
+        max_len = self.model_config.max_len
+        mode = self.exact_route
+        n = len(eps)
+        if episode_sampling is not None:  # host copies, extended by fed episodes
+            samp_keys = np.asarray(episode_sampling.keys, np.uint32)
+            samp_temp = np.asarray(episode_sampling.temperature, np.float32)
+            samp_top = np.asarray(episode_sampling.top_p, np.float32)
         requests: list[tuple[int, list[tuple[int, int, int]]]] = []  # dedicated: (id, [(episode, lo, hi)] per row)
         cols = np.arange(max_len)[None]
         far = 2**30
         step = 0  # the schedule's clock: decode steps, plus the steps prefilled context would have taken
         next_check = chunk
-        reported = np.zeros(len(eps), bool)  # on_done called
         while True:
+            if pending:  # the env answers that arrived; wait for one when no slot can decode
+                self._collect(eps, pending, max_len, block=not eps.running().any())
             if feed is not None and ((eps.slot_ep < 0).any() or eps.done.all()):
                 new = feed()
                 if new:
@@ -554,6 +632,8 @@ class Sampler:
                     eps.cursor[:] = 0
                     eps.reread_until[:] = np.minimum(eps.length, max_len)
                 next_check = (step // chunk + 1) * chunk
+            if self.prefix_cache:
+                cache = self._apply_prefix(eps, cache, stats)
             if self.prefill_min is not None:
                 cache, width = self._prefill(eps, cache, stats, self.prefill_min)
                 step += width
@@ -566,6 +646,7 @@ class Sampler:
             length0 = eps.length[ep]
             state = np.concatenate([eps.tokens[ep, :max_len], np.stack(
                 [length0, eps.cursor[ep], eps.turn_start[ep], eps.budget[ep], active.astype(np.int32)], axis=1)], axis=1)
+            stats.env_overlap_calls += bool(pending)
             if episode_sampling is None:
                 cache, key, out, behav = loop_fn(self._inf_leaves, cache, key, state, np.int32(step), np.int32(limit))
             else:  # the slots' rows of the episodes' own sampling settings
@@ -589,9 +670,10 @@ class Sampler:
             eps.behav[e, at] = behav[rows, at]
             eps.versions[e, at] = self.version
             stats.generated_tokens += len(rows)
-            # The envs answer the slots whose agent turn ended. (Answering them while the device decodes the
-            # other slots, the slots rejoining a call later, was measured slower on a CPU: +38% decode steps.)
-            self._answer(eps, np.flatnonzero(active & ~active_out).tolist(), max_len)
+            # The envs answer the slots whose agent turn ended: here, or in the worker pool (`env_workers`) while
+            # the other slots decode. (The pool was measured slower on a CPU for envs that answer in
+            # microseconds: +38% decode steps, the slots rejoining a call later; it pays for slow envs.)
+            self._answer(eps, np.flatnonzero(active & ~active_out).tolist(), max_len, pool, pending)
             if on_done is not None:
                 for i in np.flatnonzero(eps.done & ~reported):
                     reported[i] = True
@@ -606,46 +688,123 @@ class Sampler:
                 self._collect_old(eps, requests, stats)
         stats.decode_steps = step
         stats.episodes = len(eps)
-        stats.wall_s = time.perf_counter() - t0
-        return [eps.to_trajectory(i) for i in range(len(eps))], stats
+        return [eps.to_trajectory(i) for i in range(len(eps))]
 
     def _prefill(self, eps: _Slots, cache, stats: RolloutStats, min_tokens: int):
         """Writes every running slot's known context but its last token into the KV cache in one
         batched forward (the last token is fed by the decode loop, which samples after it).
-        Returns the cache and the longest row's prefill: the decode steps it stands for."""
+        Returns the cache and the longest row's prefill: the decode steps it stands for, the
+        prefix copied by `_apply_prefix` included (the step clock is the same with or without)."""
         max_len = self.model_config.max_len
         ep = np.where(eps.slot_ep >= 0, eps.slot_ep, 0)
         cursor, length = eps.cursor[ep], eps.length[ep]
-        pending = eps.running() & (cursor < length - 1)
+        running = eps.running()
+        pending = running & (cursor < length - 1)
         n = np.where(pending, length - 1 - cursor, 0)
-        if n.max(initial=0) + 1 < min_tokens:  # + 1: the last known token, fed by the loop
+        clock = n + np.where(running, eps.credit[ep], 0)
+        if clock.max(initial=0) + 1 < min_tokens:  # + 1: the last known token, fed by the loop
             return cache, 0
-        width = _bucket(int(n.max()), max_len)
-        cols = np.arange(width)[None]
-        positions = cursor[:, None] + cols
-        valid = cols < n[:, None]
-        tokens = np.take_along_axis(eps.tokens[ep], np.minimum(positions, max_len), axis=1)
-        tokens = np.where(valid, tokens, self.pad).astype(np.int32)
-        positions = np.where(valid, positions, max_len).astype(np.int32)  # padding: the cache write is dropped
-        cache = self.model.prefill(self.graphdef, self.inf_params, cache, jnp.asarray(tokens), jnp.asarray(positions),
-                                  self.numerics)
-        eps.cursor[ep[pending]] = length[pending] - 1
-        stats.prefill_calls += 1
-        stats.prefill_tokens += int(n.sum())
-        return cache, int(n.max())
+        eps.credit[ep[running]] = 0
+        if n.max(initial=0) > 0:
+            width = _bucket(int(n.max()), max_len)
+            cols = np.arange(width)[None]
+            positions = cursor[:, None] + cols
+            valid = cols < n[:, None]
+            tokens = np.take_along_axis(eps.tokens[ep], np.minimum(positions, max_len), axis=1)
+            tokens = np.where(valid, tokens, self.pad).astype(np.int32)
+            positions = np.where(valid, positions, max_len).astype(np.int32)  # padding: the cache write is dropped
+            cache = self.model.prefill(self.graphdef, self.inf_params, cache, jnp.asarray(tokens),
+                                      jnp.asarray(positions), self.numerics)
+            eps.cursor[ep[pending]] = length[pending] - 1
+            stats.prefill_calls += 1
+            stats.prefill_tokens += int(n.sum())
+        return cache, int(clock.max())
 
-    def _answer(self, eps: _Slots, slots: list, max_len: int) -> None:
+    def _apply_prefix(self, eps: _Slots, cache, stats: RolloutStats):
+        """Copies the shared prefix's KV cache into every running slot that has nothing in the
+        cache yet (a new episode, or a re-read after a weight switch) and whose context begins
+        with the prefix; their cursor moves past it, and the copied tokens are credited to the
+        step clock (`_prefill`). The prefix (`self._prefix`) is the longest common prefix of the
+        contexts seen (each but its last token, which the decode loop feeds), kept only while it
+        is at least `prefill_min` tokens; its KV is prefilled once per version and prefix."""
+        max_len = self.model_config.max_len
+        ep = np.where(eps.slot_ep >= 0, eps.slot_ep, 0)
+        fresh = np.flatnonzero(eps.running() & (eps.cursor[ep] == 0) & (eps.length[ep] > 1))
+        if fresh.size == 0:
+            return cache
+        prefix = self._prefix
+        for slot in fresh:
+            ctx = eps.tokens[ep[slot], :min(int(eps.length[ep[slot]]), max_len) - 1]
+            if prefix is None:
+                common = ctx
+            else:
+                m = min(len(prefix), len(ctx))
+                diff = np.flatnonzero(prefix[:m] != ctx[:m])
+                common = prefix[:diff[0] if diff.size else m]
+            if len(common) >= self.prefill_min:  # shorter: not worth a prefix; this slot prefills as usual
+                prefix = common
+        if prefix is None:
+            return cache
+        if self._prefix is None or len(prefix) != len(self._prefix):
+            self._prefix, self._prefix_kv = prefix.copy(), None
+        p = len(prefix)
+        take = np.zeros(len(eps.slot_ep), bool)
+        for slot in fresh:
+            i = ep[slot]
+            take[slot] = eps.length[i] - 1 >= p and bool((eps.tokens[i, :p] == prefix).all())
+        if not take.any():
+            return cache
+        if self._prefix_kv is None:
+            width = _bucket(p, max_len)
+            row = self.model.init_cache(self.model_config, 1, self.numerics)
+            tokens = np.full((1, width), self.pad, np.int32)
+            tokens[0, :p] = prefix
+            positions = np.where(np.arange(width) < p, np.arange(width), max_len).astype(np.int32)[None]
+            row = self.model.prefill(self.graphdef, self.inf_params, row, jnp.asarray(tokens), jnp.asarray(positions),
+                                     self.numerics)
+            self._prefix_kv = jax.tree.map(lambda x: x[:, :, :width], row)
+            stats.prefix_computes += 1
+        cache = self._copy_prefix(cache, self._prefix_kv, jnp.asarray(take))
+        i = ep[take]
+        eps.cursor[i] = p
+        eps.credit[i] = p
+        stats.prefix_hits += int(take.sum())
+        stats.prefix_tokens += int(take.sum()) * p
+        return cache
+
+    def _answer(self, eps: _Slots, slots: list, max_len: int, pool=None, pending=None) -> None:
         """The envs of `slots` (whose agent turns ended) answer; a slot whose episode is done
-        takes the next waiting episode, if any."""
+        takes the next waiting episode, if any. With a worker pool the env steps are submitted
+        (`pending[episode] = (slot, future)`) and the slots wait out of the decode batch until
+        `_collect` applies their answers."""
         for slot in slots:
             i = int(eps.slot_ep[slot])
-            self._end_turn(eps, i, max_len)
-            if eps.done[i]:
+            turn = self._close_turn(eps, i, max_len)
+            if turn is None:
                 eps.start_next(int(slot))
+            elif pool is None:
+                self._apply_step(eps, i, eps.envs[i].step(turn), max_len)
+                if eps.done[i]:
+                    eps.start_next(int(slot))
+            else:
+                eps.waiting[i] = True
+                pending[i] = (int(slot), pool.submit(eps.envs[i].step, turn))
 
-    def _end_turn(self, slots: _Slots, i: int, max_len: int) -> None:
+    def _collect(self, eps: _Slots, pending: dict, max_len: int, block: bool) -> None:
+        """Applies the env answers that have arrived (`block`: waits for at least one first)."""
+        if block:
+            concurrent.futures.wait([f for _, f in pending.values()], return_when=concurrent.futures.FIRST_COMPLETED)
+        for i in [i for i, (_, f) in pending.items() if f.done()]:
+            slot, future = pending.pop(i)
+            eps.waiting[i] = False
+            self._apply_step(eps, i, future.result(), max_len)
+            if eps.done[i]:
+                eps.start_next(slot)
+
+    def _close_turn(self, slots: _Slots, i: int, max_len: int) -> Optional[list]:
         """Slot i stopped in the decode loop: its turn ended (end-of-turn token or budget) or
-        its context is full. Closes the turn, steps the env and appends its observation."""
+        its context is full. Closes the turn; returns its tokens for the env, or None when the
+        episode ended out of context."""
         ln = int(slots.length[i])
         if slots.tokens[i, ln - 1] != self.eot:
             if ln - slots.turn_start[i] >= slots.budget[i]:
@@ -654,19 +813,24 @@ class Sampler:
                 slots.append(i, [self.eot])
             else:  # out of context mid-turn
                 self._finish(slots, i)
-                return
+                return None
             turn = slots.tokens[i, slots.turn_start[i]:ln]
         else:
             turn = slots.tokens[i, slots.turn_start[i]:ln - 1]
         slots.segment_ended[i] = True  # the agent turn is a segment (old-logit routes)
-        env = slots.envs[i]
-        result = env.step([int(t) for t in turn])
+        return [int(t) for t in turn]
+
+    def _apply_step(self, slots: _Slots, i: int, result, max_len: int) -> None:
+        """Episode i's env answered its turn (`result`, a StepResult): the episode ends, or its
+        observation is appended."""
         slots.num_turns[i] += 1
         slots.latency[i] += float(result.info.get("latency_s", 0.0))
         if result.done:
             slots.reward[i] = float(result.reward)
             slots.success[i] = bool(result.info.get("success", False))
             slots.done[i] = True
+            if result.info.get("user_error"):  # the user simulator failed: no verdict on the agent
+                slots.discarded[i] = "user_error"
             # A turn closed by the rollout at position max_len - 1 puts its (context-only)
             # forced EOT at max_len: drop it, episodes never exceed the context.
             slots.truncate(i)

@@ -25,6 +25,9 @@ class Trajectory:
     Prompt and environment tokens have `loss_mask=False`, `behav_logp=0`, `versions=-1`.
     `old_logp` (when the sampler computes it) is `log pi_old(tokens[t] | tokens[:t])`, the
     learner-numerics log-prob under `versions[t]`, for generated tokens, and 0 elsewhere.
+    `discarded` names why the episode is no verdict on the agent ("" when it is one): "user_error",
+    the env's user simulator failed (`info['user_error']` on its last step). A discarded episode
+    is counted in the rollout metrics and never reaches the loss (`cluster.batch_from`).
     """
 
     tokens: np.ndarray
@@ -38,6 +41,7 @@ class Trajectory:
     task_seed: int
     old_logp: Optional[np.ndarray] = None
     tool_latency_s: float = 0.0
+    discarded: str = ""
 
     @property
     def length(self) -> int:

@@ -111,7 +111,8 @@ def make_sampler(config, graphdef, workdir: str, warmup_rows: int) -> tuple[Samp
         scorer = LogProbScorer().start(versions_dir(workdir), ring_capacity(config), model_config,
                                        config.seed, warmup_rows=warmup_rows)
     sampler = Sampler(graphdef, model_config, config_lib.numerics_from(config), config.sampler.temperature,
-                      exact_route=route if route.sampler_side else None, scorer=scorer)
+                      exact_route=route if route.sampler_side else None, scorer=scorer,
+                      prefix_cache=config.sampler.prefix_cache, env_workers=config.sampler.env_workers)
     return sampler, scorer
 
 

@@ -63,7 +63,8 @@ import concurrent.futures
 import dataclasses
 import functools
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -71,11 +72,10 @@ import numpy as np
 
 from jaxrl_async import config as config_lib
 from jaxrl_async.core.proximal import Route
-from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.envs.base import Env
 from jaxrl_async.envs.tokenizer import TOKENIZER
+from jaxrl_async.models import transformer as model_lib
 from jaxrl_async.rollout.trajectory import Trajectory
-
 
 
 @dataclasses.dataclass
@@ -467,7 +467,8 @@ class Sampler:
         if exact_route is not None:
             exact_route = Route(exact_route)
             if not exact_route.sampler_side:
-                raise ValueError(f"Sampler exact_route must be None, 'interrupt' or 'dedicated', got {exact_route.value!r}")
+                raise ValueError("Sampler exact_route must be None, 'interrupt' or 'dedicated', "
+                                 f"got {exact_route.value!r}")
         if exact_route == Route.DEDICATED and scorer is None:
             raise ValueError("Sampler exact_route='dedicated' needs a scorer (a runtime.scorer.LogProbScorer)")
         self.graphdef = graphdef
@@ -644,8 +645,8 @@ class Sampler:
             active = eps.running()
             ep = np.where(eps.slot_ep >= 0, eps.slot_ep, 0)
             length0 = eps.length[ep]
-            state = np.concatenate([eps.tokens[ep, :max_len], np.stack(
-                [length0, eps.cursor[ep], eps.turn_start[ep], eps.budget[ep], active.astype(np.int32)], axis=1)], axis=1)
+            columns = [length0, eps.cursor[ep], eps.turn_start[ep], eps.budget[ep], active.astype(np.int32)]
+            state = np.concatenate([eps.tokens[ep, :max_len], np.stack(columns, axis=1)], axis=1)
             stats.env_overlap_calls += bool(pending)
             if episode_sampling is None:
                 cache, key, out, behav = loop_fn(self._inf_leaves, cache, key, state, np.int32(step), np.int32(limit))

@@ -46,8 +46,12 @@ def test_installed_versions_are_the_pins():
 def _make_dry_run(*args) -> str:
     import subprocess
 
-    # -B: every recipe, as on a fresh machine (no .venv, no stamps); -n: printed, not run.
-    r = subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # -B: every recipe, as on a fresh machine (no .venv, no stamps); -n: printed, not run. Under `make test`
+    # this is a sub-make: without the parent's MAKEFLAGS/MAKELEVEL it neither inherits the parent's
+    # variables nor prints "Entering/Leaving directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    r = subprocess.run(["make", "--no-print-directory", "-n", "-B", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     return r.stdout
 

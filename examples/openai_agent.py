@@ -15,12 +15,11 @@ prints its success rate and the policy versions it met every `--report_every` ep
 import concurrent.futures
 import itertools
 import json
-import logging
 import threading
 
 import httpx
 import openai
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxrl_async.envs.chat import make_chat_env
 
@@ -60,8 +59,7 @@ def play(base: str, i: int) -> tuple[bool, int]:
 def main(argv):
     del argv
     f = flags.FLAGS
-    for name in ("httpx", "openai"):  # no line per request
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.set_verbosity(logging.WARNING)  # no line per request
     done, lock = [], threading.Lock()
     with concurrent.futures.ThreadPoolExecutor(f.concurrency) as pool:
         for i, (success, version) in zip(itertools.count(), pool.map(lambda i: play(f.base_url, i), range(f.episodes))):

@@ -80,6 +80,7 @@ def test_learner_without_samplers_trains_on_the_proxys_groups(run):
     trajs, info = seen[0]
     assert info["queue/taken_total"] == 1.0 and info["queue/dropped_stale"] == 0.0
     assert np.isfinite(metrics["loss/policy"]) and int(cluster.state.version) == 1
+    assert metrics["rollout/tokens_per_s"] > 0 and metrics["perf/sampler_gate_wait_s"] == 0.0  # train.py reads them
     for t, i in zip(sorted(trajs, key=lambda t: t.reward), range(2)):
         prompt, ids, ended, version = calls[i]
         # Token in, token out: the trajectory is the call's prompt and generated ids, nothing re-tokenised.

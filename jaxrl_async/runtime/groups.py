@@ -299,18 +299,19 @@ def sampler_batch_metrics(metas: list[dict], wait_s: float) -> dict:
 
     metas: the sampler metadata of each group (tokens_per_s, weight_switches, gate_wait_s and
     the `proximal/` costs of the generate call it came from); wait_s: seconds the learner
-    waited for the batch. Returns means over the groups, and the wait; a metric no group's
-    metadata has (an external producer's groups have no `tokens_per_s`) is left out.
+    waited for the batch. Returns means over the groups, and the wait.
     """
-    out = {"perf/learner_wait_s": wait_s, "perf/sample_s": wait_s}
-    names = {"tokens_per_s": "rollout/tokens_per_s", "weight_switches": "rollout/weight_switches",
-             "gate_wait_s": "perf/sampler_gate_wait_s"}
-    names.update({k: k for m in metas for k in m if k.startswith("proximal/")})
-    for key, name in names.items():
-        vals = [m[key] for m in metas if key in m]
-        if vals:
-            out[name] = float(np.mean(vals))
-    return out
+    def mean(key):
+        return float(np.mean([m[key] for m in metas]))
+
+    return {
+        "rollout/tokens_per_s": mean("tokens_per_s"),
+        "rollout/weight_switches": mean("weight_switches"),
+        "perf/learner_wait_s": wait_s,
+        "perf/sampler_gate_wait_s": mean("gate_wait_s"),
+        "perf/sample_s": wait_s,
+        **{k: mean(k) for k in metas[0] if k.startswith("proximal/")},
+    }
 
 
 class GroupLoop:

@@ -77,6 +77,7 @@ class QueueProducer:
         self._epoch: Optional[int] = None
         self._next = 0
         self._lock = threading.Lock()
+        self._last_put = time.perf_counter()
         os.makedirs(ledger_dir(workdir), exist_ok=True)
 
     def _next_key(self) -> GroupKey:
@@ -95,8 +96,14 @@ class QueueProducer:
             raise ValueError(f"a group has rl.group_size = {self.group_size} trajectories; got {len(trajectories)}")
         sv = start_version(trajectories)
         switches = [len({int(v) for v in t.versions[t.loss_mask]}) - 1 for t in trajectories]
-        meta = {"producer": "proxy", "weight_switches": float(np.mean(switches)), "gate_wait_s": 0.0, **(meta or {})}
+        generated = sum(int(t.loss_mask.sum()) for t in trajectories)
         with self._lock:
+            # The producer's rate: generated tokens per second since its previous put (the
+            # sampler's metadata has the same keys; there is no gate to wait at).
+            now = time.perf_counter()
+            meta = {"producer": "proxy", "tokens_per_s": generated / max(now - self._last_put, 1e-6),
+                    "weight_switches": float(np.mean(switches)), "gate_wait_s": 0.0, **(meta or {})}
+            self._last_put = now
             key = self._next_key().format()
             dups = self.queue.stats["duplicates_dropped"]
             self.queue.put(Item(key, list(trajectories), sv, meta))

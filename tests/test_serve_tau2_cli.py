@@ -5,7 +5,6 @@ The model is configs/tau2_tiny.py's family over the shipped ChatML tokenizer, ra
 random policy earns reward 0; the test asserts the run completes with no infrastructure error.
 """
 
-import glob
 import json
 import os
 import shutil
@@ -52,8 +51,7 @@ def test_tau2_run_completes_against_the_served_policy(tmp_path):
         server.thread.join(timeout=10)
         service.engine.close()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = glob.glob(str(tmp_path / "**" / "*.json"), recursive=True)
-    with open(path) as f:
+    with open(tmp_path / "served.json") as f:  # --results-dir / --save-to
         sims = json.load(f)["simulations"]
     assert len(sims) == 2
     reasons = [s["termination_reason"] for s in sims]

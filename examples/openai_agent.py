@@ -1,86 +1,74 @@
-"""An agent written against the OpenAI API, producing training episodes through the agent proxy.
+"""An agent written against the OpenAI API that trains a policy through the agent proxy.
 
-    python examples/openai_agent.py [--episodes=8] [--group_size=4]
+    python examples/openai_agent.py --base_url=http://127.0.0.1:8000/v1 --episodes=2048 --group_size=8
 
-The server (the agent proxy, `jaxrl_async.serve`) runs in this process on a free port with a
-random qwen3_tiny-shaped model. The agent plays the chat form of `search_easy` (tool calls, as
-configs/qwen3_tiny.py trains it) with the `openai` client: each episode's calls go to
-`/v1/episodes/{id}/...`, the task (`envs.chat.ChatEnv`)
-executes the tool calls, and the agent reports the reward. The proxy turns each episode into
-a `Trajectory` (its calls' token ids, log-probs and versions, token in, token out) and hands
-each complete group to its sink: here a list printed at the end; in training, the trajectory
-queue (`runtime.spool.TrajectoryQueue.put`), as the sampler processes queue their groups.
+The server (`python -m jaxrl_async.serve --workdir=WORKDIR`) runs beside a process-mode training
+run with no sampler processes (`runtime.num_samplers = 0`; docs/serve.md has the three
+commands). The agent plays the chat form of `search_easy` with the `openai` client: each
+episode's calls go to `/v1/episodes/{id}/...`, the task (`envs.chat.ChatEnv`) executes the tool
+calls, and the agent reports the reward. The proxy keeps each call's token ids, log-probs and
+versions and queues every group of `rl.group_size` episodes (one task instance: `--group_size`
+must equal the run's) for the learner, whose new versions the server then serves. The agent
+prints its success rate and the policy versions it met every `--report_every` episodes.
 """
 
+import concurrent.futures
+import itertools
 import json
-import logging
+import threading
 
 import httpx
 import openai
-from absl import app, flags
+from absl import app, flags, logging
 
-from jaxrl_async.config import base_config
 from jaxrl_async.envs.chat import make_chat_env
-from jaxrl_async.serve.app import start_in_thread
-from jaxrl_async.serve.episodes import EpisodeRecorder
-from jaxrl_async.serve.service import build_service
 
-flags.DEFINE_integer("episodes", 8, "Episodes to play.")
-flags.DEFINE_integer("group_size", 4, "Episodes per task instance (a training group).")
+flags.DEFINE_string("base_url", "http://127.0.0.1:8000/v1", "The server's OpenAI base URL.")
+flags.DEFINE_integer("episodes", 512, "Episodes to play.")
+flags.DEFINE_integer("group_size", 8, "Episodes per task instance: the run's rl.group_size.")
+flags.DEFINE_integer("concurrency", 8, "Episodes played at once.")
+flags.DEFINE_integer("report_every", 64, "Episodes per printed success rate.")
+flags.DEFINE_integer("seed", 1000, "Task seeds start here (the run evaluates its own held-out seeds).")
 
 
-def play(base: str, episode: str, seed: int, group: str) -> float:
-    env = make_chat_env("search_easy", system_prompt="Call one tool per turn.", max_turn_tokens=24)  # the task: executes the agent's tool calls
-    env.reset(seed)
-    messages = list(env.messages)
-    client = openai.OpenAI(base_url=f"{base}/episodes/{episode}", api_key="dummy_key")
-    reward = 0.0
+def play(base: str, i: int) -> tuple[bool, int]:
+    """Episode `i` (task instance `i // group_size`); returns (success, newest version served)."""
+    f = flags.FLAGS
+    env = make_chat_env("search_easy", system_prompt="Call one tool per turn.", max_turn_tokens=24)
+    env.reset(f.seed + i // f.group_size)
+    messages, success, version = list(env.messages), False, -1
+    client = openai.OpenAI(base_url=f"{base}/episodes/ep{i}", api_key="dummy_key", timeout=600)
     while not env.done:
-        msg = client.chat.completions.create(model="agent", messages=messages, tools=env.tools,
-                                             max_tokens=env.max_turn_tokens, temperature=1.0).choices[0].message
+        r = client.chat.completions.create(model="agent", messages=messages, tools=env.tools,
+                                           max_tokens=env.max_turn_tokens, temperature=1.0)
+        msg, version = r.choices[0].message, max(version, r.model_extra["policy_version"])
         call = msg.tool_calls[0] if msg.tool_calls else None
-        text = env.call_text(call.function.name, json_args(call)) if call else (msg.content or "")
-        result = env.step(env.encode(text))
-        reward = result.reward
-        messages += [msg.model_dump(exclude_none=True),
-                     {"role": "tool", "tool_call_id": call.id if call else "none", "content": env.messages[-1]["content"]}]
-    httpx.post(f"{base}/episodes/{episode}/reward", json={"reward": reward, "group": group}).raise_for_status()
-    return reward
-
-
-def config():
-    c = base_config()  # the qwen3_tiny shapes, random weights
-    c.task.name, c.task.format, c.model.family = "search_easy", "chat", "qwen3"
-    c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.num_kv_heads = 64, 2, 4, 2
-    c.model.head_dim, c.model.d_ff, c.model.max_len = 32, 192, 480
-    return c
-
-
-def json_args(call):
-    try:
-        return json.loads(call.function.arguments)
-    except ValueError:
-        return call.function.arguments
+        try:
+            args = json.loads(call.function.arguments) if call else None
+        except ValueError:
+            args = call.function.arguments
+        result = env.step(env.encode(env.call_text(call.function.name, args) if call else (msg.content or "")))
+        success = bool(result.info["success"])
+        messages += [msg.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id if call else "none",
+                                                         "content": env.messages[-1]["content"]}]
+    httpx.post(f"{base}/episodes/ep{i}/reward", timeout=None, json={
+        "reward": result.reward, "success": success, "group": f"task{i // f.group_size}"}).raise_for_status()
+    return success, version
 
 
 def main(argv):
     del argv
-    for name in ("httpx", "httpx2"):  # no line per request
-        logging.getLogger(name).setLevel(logging.WARNING)
-    groups = []
-    service = build_service(config(), model_name="agent", max_slots=8)
-    service.recorder = EpisodeRecorder(service.chat, flags.FLAGS.group_size, sink=lambda g, t: groups.append((g, t)))
-    server, base = start_in_thread(service)
-    try:
-        for i in range(flags.FLAGS.episodes):
-            seed = i // flags.FLAGS.group_size  # group_size episodes per task instance
-            play(base, f"ep{i}", seed, group=f"task{seed}")
-    finally:
-        server.should_exit = True
-        service.engine.close()
-    for name, trajs in groups:
-        print(f"{name}: rewards {[t.reward for t in trajs]}, tokens {[t.length for t in trajs]}, "
-              f"generated {[int(t.loss_mask.sum()) for t in trajs]}, turns {[t.num_turns for t in trajs]}")
+    f = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)  # no line per request
+    done, lock = [], threading.Lock()
+    with concurrent.futures.ThreadPoolExecutor(f.concurrency) as pool:
+        for i, (success, version) in zip(itertools.count(), pool.map(lambda i: play(f.base_url, i), range(f.episodes))):
+            with lock:
+                done.append((success, version))
+            if (i + 1) % f.report_every == 0:
+                window = done[-f.report_every:]
+                print(f"episodes {i + 2 - f.report_every}-{i + 1}: success {sum(s for s, _ in window) / len(window):.3f}, "
+                      f"policy versions {min(v for _, v in window)}-{max(v for _, v in window)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def base_config() -> config_dict.ConfigDict:
     c.runtime.partial_rollout = False  # inline: start each batch one version older and switch weights mid-episode
     c.runtime.switch_after = 32  # inline partial rollouts: decode steps before the mid-episode switch
     c.runtime.max_staleness = 2  # process: no token older than this many versions reaches the loss
-    c.runtime.num_samplers = 1  # process: sampler processes
+    c.runtime.num_samplers = 1  # process: sampler processes; 0 = none: groups arrive in WORKDIR/queue from external producers (the agent proxy, `python -m jaxrl_async.serve --workdir=WORKDIR`)
     c.runtime.sampler_groups = 4  # process: groups (task instances x group_size) per sampler generate call
     c.runtime.queue_capacity = config_dict.placeholder(int)  # process: groups the queue holds; None = (max_staleness + 1) * groups_per_step
     c.runtime.queue_fsync = True  # process: fsync queued groups and the queue's renames, so the queue also survives a machine crash (a killed process needs no fsync); False: skip them (tmpfs, throwaway runs)
@@ -236,8 +236,7 @@ def validate(config) -> None:
               "rl.groups_per_step", "rl.group_size", "optim.num_minibatches", "optim.num_epochs",
               "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
               "train.keep_checkpoints", "train.max_nonfinite_skips", "eval.episodes", "sampler.chunk", "warmstart.episodes",
-              "warmstart.steps", "warmstart.batch_size", "runtime.switch_after", "runtime.num_samplers",
-              "runtime.sampler_groups"):
+              "warmstart.steps", "warmstart.batch_size", "runtime.switch_after", "runtime.sampler_groups"):
         positive(f)
     for f in ("optim.learning_rate", "optim.grad_clip", "warmstart.learning_rate", "runtime.hang_timeout_s",
               "runtime.sampler_startup_s", "runtime.wait_log_s"):
@@ -268,6 +267,14 @@ def validate(config) -> None:
         raise ValueError(f"config.runtime.lag must be an integer >= 0; got {given['runtime.lag']!r}")
     if not (isinstance(given["runtime.max_staleness"], int) and given["runtime.max_staleness"] >= 0):
         raise ValueError(f"config.runtime.max_staleness must be an integer >= 0; got {given['runtime.max_staleness']!r}")
+    n = given["runtime.num_samplers"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"config.runtime.num_samplers must be an integer >= 0 (0: external producers, process "
+                         f"runtime only); got {n!r}")
+    if n == 0 and given["runtime.mode"] != "process":
+        raise ValueError(f"config.runtime.num_samplers = 0 (no sampler processes: groups from external producers "
+                         f"such as the agent proxy) needs config.runtime.mode = 'process'; got "
+                         f"{given['runtime.mode']!r}")
     if given["runtime.mode"] in ("process", "ray"):
         if given["runtime.sampler_groups"] > given["rl.groups_per_step"]:
             raise ValueError(f"config.runtime.sampler_groups ({given['runtime.sampler_groups']}) must be <= "

@@ -342,6 +342,9 @@ class GroupLoop:
             parts.append(f"{self.source.name} {s.id} (pid {s.pid}): {state}, {s.inflight} groups in flight, "
                          f"{s.batches_done} batches done, loaded version {s.loaded_version}, "
                          f"last heartbeat {s.silent_s:.1f} s ago")
+        if not status.samplers:
+            parts.append("no sampler processes (runtime.num_samplers = 0): waiting for groups from external "
+                         "producers such as the agent proxy (python -m jaxrl_async.serve --workdir=WORKDIR)")
         return (f"learner waiting {waited_s:.0f} s for step {step}: {have}/{self.config.rl.groups_per_step} "
                 f"groups, queue depth {status.depth}, next version {status.next_version}; " + "; ".join(parts))
 

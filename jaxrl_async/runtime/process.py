@@ -16,6 +16,11 @@ newest version loaded) and appends each batch's group keys to
 only once the oldest retained checkpoint includes them, so a resume that falls back past a
 corrupt newest checkpoint still gets its groups back; the released keys' markers are then
 compacted (`spool.TrajectoryQueue.compact`), so the queue's record of them stays small.
+
+With `runtime.num_samplers = 0` there are no sampler processes: `ExternalSource` is the queue
+alone, filled by external producers (the agent proxy, `runtime.producer.QueueProducer`), with
+the same takes, staleness drops, ledger and release; the learner polls the queue and its status
+line says it waits for outside groups.
 """
 
 from __future__ import annotations
@@ -100,6 +105,57 @@ class SpoolSource:
                 "perf/queue_sync_s": spent["take_sync_s"]}
 
 
+class ExternalSource:
+    """The spool queue filled by external producers (no sampler processes) as a `groups.GroupSource`."""
+
+    name = "producer"
+    restarts = 0
+    hung_restarts = 0
+
+    def __init__(self, queue: TrajectoryQueue, bound: int, recovered: int = 0):
+        self.queue, self.bound, self.recovered = queue, bound, recovered
+        self.next_version = 0
+        self._timing0 = dict(queue.timing)
+
+    def begin(self, step: int) -> None:
+        self.queue.set_step(step)
+        self._timing0 = dict(self.queue.timing)
+
+    def take(self, want: int, version: int, have: int) -> tuple[list[Group], list[Group]]:
+        del have  # no gate reads it: producers are held back by the queue's capacity alone
+        want = min(want, self.queue.depth())
+        if want == 0:
+            return [], []
+        got, dropped = [], []
+        for item in self.queue.take(want, timeout=0, sync=False):
+            group = Group(item.key, int(item.start_version), item.trajectories, item.meta)
+            # An outside producer has no gate: a group beyond the bound is dropped (and counted) here.
+            (dropped if too_stale(version, group.start_version, self.bound) else got).append(group)
+        return got, dropped
+
+    def wait(self) -> None:
+        self.queue.wait()  # no doorbell: a short poll
+
+    def end(self, version: int, taken: list[Group]) -> None:
+        del taken
+        self.queue.sync()
+        self.next_version = version + 1
+
+    def depth(self) -> int:
+        return self.queue.depth()
+
+    def status(self) -> SourceStatus:
+        return SourceStatus(self.queue.depth(), self.next_version, [])
+
+    def restart_dead(self) -> list[tuple[int, str]]:
+        return []
+
+    def restart_hung(self, timeout_s: float, startup_s: float) -> list[int]:
+        return []
+
+    metrics = SpoolSource.metrics
+
+
 class ProcessRuntime:
     """`Runtime` of sampler processes on this host, a spool queue between them and the learner."""
 
@@ -116,15 +172,18 @@ class ProcessRuntime:
         self.bound = config.runtime.max_staleness
         g = config.rl.groups_per_step
         capacity = config.runtime.queue_capacity or (self.bound + 1) * g
-        self.pool = sampler_process.SamplerPool(config, workdir, epoch, ring_capacity(config), capacity,
-                                                handoff)
+        external = config.runtime.num_samplers == 0
+        self.pool = None if external else sampler_process.SamplerPool(config, workdir, epoch, ring_capacity(config),
+                                                                      capacity, handoff)
         # The samplers post the shared doorbell after each put: a waiting learner wakes at once.
         self.queue = TrajectoryQueue(queue_dir(workdir), capacity, fsync=config.runtime.queue_fsync,
-                                     doorbell=self.pool.shared.doorbell)
+                                     doorbell=None if external else self.pool.shared.doorbell)
         recovered = self.queue.recover(resume_step) if resume_step is not None else 0
-        # This epoch's keys are compactable from now on (a batch is `sampler_groups` groups).
-        self.queue.compact({epoch: config.runtime.sampler_groups})
-        self.source = SpoolSource(self.queue, self.pool, self.bound, recovered)
+        # This epoch's keys are compactable from now on (a batch is `sampler_groups` groups; an
+        # external producer's "batch" is one group: `producer.QueueProducer`).
+        self.queue.compact({epoch: 1 if external else config.runtime.sampler_groups})
+        self.source = (ExternalSource(self.queue, self.bound, recovered) if external
+                       else SpoolSource(self.queue, self.pool, self.bound, recovered))
         self.loop = GroupLoop(self.source, config, workdir, epoch, log)
 
     @property
@@ -132,6 +191,9 @@ class ProcessRuntime:
         return self.source.recovered
 
     def start(self, version: int) -> None:
+        if self.pool is None:
+            self.source.next_version = int(version)
+            return
         self.pool.shared.next_version.value = int(version)
         self.pool.start()
 
@@ -150,6 +212,7 @@ class ProcessRuntime:
 
     def close(self) -> None:
         try:
-            self.pool.close()
+            if self.pool is not None:
+                self.pool.close()
         finally:
             self.loop.close()

@@ -12,7 +12,8 @@ uvicorn), `episodes` (the agent proxy), `__main__` (the command line). docs/serv
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (no streaming); the agent proxy's
 `POST /v1/episodes/{episode}/chat/completions` (or the header `X-Episode-Id`) and
 `POST /v1/episodes/{episode}/reward` (`episodes`: calls tied to an episode become one
-training trajectory, token in, token out).
+training trajectory, token in, token out; beside a process-mode run with
+`runtime.num_samplers = 0` its groups go into the run's queue: `runtime.producer`).
 
 Request fields read: `model` (any string; the response names the served model), `messages`
 (system / developer, user, assistant with optional `tool_calls`, tool; extra keys such as a

@@ -21,7 +21,7 @@ def main(argv):
     try:
         service = build_service(f.config, workdir=f.workdir, handoff=f.handoff, model_name=f.model_name,
                                 max_slots=f.max_slots, max_queue=f.max_queue,
-                                warmup=[int(x) for x in f.warmup])
+                                warmup=[int(x) for x in f.warmup], producer_id=f.producer_id)
     except ValueError as e:  # configuration errors: one line naming the field or path
         raise SystemExit(f"error: {e}") from None
     import uvicorn
@@ -29,6 +29,8 @@ def main(argv):
     from jaxrl_async.serve.app import make_app
 
     print(f"serving {service.model_name!r} (version {service.engine.version}) on http://{f.host}:{f.port}/v1")
+    if getattr(service.recorder, "producer", None) is not None:
+        print(f"agent proxy: groups of {service.recorder.group_size} episodes go into {f.workdir}/queue")
     uvicorn.run(make_app(service), host=f.host, port=f.port, log_level="warning")
     service.engine.close()
 
@@ -43,6 +45,8 @@ if __name__ == "__main__":
                                        "newer ones. Empty: the config's weights (model.checkpoint or a random init).")
     flags.DEFINE_string("handoff", "", "With --workdir: the name of the run's shared-memory weight slot, read "
                                        "before the ring buffer (empty: the ring buffer only).")
+    flags.DEFINE_integer("producer_id", 0, "With --workdir of a run with runtime.num_samplers = 0: this proxy's "
+                                           "number in its group keys (distinct per server on one run).")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
     flags.DEFINE_integer("port", 8000, "Port to listen on.")
     flags.DEFINE_string("model_name", "", "Model id in /v1/models and responses (default: the checkpoint's or "

@@ -10,6 +10,8 @@ that embed it).
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import socket
 import threading
@@ -67,7 +69,9 @@ def make_app(service: ChatService) -> FastAPI:
         group = body.get("group")
         if group is not None and not isinstance(group, str):
             raise APIError(400, "group: must be a string", param="group")
-        traj = service.recorder.finish(episode, float(reward), bool(body.get("success", False)), group)
+        # Off the event loop: a complete group goes to the sink, which may block (a full trajectory queue).
+        traj = await asyncio.to_thread(service.recorder.finish, episode, float(reward),
+                                       bool(body.get("success", False)), group)
         return {"episode": episode, "tokens": int(traj.length), "generated_tokens": int(traj.loss_mask.sum()),
                 "reward": traj.reward, "group_id": traj.group_id}
 

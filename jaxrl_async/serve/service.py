@@ -149,14 +149,17 @@ class ChatService:
 
 
 def build_service(config, workdir: str = "", handoff: str = "", model_name: str = "", max_slots: int = 32,
-                  max_queue: int = 256, warmup: Sequence[int] = ()) -> ChatService:
+                  max_queue: int = 256, warmup: Sequence[int] = (), producer_id: int = 0) -> ChatService:
     """The service of a run config: its model (`model.checkpoint`'s weights or a random init from
     `seed`), its chat tokenizer (`task.tokenizer` / the checkpoint's / the shipped one) and its
     inference numerics. With `workdir` the weights are the newest version the training run
     published to its ring buffer (`workdir/versions`), and the engine follows newer ones (from
     the shared-memory slot named `handoff` first, when given). Raises ValueError naming the
     field or path. warmup: prompt lengths to compile every batch size for now (`Engine.warmup`;
-    empty: compile on first use)."""
+    empty: compile on first use). When the run takes its groups from outside (`runtime.mode =
+    'process'`, `runtime.num_samplers = 0`), the agent proxy's complete groups of
+    `rl.group_size` episodes go into its queue (`runtime.producer.QueueProducer`, keys numbered
+    by `producer_id`)."""
     from jaxrl_async import config as config_lib
     from jaxrl_async.rollout.sampler import Sampler
     from jaxrl_async.runtime import base as runtime_base
@@ -191,4 +194,11 @@ def build_service(config, workdir: str = "", handoff: str = "", model_name: str 
         engine.warmup(warmup)
     source = config.model.checkpoint or workdir
     name = model_name or (os.path.basename(os.path.normpath(source)) if source else "") or "jaxrl_async"
-    return ChatService(engine, chat, model_config.max_len, name)
+    recorder = None
+    if workdir and config.runtime.mode == "process" and config.runtime.num_samplers == 0:
+        from jaxrl_async.runtime.producer import QueueProducer
+
+        producer = QueueProducer(workdir, config, producer_id)
+        recorder = EpisodeRecorder(chat, config.rl.group_size, sink=lambda group, trajs: producer.put(trajs))
+        recorder.producer = producer
+    return ChatService(engine, chat, model_config.max_len, name, recorder)

@@ -32,8 +32,9 @@ setup: $(TEST_STAMP)
 train: $(STAMP)
 	$(PY) -m jaxrl_async.train --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# The whole suite, slow end-to-end tests included (what CI runs).
+# ruff (ruff.toml), then the whole suite, slow end-to-end tests included (what CI runs).
 test: $(TEST_STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # Everything but the tests marked slow.

@@ -67,7 +67,8 @@ def main(argv):
                 done.append((success, version))
             if (i + 1) % f.report_every == 0:
                 window = done[-f.report_every:]
-                print(f"episodes {i + 2 - f.report_every}-{i + 1}: success {sum(s for s, _ in window) / len(window):.3f}, "
+                rate = sum(s for s, _ in window) / len(window)
+                print(f"episodes {i + 2 - f.report_every}-{i + 1}: success {rate:.3f}, "
                       f"policy versions {min(v for _, v in window)}-{max(v for _, v in window)}", flush=True)
 
 

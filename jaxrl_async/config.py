@@ -29,8 +29,9 @@ def base_config() -> config_dict.ConfigDict:
     c.seed = 0  # one seed for model init, task seeds and sampling: same seed, same run
 
     c.task = config_dict.ConfigDict()
-    # agent task, see jaxrl_async/envs: "search" | "search_easy" | "tooluse" | "tooluse_easy"; or "tau2": τ2-bench
-    # through tau2's own code (jaxrl_async/tau2, docs/tau2.md; task.format="chat"; task.kwargs: domain, split, user, ...)
+    # agent task, see jaxrl_async/envs: "search" | "search_easy" | "tooluse" | "tooluse_easy"; or "tau2":
+    # τ2-bench through tau2's own code (jaxrl_async/tau2, docs/tau2.md; task.format="chat"; task.kwargs: domain,
+    # split, user, ...)
     c.task.name = "tooluse_easy"
     c.task.kwargs = config_dict.ConfigDict()  # task difficulty knobs passed to make_env (see the task's constructor)
     # "tokens": the task in the word vocabulary (envs.TOKENIZER) | "chat": the task as a chat with tool calls
@@ -47,7 +48,8 @@ def base_config() -> config_dict.ConfigDict:
     # "transformer": the library's own model (models/transformer.py) | "llama" | "qwen2" | "qwen3": the HF
     # families of models/llama.py (the sizes above are then hidden_size, num_layers, num_heads, intermediate_size)
     c.model.family = "transformer"
-    c.model.checkpoint = ""  # HF families: "" = random init from the sizes here; else an HF checkpoint directory (sizes from its config.json)
+    # HF families: "" = random init from the sizes here; else an HF checkpoint directory (sizes from its config.json)
+    c.model.checkpoint = ""
     c.model.num_kv_heads = 0  # HF families, random init: key/value heads (grouped-query attention); 0 = n_heads
     c.model.head_dim = 0  # HF families, random init: per-head width; 0 = d_model // n_heads
     c.model.tie_embeddings = False  # HF families, random init: the output head is the token embedding
@@ -90,16 +92,19 @@ def base_config() -> config_dict.ConfigDict:
     c.loss.token_mask = config_dict.placeholder(tuple)  # (lo, hi) token rejection band on pi_old/mu; None = off
     c.loss.seq_mask_mode = "none"  # sequence rejection statistic: "none" | "sum" | "geometric"
     c.loss.seq_mask = (0.0, float("inf"))  # (lo, hi) band for the sequence statistic
-    c.loss.catastrophic_thr = config_dict.placeholder(float)  # drop a sequence if any token ratio is below this; None = off
+    # drop a sequence if any token ratio is below this; None = off
+    c.loss.catastrophic_thr = config_dict.placeholder(float)
     c.loss.aggregation = "token_mean"  # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum_norm"
     c.loss.norm_length = config_dict.placeholder(int)  # normaliser for seq_mean_token_sum_norm
     # The staleness weight s = pi_prox / pi_old of the three-term form (only with proximal.anchor set):
     c.loss.staleness_is_mode = "token"  # "none" | "token" | "sequence" | "geometric", as is_mode
     c.loss.staleness_is_floor = 0.0  # lower truncation of the staleness weight
     c.loss.staleness_is_cap = 2.0  # upper truncation of the staleness weight
-    c.loss.staleness_token_mask = config_dict.placeholder(tuple)  # (lo, hi) token rejection band on pi_prox/pi_old; None = off
+    # (lo, hi) token rejection band on pi_prox/pi_old; None = off
+    c.loss.staleness_token_mask = config_dict.placeholder(tuple)
 
-    c.proximal = config_dict.ConfigDict()  # where prox_logp (pi_old or its stand-in) comes from, docs/design.md section 3
+    # where prox_logp (pi_old or its stand-in) comes from, docs/design.md section 3
+    c.proximal = config_dict.ConfigDict()
     # exact: "snapshot" (ring-buffer versions, recomputed by the learner) | "dedicated" (old-logit process beside
     # the sampler) | "interrupt" (sampler scores in-flight segments at each weight switch);
     # approximate: "recompute" (learner weights at step start) | "bypass" (behaviour log-probs) |
@@ -132,20 +137,32 @@ def base_config() -> config_dict.ConfigDict:
     c.warmstart.cache_dir = ""  # if set, warm-started params are cached here, keyed by task/model/warm-start/seed
 
     c.runtime = config_dict.ConfigDict()
-    c.runtime.mode = "inline"  # "inline": sampler and learner in one process on a deterministic schedule; "process": sampler processes, async queue; "ray": sampler actors on a Ray cluster
+    # "inline": sampler and learner in one process on a deterministic schedule; "process": sampler processes, async
+    # queue; "ray": sampler actors on a Ray cluster
+    c.runtime.mode = "inline"
     c.runtime.lag = 0  # inline: the sampler uses the weights of `lag` versions ago (0 = on-policy)
     c.runtime.partial_rollout = False  # inline: start each batch one version older and switch weights mid-episode
     c.runtime.switch_after = 32  # inline partial rollouts: decode steps before the mid-episode switch
     c.runtime.max_staleness = 2  # process: no token older than this many versions reaches the loss
-    c.runtime.num_samplers = 1  # process: sampler processes; 0 = none: groups arrive in WORKDIR/queue from external producers (the agent proxy, `python -m jaxrl_async.serve --workdir=WORKDIR`)
+    # process: sampler processes; 0 = none: groups arrive in WORKDIR/queue from external producers (the agent proxy,
+    # `python -m jaxrl_async.serve --workdir=WORKDIR`)
+    c.runtime.num_samplers = 1
     c.runtime.sampler_groups = 4  # process: groups (task instances x group_size) per sampler generate call
-    c.runtime.queue_capacity = config_dict.placeholder(int)  # process: groups the queue holds; None = (max_staleness + 1) * groups_per_step
-    c.runtime.queue_fsync = True  # process: fsync queued groups and the queue's renames, so the queue also survives a machine crash (a killed process needs no fsync); False: skip them (tmpfs, throwaway runs)
-    c.runtime.ring_capacity = config_dict.placeholder(int)  # versions K kept in the ring buffer; None = the fewest the runtime needs
-    c.runtime.hang_timeout_s = 120.0  # process: a sampler with no sign of progress this long while the learner waits is killed and restarted
-    c.runtime.sampler_startup_s = 300.0  # process: a new sampler may take this long (imports, compilation) before hang_timeout_s applies to it
-    c.runtime.wait_log_s = 30.0  # process: while the learner waits for groups, a status line (queue, samplers) this often
-    c.runtime.ray_address = ""  # ray: "" = start a local Ray cluster; else the address of a running one ("auto", "host:6379")
+    # process: groups the queue holds; None = (max_staleness + 1) * groups_per_step
+    c.runtime.queue_capacity = config_dict.placeholder(int)
+    # process: fsync queued groups and the queue's renames, so the queue also survives a machine crash (a killed process
+    # needs no fsync); False: skip them (tmpfs, throwaway runs)
+    c.runtime.queue_fsync = True
+    # versions K kept in the ring buffer; None = the fewest the runtime needs
+    c.runtime.ring_capacity = config_dict.placeholder(int)
+    # process: a sampler with no sign of progress this long while the learner waits is killed and restarted
+    c.runtime.hang_timeout_s = 120.0
+    # process: a new sampler may take this long (imports, compilation) before hang_timeout_s applies to it
+    c.runtime.sampler_startup_s = 300.0
+    # process: while the learner waits for groups, a status line (queue, samplers) this often
+    c.runtime.wait_log_s = 30.0
+    # ray: "" = start a local Ray cluster; else the address of a running one ("auto", "host:6379")
+    c.runtime.ray_address = ""
     c.runtime.ray_num_cpus = 1.0  # ray: CPUs each sampler actor reserves
     c.runtime.ray_num_gpus = 0.0  # ray: GPUs each sampler actor reserves (fractions share a GPU)
 
@@ -162,7 +179,8 @@ def base_config() -> config_dict.ConfigDict:
     c.train.eval_every = 25  # steps between evaluations on held-out seeds
     c.train.checkpoint_every = 25  # steps between Orbax checkpoints of the full train state
     c.train.keep_checkpoints = 2  # checkpoints kept on disk
-    c.train.max_nonfinite_skips = 3  # consecutive updates skipped for a non-finite loss or gradient before the run stops
+    # consecutive updates skipped for a non-finite loss or gradient before the run stops
+    c.train.max_nonfinite_skips = 3
 
     c.eval = config_dict.ConfigDict()
     c.eval.episodes = 256  # held-out episodes per evaluation
@@ -218,7 +236,8 @@ def validate(config) -> None:
         raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
     missing = sorted(set(known) - set(given))
     if missing:
-        raise ValueError(f"config is missing field(s) {missing}; start config files from jaxrl_async.config.base_config()")
+        raise ValueError(f"config is missing field(s) {missing}; "
+                         "start config files from jaxrl_async.config.base_config()")
     for field, allowed in CHOICES.items():
         if given[field] not in allowed:
             raise ValueError(f"config.{field} must be one of {allowed}; got {given[field]!r}")
@@ -235,13 +254,15 @@ def validate(config) -> None:
     for f in ("model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.max_len",
               "rl.groups_per_step", "rl.group_size", "optim.num_minibatches", "optim.num_epochs",
               "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-              "train.keep_checkpoints", "train.max_nonfinite_skips", "eval.episodes", "sampler.chunk", "warmstart.episodes",
-              "warmstart.steps", "warmstart.batch_size", "runtime.switch_after", "runtime.sampler_groups"):
+              "train.keep_checkpoints", "train.max_nonfinite_skips", "eval.episodes", "sampler.chunk",
+              "warmstart.episodes", "warmstart.steps", "warmstart.batch_size", "runtime.switch_after",
+              "runtime.sampler_groups"):
         positive(f)
     for f in ("optim.learning_rate", "optim.grad_clip", "warmstart.learning_rate", "runtime.hang_timeout_s",
               "runtime.sampler_startup_s", "runtime.wait_log_s"):
         positive(f, integer=False)
-    if isinstance(given["sampler.slots"], bool) or not isinstance(given["sampler.slots"], int) or given["sampler.slots"] < 0:
+    slots = given["sampler.slots"]
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
         raise ValueError(f"config.sampler.slots must be an integer >= 0 (0 = one KV-cache slot per episode); "
                          f"got {given['sampler.slots']!r}")
     if given["rl.advantage"] == "rloo" and given["rl.group_size"] < 2:
@@ -266,7 +287,8 @@ def validate(config) -> None:
     if not (isinstance(given["runtime.lag"], int) and given["runtime.lag"] >= 0):
         raise ValueError(f"config.runtime.lag must be an integer >= 0; got {given['runtime.lag']!r}")
     if not (isinstance(given["runtime.max_staleness"], int) and given["runtime.max_staleness"] >= 0):
-        raise ValueError(f"config.runtime.max_staleness must be an integer >= 0; got {given['runtime.max_staleness']!r}")
+        raise ValueError("config.runtime.max_staleness must be an integer >= 0; "
+                         f"got {given['runtime.max_staleness']!r}")
     n = given["runtime.num_samplers"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"config.runtime.num_samplers must be an integer >= 0 (0: external producers, process "
@@ -278,7 +300,8 @@ def validate(config) -> None:
     if given["runtime.mode"] in ("process", "ray"):
         if given["runtime.sampler_groups"] > given["rl.groups_per_step"]:
             raise ValueError(f"config.runtime.sampler_groups ({given['runtime.sampler_groups']}) must be <= "
-                             f"config.rl.groups_per_step ({given['rl.groups_per_step']}), or the staleness gate never opens")
+                             f"config.rl.groups_per_step ({given['rl.groups_per_step']}), "
+                             "or the staleness gate never opens")
         cap = given["runtime.queue_capacity"]
         if cap is not None and cap < given["rl.groups_per_step"]:
             raise ValueError(f"config.runtime.queue_capacity ({cap}) must hold at least one batch "
@@ -339,11 +362,13 @@ def _validate_model_family(given: dict) -> None:
     family, ckpt = given["model.family"], given["model.checkpoint"]
     if ckpt is None:
         raise ValueError("config.model.checkpoint must be set to a Hugging Face checkpoint directory "
-                         "(--config.model.checkpoint=/path/to/checkpoint); this config does not train from random weights")
+                         "(--config.model.checkpoint=/path/to/checkpoint); "
+                         "this config does not train from random weights")
     if not isinstance(ckpt, str):
         raise ValueError(f"config.model.checkpoint must be a directory path (\"\" = random init); got {ckpt!r}")
     if not isinstance(given["task.tokenizer"], str):
-        raise ValueError(f"config.task.tokenizer must be a directory path (\"\" = default); got {given['task.tokenizer']!r}")
+        raise ValueError("config.task.tokenizer must be a directory path (\"\" = default); "
+                         f"got {given['task.tokenizer']!r}")
     if not isinstance(given["model.scan_layers"], bool):
         raise ValueError(f"config.model.scan_layers must be a boolean; got {given['model.scan_layers']!r}")
     if given["model.remat_policy"] not in llama.REMAT_POLICIES:
@@ -371,14 +396,17 @@ def _validate_model_family(given: dict) -> None:
             raise ValueError("config.model.checkpoint needs task.format='chat' (a pretrained model reads its "
                              "own tokenizer's ids, not the word vocabulary)")
         if not ckpt:
-            heads, kv, hd = given["model.n_heads"], given["model.num_kv_heads"] or given["model.n_heads"], given["model.head_dim"]
+            heads, hd = given["model.n_heads"], given["model.head_dim"]
+            kv = given["model.num_kv_heads"] or heads
             if heads % kv:
-                raise ValueError(f"config.model.n_heads ({heads}) must be a multiple of config.model.num_kv_heads ({kv})")
+                raise ValueError(f"config.model.n_heads ({heads}) must be a multiple of "
+                                 f"config.model.num_kv_heads ({kv})")
             if hd == 0 and given["model.d_model"] % heads:
                 raise ValueError(f"config.model.d_model ({given['model.d_model']}) must be divisible by "
                                  f"config.model.n_heads ({heads}) when config.model.head_dim is 0")
             if (hd or given["model.d_model"] // heads) % 2:
-                raise ValueError(f"config.model.head_dim ({hd or given['model.d_model'] // heads}) must be even (rotary)")
+                width = hd or given["model.d_model"] // heads
+                raise ValueError(f"config.model.head_dim ({width}) must be even (rotary)")
     if given["task.tokenizer"] and given["task.format"] != "chat":
         raise ValueError(f"config.task.tokenizer ({given['task.tokenizer']!r}) is used with task.format='chat' only")
 

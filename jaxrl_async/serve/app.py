@@ -11,7 +11,6 @@ that embed it).
 from __future__ import annotations
 
 import asyncio
-
 import logging
 import socket
 import threading

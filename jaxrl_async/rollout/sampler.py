@@ -212,7 +212,9 @@ def _decode_loop(graphdef, inf_params, cache, key, ctx, length, cursor, active, 
 
     Returns (cache, key, ctx, length, cursor, active, behav [B, max_len] float32 (the
     log-prob of each token generated in this call at its position, 0 elsewhere), step).
-    The key is split per step exactly as the one-step-per-call loop did.
+    The returned key has been split once per decode step the call ran (the split feeds the
+    logit noise and, without `per_slot`, the samples), so consecutive calls continue one key
+    stream: step n draws from the n-th split whichever call runs it.
     """
     b, max_len = ctx.shape
     rows = jnp.arange(b)
@@ -494,7 +496,7 @@ class Sampler:
         self.inf_params = None
         self.learner_params = None  # float32 params of `version` (interrupt route only)
         self.version = -1
-        self._loops: dict = {}  # (pad, eot) -> the compiled decode loop (`_loop_fn`)
+        self._loops: dict = {}  # (pad, eot, params treedef) -> the compiled decode loop (`_loop_fn`)
 
     def update_params(self, params, version: int) -> None:
         """Loads learner params (converted to inference numerics) as `version`.

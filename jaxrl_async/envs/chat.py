@@ -284,6 +284,21 @@ def detect_format(tokenizer) -> str:
                      "(Llama 3) is a token; pass format=")
 
 
+def chat_tokens(tokenizer, format: str | None = None, field: str = "format") -> tuple[str, str, int, int]:
+    """(format, end-of-turn token, its id, padding id) of a chat tokenizer: the format given or
+    detected from its special tokens; padding is the tokenizer's pad token, else end-of-turn.
+    ``field`` names the setting in the error for an unknown format."""
+    fmt = format or detect_format(tokenizer)
+    if fmt not in FORMATS:
+        raise ValueError(f"{field} must be one of {FORMATS}, got {fmt!r}")
+    eot_token = EOT_TOKENS[fmt]
+    eot_id = tokenizer.token_to_id(eot_token)
+    if eot_id is None:
+        raise ValueError(f"{eot_token} is not a token of the tokenizer")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return fmt, eot_token, int(eot_id), int(pad) if pad is not None else int(eot_id)
+
+
 def _slot_bound(fn: Callable[[list[str]], int], shape: list[list[str]]) -> int:
     """Upper bound of ``fn`` over the words of ``shape``, slot by slot: exact when each
     slot's tokens do not depend on the other slots (numbers and words are separate
@@ -318,15 +333,7 @@ class ChatEnv:
             tokenizer = load_tokenizer(tokenizer or SHIPPED_TOKENIZER)
         self.env = env
         self.tokenizer = tokenizer
-        self.format = format or detect_format(tokenizer)
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-        self.eot_token = EOT_TOKENS[self.format]
-        self.eot_id = tokenizer.token_to_id(self.eot_token)
-        if self.eot_id is None:
-            raise ValueError(f"{self.eot_token} is not a token of the tokenizer")
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = int(pad) if pad is not None else int(self.eot_id)
+        self.format, self.eot_token, self.eot_id, self.pad_id = chat_tokens(tokenizer, format)
         self.parse = PARSERS[self.format]
         self.spec = spec_for(env)
         self.tools = [t.schema() for t in self.spec.tools]

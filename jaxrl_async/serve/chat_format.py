@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from jaxrl_async.envs.chat import _CALL_BLOCK, EOT_TOKENS, PARSERS, detect_format
+from jaxrl_async.envs.chat import _CALL_BLOCK, PARSERS, chat_tokens
 
 _NAME_MARK = "\ue000"  # a private-use character: never part of a real function name
 
@@ -38,12 +38,8 @@ class ChatFormat:
 
     def __init__(self, tokenizer, format: Optional[str] = None):
         self.tokenizer = tokenizer
-        self.format = format or detect_format(tokenizer)
+        self.format, self.eot_token, self.eot_id, self.pad_id = chat_tokens(tokenizer, format)
         self.parser = PARSERS[self.format]
-        self.eot_token = EOT_TOKENS[self.format]
-        self.eot_id = int(tokenizer.token_to_id(self.eot_token))
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = int(pad) if pad is not None else self.eot_id
 
     # ---- rendering ------------------------------------------------------------------------
     def render(self, messages: Sequence[dict], tools: Optional[list] = None) -> str:

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxrl_async.envs.base import StepResult
-from jaxrl_async.envs.chat import EOT_TOKENS, FORMATS, detect_format
+from jaxrl_async.envs.chat import chat_tokens
 from jaxrl_async.tau2 import chat
 from jaxrl_async.tau2 import lib as lib_module
 from jaxrl_async.tau2 import tasks as tasks_lib
@@ -91,13 +91,8 @@ class Tau2Env:
                                      int(user_retries), float(user_deadline_s), float(user_temperature))
         self.lib = lib_module.load()
         self.tokenizer = tokenizer
-        self.format = format or detect_format(tokenizer)
-        if self.format not in FORMATS:
-            raise ValueError(f"task.kwargs.format must be one of {FORMATS}; got {self.format!r}")
-        self.eot_token = EOT_TOKENS[self.format]
-        self.eot_id = tokenizer.token_to_id(self.eot_token)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = int(pad) if pad is not None else int(self.eot_id)
+        self.format, self.eot_token, self.eot_id, self.pad_id = chat_tokens(tokenizer, format,
+                                                                            field="task.kwargs.format")
         self.domain, self.split, self.user = domain, split, user
         self.solo = user == "solo"
         tasks = tasks_lib.load(domain, split, self.solo)

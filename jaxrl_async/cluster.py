@@ -39,6 +39,7 @@ from jaxrl_async.learner.warmstart import warmstart_params
 from jaxrl_async.rollout.evaluate import Evaluator, rollout_metrics
 from jaxrl_async.rollout.trajectory import Batch, Trajectory, collate
 from jaxrl_async.runtime import base as runtime_base
+from jaxrl_async.runtime import groups as groups_lib
 from jaxrl_async.runtime import handoff as handoff_lib
 from jaxrl_async.runtime.base import Runtime
 from jaxrl_async.runtime.handoff import WeightSlot
@@ -167,25 +168,6 @@ def batch_from(trajs: list[Trajectory], config, max_len: int) -> Batch:
     return batch.replace(loss_mask=mask, advantages=np.where(mask, adv[:, None], np.float32(0.0)).astype(np.float32))
 
 
-def _epoch_file(workdir: str) -> str:
-    return os.path.join(workdir, "epoch")
-
-
-def _read_epoch(workdir: str) -> int:
-    try:
-        with open(_epoch_file(workdir)) as f:
-            return int(f.read().strip())
-    except (FileNotFoundError, ValueError):
-        return -1
-
-
-def _write_epoch(workdir: str, epoch: int) -> None:
-    tmp = _epoch_file(workdir) + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(str(epoch))
-    os.replace(tmp, _epoch_file(workdir))
-
-
 class RLCluster:
     """Every component of one run, built from `config` in `workdir`.
 
@@ -281,8 +263,9 @@ class RLCluster:
             self.handoff.write(int(state.version), state.params)
         # One more (re)start of this run. The counter file also counts restarts that resumed from the
         # same checkpoint (a learner killed before its next save), so queue keys never repeat.
-        meta["epoch"] = max(meta["epoch"], _read_epoch(workdir) if restored is not None else -1) + 1
-        _write_epoch(workdir, meta["epoch"])
+        last = groups_lib.read_epoch(workdir) if restored is not None else None
+        meta["epoch"] = max(meta["epoch"], -1 if last is None else last) + 1
+        groups_lib.write_epoch(workdir, meta["epoch"])
         self.meta, self.start_step = meta, start
         self.state = jax.device_put(state, self.state_sharding)  # a restored state may come back elsewhere
         self.meta["memory/state_bytes_per_device"] = mesh_lib.bytes_per_device(

@@ -50,6 +50,29 @@ def ledger_dir(workdir: str) -> str:
     return os.path.join(queue_dir(workdir), "ledger")
 
 
+def read_epoch(workdir: str) -> Optional[int]:
+    """The run's key epoch, how many times its learner has (re)started (`WORKDIR/epoch`); None if absent."""
+    try:
+        with open(os.path.join(workdir, "epoch")) as f:
+            return int(f.read().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_epoch(workdir: str, epoch: int) -> None:
+    """Writes `WORKDIR/epoch` atomically (the learner, at each (re)start)."""
+    path = os.path.join(workdir, "epoch")
+    with open(path + ".tmp", "w") as f:
+        f.write(str(epoch))
+    os.replace(path + ".tmp", path)
+
+
+def queue_capacity(config) -> int:
+    """Groups a process or Ray run's queue holds: `runtime.queue_capacity`, or by default a
+    step's groups for each version a token may lag, plus the current one."""
+    return config.runtime.queue_capacity or (config.runtime.max_staleness + 1) * config.rl.groups_per_step
+
+
 def retained_checkpoints(workdir: str) -> set[int]:
     """The steps of the checkpoints kept in `WORKDIR/checkpoints` (a resume may fall back to any)."""
     ckdir = os.path.join(workdir, "checkpoints")

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from jaxrl_async.runtime import sampler_process
 from jaxrl_async.runtime.base import queue_dir, ring_capacity
-from jaxrl_async.runtime.groups import Group, GroupLoop, SourceStatus, retained_checkpoints, too_stale
+from jaxrl_async.runtime.groups import Group, GroupLoop, SourceStatus, queue_capacity, retained_checkpoints, too_stale
 from jaxrl_async.runtime.spool import TrajectoryQueue
 
 
@@ -170,8 +170,7 @@ class ProcessRuntime:
         self.workdir = workdir
         self.epoch = epoch
         self.bound = config.runtime.max_staleness
-        g = config.rl.groups_per_step
-        capacity = config.runtime.queue_capacity or (self.bound + 1) * g
+        capacity = queue_capacity(config)
         external = config.runtime.num_samplers == 0
         self.pool = None if external else sampler_process.SamplerPool(config, workdir, epoch, ring_capacity(config),
                                                                       capacity, handoff)

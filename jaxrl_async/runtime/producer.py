@@ -30,17 +30,8 @@ from typing import Optional
 
 import numpy as np
 
-from jaxrl_async.runtime.groups import GroupKey, ledger_dir, queue_dir
+from jaxrl_async.runtime.groups import GroupKey, ledger_dir, queue_capacity, queue_dir, read_epoch
 from jaxrl_async.runtime.spool import Item, TrajectoryQueue
-
-
-def read_epoch(workdir: str) -> Optional[int]:
-    """The learner's current key epoch (`WORKDIR/epoch`, written by `cluster.RLCluster`); None if absent."""
-    try:
-        with open(os.path.join(workdir, "epoch")) as f:
-            return int(f.read().strip())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def start_version(trajectories: list) -> int:
@@ -71,9 +62,7 @@ class QueueProducer:
         if read_epoch(workdir) is None:
             raise ValueError(f"--workdir {workdir!r}: no learner has started there ({workdir}/epoch is missing)")
         self.workdir, self.id, self.group_size = workdir, producer_id, config.rl.group_size
-        g = config.rl.groups_per_step
-        capacity = config.runtime.queue_capacity or (config.runtime.max_staleness + 1) * g
-        self.queue = TrajectoryQueue(queue_dir(workdir), capacity, fsync=config.runtime.queue_fsync)
+        self.queue = TrajectoryQueue(queue_dir(workdir), queue_capacity(config), fsync=config.runtime.queue_fsync)
         self._epoch: Optional[int] = None
         self._next = 0
         self._lock = threading.Lock()

@@ -56,6 +56,7 @@ from jaxrl_async.runtime.groups import (
     gate_admits,
     hung,
     ledger_dir,
+    queue_capacity,
     queue_dir,
     retained_checkpoints,
     too_stale,
@@ -512,8 +513,7 @@ class RayRuntime:
         self.config, self.workdir, self.epoch = config, os.path.abspath(workdir), epoch
         self.store, self.log = store, log
         self.bound = config.runtime.max_staleness
-        g = config.rl.groups_per_step
-        self.capacity = config.runtime.queue_capacity or (self.bound + 1) * g
+        self.capacity = queue_capacity(config)
         self.num = config.runtime.num_samplers
         self.source: Optional[RaySource] = None
         self.loop: Optional[GroupLoop] = None

@@ -2,6 +2,7 @@
 starting a sampler or Ray: group keys, the staleness gate, taken keys, the learner's loop, the
 coordinator and its taken-key state, a sampler that cannot start, and the queue's compaction."""
 
+import dataclasses
 import json
 import os
 import random
@@ -259,7 +260,7 @@ def test_taken_key_state_round_trips_through_its_file_and_warns_when_unusable(tm
         fresh, warnings = ray_runtime.restore_taken(workdir, version, 2, k, epoch=5)
         assert fresh.key_epoch == 5 and fresh.next_batch == [0, 0] and match in warnings[0]
     assert ray_runtime.restore_taken(workdir, 0, 2, 2, epoch=5)[1] == []
-    assert ray_runtime._parse_key("e2-s0-b2-g1") == (2, 0, 2, 1)
+    assert dataclasses.astuple(GroupKey.parse("e2-s0-b2-g1")) == (2, 0, 2, 1)
 
 
 # ----------------------------------------------------------------------------- the learner's loop

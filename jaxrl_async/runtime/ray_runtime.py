@@ -78,11 +78,6 @@ def state_path(workdir: str, version: int) -> str:
     return os.path.join(state_dir(workdir), f"state-{int(version)}.json")
 
 
-def _parse_key(key: str) -> tuple[int, int, int, int]:
-    """`e<epoch>-s<sampler>-b<batch>-g<group>` -> (epoch, sampler, batch, group) (`GroupKey.parse`)."""
-    return dataclasses.astuple(GroupKey.parse(key))
-
-
 def _write_json_atomic(path: str, obj) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:

@@ -6,6 +6,10 @@ CONFIG ?= configs/default.py
 # Each config trains in its own workdir: `make train CONFIG=configs/qwen3_tiny.py` -> runs/qwen3_tiny.
 WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 PYTEST_ARGS ?=
+# The suite runs on this many pytest-xdist workers, a test module per worker at a time (--dist loadfile:
+# a module's fixtures, compiled programs and subprocess harness stay in one process). 0 = one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # What training needs: the package and its pinned dependencies, nothing else (no torch, no Ray).
 STAMP := $(VENV)/.installed
@@ -35,11 +39,11 @@ train: $(STAMP)
 # ruff (ruff.toml), then the whole suite, slow end-to-end tests included (what CI runs).
 test: $(TEST_STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 # Everything but the tests marked slow.
 test-fast: $(TEST_STAMP)
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # ruff with the rule set of ruff.toml (pinned in the test extra).
 lint: $(TEST_STAMP)

@@ -36,6 +36,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",  # `make test` runs the suite on TEST_WORKERS processes
         "hypothesis==6.170.15",
         "nbclient==0.11.0",
         "nbformat==5.11.1",

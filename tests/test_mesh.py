@@ -1,4 +1,5 @@
-"""Data parallelism: 1, 2 and 4 devices give the same loss, metrics, gradients and update.
+"""Data parallelism: 1, 2 and 4 devices give the same loss, metrics, gradients and update; a
+checkpoint written on one mesh restores on another.
 
 JAX fixes its device count at start-up, so the 4-device run happens in a fresh process
 with `XLA_FLAGS=--xla_force_host_platform_device_count=4`.
@@ -84,6 +85,36 @@ for n in (1, 4):
                                                   row_multiple=n)
     snap[str(n)] = {"old": old_lp.ravel().tolist(), "devices": shardings, "passes": passes}
 out["snapshot"] = snap
+# A checkpoint saved on one mesh restores on another: written split over (fsdp 2, tensor 2), restored
+# into a train state placed on (data 1, fsdp 4, tensor 1) and into one on a single device.
+import tempfile
+from jaxrl_async.learner.checkpoints import Checkpoints
+axes = M.param_axes(params)
+opt = L.make_optimizer(1e-2, 1.0)
+def split_state(shape, scale):
+    mesh = parallel.make_mesh(data=shape[0], fsdp=shape[1], tensor=shape[2])
+    p = jax.tree.map(lambda x: x * scale, params)
+    return parallel.sharded_train_state(p, opt, mesh, axes, ewma=True)
+saved, _ = split_state((1, 2, 2), 2.0)
+ckpt = {}
+with tempfile.TemporaryDirectory() as d:
+    c = Checkpoints(d, 2)
+    c.save(3, saved, {"epoch": 0})
+    for shape in ((1, 4, 1), (1, 1, 1)):
+        target, target_sharding = split_state(shape, 1.0)  # other values: the restore must overwrite them
+        step, back, meta = c.restore_latest(target)
+        leaves, want = jax.tree.leaves(back.params), jax.tree.leaves(saved.params)
+        ckpt[str(shape)] = {
+            "step": step,
+            "equal": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves, want)),
+            "placed": all(x.sharding.is_equivalent_to(s, x.ndim)
+                          for x, s in zip(leaves, jax.tree.leaves(target_sharding.params))),
+            "devices": max(len(x.sharding.device_set) for x in leaves),
+            "saved_specs": sorted({str(x.sharding.spec) for x in want}),
+            "specs": sorted({str(x.sharding.spec) for x in leaves}),
+        }
+    c.close()
+out["checkpoint"] = ckpt
 print("RESULT" + json.dumps(out))
 """
 
@@ -122,6 +153,15 @@ def test_snapshot_forwards_run_on_the_mesh(results):
     assert four["devices"] == [4, 4, 4]  # every version's rows split over the 4 devices
     np.testing.assert_allclose(four["old"], one["old"], rtol=1e-5, atol=1e-5)
     assert np.count_nonzero(one["old"]) > 0
+
+
+def test_checkpoint_saved_on_one_mesh_restores_on_another(results):
+    ckpt = results["checkpoint"]
+    for shape, devices in (("(1, 4, 1)", 4), ("(1, 1, 1)", 1)):
+        got = ckpt[shape]
+        assert got["step"] == 3 and got["equal"], got
+        assert got["placed"] and got["devices"] == devices, got  # in the target's placement, not the saved one
+        assert got["specs"] != got["saved_specs"], got
 
 
 @pytest.mark.slow

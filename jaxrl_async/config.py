@@ -75,6 +75,9 @@ def base_config() -> config_dict.ConfigDict:
     # Threads stepping the envs: 0 = on the host between device calls (every slot waits); N > 0 = while an episode
     # waits on its env (a user simulator, a tool, the reward evaluation) the other slots keep decoding
     c.sampler.env_workers = 0
+    # Devices one sampler decodes on, tensor-parallel (weights split over heads, MLP hidden and vocabulary, the KV
+    # cache over heads); never FSDP. 1 = one device. Its own mesh, apart from the learner's (`parallel.*`).
+    c.sampler.tensor = 1
 
     c.rl = config_dict.ConfigDict()
     c.rl.groups_per_step = 16  # task instances per RL step
@@ -306,6 +309,10 @@ def validate(config) -> None:
         if cap is not None and cap < given["rl.groups_per_step"]:
             raise ValueError(f"config.runtime.queue_capacity ({cap}) must hold at least one batch "
                              f"(config.rl.groups_per_step = {given['rl.groups_per_step']})")
+    if isinstance(given["sampler.tensor"], bool) or not isinstance(given["sampler.tensor"], int) or \
+            given["sampler.tensor"] < 1:
+        raise ValueError(f"config.sampler.tensor must be an integer >= 1 (the devices one sampler decodes on); "
+                         f"got {given['sampler.tensor']!r}")
     if isinstance(given["sampler.env_workers"], bool) or not isinstance(given["sampler.env_workers"], int) or \
             given["sampler.env_workers"] < 0:
         raise ValueError(f"config.sampler.env_workers must be an integer >= 0 (0 = env steps on the host); "

@@ -13,11 +13,12 @@ family's logical axes and the rules of `models/sharding.py`, and the rest is ari
   see `activation_bytes`;
 * the parameter-version ring buffer's in-memory copies (`runtime.ring_capacity` versions,
   split like the params);
-* sampler, per device: its weights in the sampler numerics and its KV cache (whole, an
-  upper bound). The inline runtime decodes on the learner's devices with the published
+* sampler, per device: its weights in the sampler numerics and its KV cache (an upper
+  bound). The inline runtime decodes on the learner's devices with the published
   version's weights, split like the learner's, so there the two add up; the process and
-  Ray runtimes' samplers hold the whole float32 version they read and its inference copy
-  on a device of their own.
+  Ray runtimes' samplers hold the float32 version they read and its inference copy on
+  devices of their own. With `sampler.tensor` > 1 the sampler's own tensor-parallel mesh
+  splits both about `tensor` ways (the KV cache when `tensor` divides the kv heads).
 
 Each total is compared with a named accelerator's memory (`ACCELERATORS`), with 10% kept
 back for XLA's workspace and fragmentation.
@@ -55,6 +56,7 @@ class Plan:
     learner: dict
     sampler: dict
     sampler_on_learner: bool
+    sampler_tensor: int = 1  # `sampler.tensor`: the devices one sampler decodes on
 
     @property
     def learner_total(self) -> int:
@@ -172,18 +174,24 @@ def plan(config, vocab_size: int = 0, num_devices: int = 0) -> Plan:
     kv_heads = getattr(model_config, "num_kv_heads", model_config.n_heads)
     kv_cache = int(2 * model_config.n_layers * slots * model_config.max_len * kv_heads * model_config.head_dim
                    * _SAMPLER_ACT_BYTES[numerics])
-    if inline:
+    # `sampler.tensor` > 1: the sampler's own tensor-parallel mesh splits its weights (about 1/tensor) and its
+    # KV cache over the kv heads (when tensor divides them).
+    t = config.sampler.tensor
+    if kv_heads % t == 0:
+        kv_cache //= t
+    if inline and t == 1:
         # Decodes on the learner's mesh with the cached version's weights, split like the learner's.
         ways = param_bytes / (num_params * _F32)
         sampler = {"weights": int(num_params * _SAMPLER_WEIGHT_BYTES[numerics] * ways), "kv_cache": kv_cache}
+    elif inline:
+        sampler = {"weights": int(num_params * _SAMPLER_WEIGHT_BYTES[numerics] / t), "kv_cache": kv_cache}
     else:
-        # Its own device: the whole float32 version it reads, and its inference weights (the same
-        # arrays at fp32).
-        sampler = {"version": num_params * _F32,
-                   "weights": 0 if numerics == "fp32" else num_params * _SAMPLER_WEIGHT_BYTES[numerics],
+        # Its own device(s): the float32 version it reads, and its inference weights (the same arrays at fp32).
+        sampler = {"version": int(num_params * _F32 / t),
+                   "weights": 0 if numerics == "fp32" else int(num_params * _SAMPLER_WEIGHT_BYTES[numerics] / t),
                    "kv_cache": kv_cache}
     return Plan(mesh=sizes, num_params=num_params, rows=rows, learner=learner, sampler=sampler,
-                sampler_on_learner=inline)
+                sampler_on_learner=inline, sampler_tensor=t)
 
 
 def _gb(n: float) -> str:
@@ -197,8 +205,13 @@ def report(p: Plan) -> str:
              f"{p.rows} rows per device per gradient step",
              "learner, per device:"]
     lines += [f"  {k:<18}{_gb(v)}" for k, v in p.learner.items()]
-    lines.append("sampler, per device (" + ("inline: on the learner's devices, weights split like the learner's):"
-                                             if p.sampler_on_learner else "its own device, whole weights):"))
+    if p.sampler_tensor > 1:
+        where = (f"{'on the learner' if p.sampler_on_learner else 'its own'} devices, weights split "
+                 f"{p.sampler_tensor} ways (sampler.tensor)")
+    else:
+        where = ("inline: on the learner's devices, weights split like the learner's" if p.sampler_on_learner
+                 else "its own device, whole weights")
+    lines.append(f"sampler, per device ({where}):")
     lines += [f"  {k:<18}{_gb(v)}" for k, v in p.sampler.items()]
     lines.append(f"learner device total{_gb(p.learner_total)}"
                  + (" (sampler included)" if p.sampler_on_learner else ""))

@@ -1,5 +1,6 @@
 """Data parallelism: 1, 2 and 4 devices give the same loss, metrics, gradients and update; a
-checkpoint written on one mesh restores on another.
+checkpoint written on one mesh restores on another; a sampler on its own tensor-parallel mesh
+decodes the same episodes as on one device.
 
 JAX fixes its device count at start-up, so the 4-device run happens in a fresh process
 with `XLA_FLAGS=--xla_force_host_platform_device_count=4`.
@@ -115,6 +116,30 @@ with tempfile.TemporaryDirectory() as d:
         }
     c.close()
 out["checkpoint"] = ckpt
+# The sampler on its own tensor-parallel mesh (no fsdp): the same episodes as on one device. Heads 4 and
+# kv heads 2: tensor 2 splits the KV cache too, tensor 4 keeps it whole (4 does not divide 2 kv heads).
+from jaxrl_async.envs import make_env
+from jaxrl_async.envs.tokenizer import TOKENIZER
+from jaxrl_async.models import llama
+from jaxrl_async.models.transformer import Numerics
+from jaxrl_async.rollout.sampler import Sampler
+lcfg = llama.LlamaConfig(vocab_size=TOKENIZER.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim_=8, qk_norm=True, max_len=64)
+lgraph, lparams = llama.init_model(lcfg, 0)
+samp = {}
+for t in (1, 2, 4):
+    mesh = None if t == 1 else parallel.make_mesh(data=1, fsdp=1, tensor=t)
+    sampler = Sampler(lgraph, lcfg, Numerics("fp32"), mesh=mesh)
+    sampler.update_params(lparams, 0)
+    envs = [make_env("search", n=8, max_turns=3) for _ in range(8)]
+    trajs, _ = sampler.generate(envs, list(range(8)), [i // 2 for i in range(8)], jax.random.key(3), chunk=8)
+    samp[str(t)] = {
+        "tokens": [tr.tokens.tolist() for tr in trajs], "behav": [tr.behav_logp.tolist() for tr in trajs],
+        "weight_devices": max(len(x.sharding.device_set) for x in jax.tree.leaves(sampler.inf_params)),
+        "weight_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(sampler.inf_params)
+                                if hasattr(x.sharding, "spec")}),
+    }
+out["sampler"] = samp
 print("RESULT" + json.dumps(out))
 """
 
@@ -162,6 +187,16 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(results):
         assert got["step"] == 3 and got["equal"], got
         assert got["placed"] and got["devices"] == devices, got  # in the target's placement, not the saved one
         assert got["specs"] != got["saved_specs"], got
+
+
+@pytest.mark.parametrize("t", ["2", "4"])
+def test_tensor_parallel_sampler_gives_the_one_device_episodes(results, t):
+    one, many = results["sampler"]["1"], results["sampler"][t]
+    assert many["weight_devices"] == int(t) and any("tensor" in s for s in many["weight_specs"])
+    assert many["tokens"] == one["tokens"]
+    assert sum(len(x) for x in one["tokens"]) > 8 * 20  # episodes of several turns
+    for a, b in zip(many["behav"], one["behav"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

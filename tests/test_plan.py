@@ -91,3 +91,30 @@ def test_qwen3_8b_plan_fits_eight_h100s_only_sharded():
     whole = plan_lib.plan(c, vocab_size=151936)
     assert not any(whole.fits().values())
     assert whole.learner["optimizer"] == pytest.approx(8 * p.learner["optimizer"], rel=1e-3)
+
+
+def test_sampler_tensor_field_is_checked_and_planned(tiny_config):
+    from types import SimpleNamespace
+
+    from jaxrl_async.rollout.sampler import Sampler
+    from jaxrl_async.runtime import base as runtime_base
+
+    c = tiny_config()
+    c.sampler.tensor = 0
+    with pytest.raises(ValueError, match=r"config.sampler.tensor must be an integer >= 1"):
+        config_lib.validate(c)
+    c.sampler.tensor = len(jax.devices()) + 1
+    with pytest.raises(ValueError, match=r"config.sampler.tensor = \d+ devices, but this process sees"):
+        runtime_base.sampler_mesh(c)
+    graphdef, _ = model_lib.init_model(config_lib.model_config_from(c), 0)
+    fsdp_mesh = SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 1})
+    with pytest.raises(ValueError, match=r"sampler's mesh must have data = fsdp = 1"):
+        Sampler(graphdef, config_lib.model_config_from(c), model_lib.Numerics("fp32"), mesh=fsdp_mesh)
+    # A process-runtime sampler on 2 devices holds about half the weights and KV cache of one on 1.
+    c.runtime.mode = "process"
+    c.model.n_heads = 2
+    c.sampler.tensor = 1
+    one = plan_lib.plan(c, num_devices=1).sampler
+    c.sampler.tensor = 2
+    two = plan_lib.plan(c, num_devices=1).sampler
+    assert two["version"] == one["version"] // 2 and two["kv_cache"] == one["kv_cache"] // 2

@@ -445,7 +445,8 @@ class Sampler:
 
     def __init__(self, graphdef, model_config, numerics: model_lib.Numerics,
                  temperature: float = 1.0, exact_route: Optional[Route] = None, scorer=None,
-                 prefill_min: Optional[int] = 16, prefix_cache: bool = False, env_workers: int = 0):
+                 prefill_min: Optional[int] = 16, prefix_cache: bool = False, env_workers: int = 0,
+                 mesh: Optional[jax.sharding.Mesh] = None):
         """exact_route: None (no `Trajectory.old_logp`), `Route.INTERRUPT` or `Route.DEDICATED`
         (see the module docstring). scorer: a started `runtime.scorer.LogProbScorer` reading the same
         ring buffer the sampler's versions come from; required by `Route.DEDICATED`.
@@ -465,7 +466,14 @@ class Sampler:
         them). N > 0: env steps run in a pool of N threads, and while an episode waits on its env
         (a user simulator, a tool, the reward evaluation) the other slots keep decoding; its slot
         rejoins the decode batch when the answer has arrived. The tokens then depend on when the
-        envs answer, unless each episode brings its own key (`episode_sampling`)."""
+        envs answer, unless each episode brings its own key (`episode_sampling`).
+        mesh: the sampler's own `(data, fsdp, tensor)` mesh (`learner.mesh.make_mesh`), apart from
+        the learner's: the inference weights are split over `tensor` by the family's logical axes
+        (heads, MLP hidden, vocabulary), the KV cache over its head axis, and XLA partitions the
+        decode loop and the prefill. Its data and fsdp axes must be 1: decoding is tensor-parallel
+        or replicated, never FSDP (every decode step would gather every weight). Each version the
+        learner hands over is placed on it by `update_params` (a reshard when the learner's
+        placement differs; arrays already placed so are kept). None: one device."""
         if exact_route is not None:
             exact_route = Route(exact_route)
             if not exact_route.sampler_side:
@@ -490,6 +498,10 @@ class Sampler:
         if isinstance(env_workers, bool) or not isinstance(env_workers, int) or env_workers < 0:
             raise ValueError(f"env_workers must be an integer >= 0; got {env_workers!r}")
         self.env_workers = env_workers
+        if mesh is not None and (mesh.shape.get("data", 1) != 1 or mesh.shape.get("fsdp", 1) != 1):
+            raise ValueError(f"the sampler's mesh must have data = fsdp = 1 (tensor-parallel or replicated decoding); "
+                             f"got {dict(mesh.shape)}")
+        self.mesh = mesh
         self._prefix: Optional[np.ndarray] = None  # the shared prefix's tokens [P]
         self._prefix_kv = None  # its KV cache (one row, `_bucket(P)` positions) under the current version
         self._copy_prefix = jax.jit(_copy_prefix, donate_argnums=(0,))
@@ -504,7 +516,7 @@ class Sampler:
         With the interrupt route the float32 params are kept as well (they are scored
         with); with the dedicated route the scorer is asked to load `version` from the ring buffer
         now, while it is surely retained."""
-        self.inf_params = self.model.inference_params(params, self.numerics)
+        self.inf_params = self.model.inference_params(self._place(params), self.numerics)
         self._inf_leaves = tuple(jax.tree.leaves(self.inf_params))  # what the compiled decode loop takes
         self.version = int(version)
         self._prefix_kv = None  # computed again, lazily, under the new weights
@@ -512,6 +524,25 @@ class Sampler:
             self.learner_params = params
         elif self.exact_route == Route.DEDICATED:
             self.scorer.prefetch(self.version)
+
+    def _place(self, params):
+        """Learner params on the sampler's mesh (split by the family's logical axes), or as they are.
+        Split before the cast to inference numerics, so no device ever holds a whole copy."""
+        if self.mesh is None:
+            return params
+        from jaxrl_async.models.sharding import param_shardings
+        return jax.device_put(params, param_shardings(self.model.param_axes(params), params, self.mesh))
+
+    def _new_cache(self, rows: int):
+        """An empty KV cache {"k", "v": [L, rows, max_len, heads, Dh]}: on the sampler's mesh, split over
+        its head axis by `tensor` where that divides the heads (else whole on every device)."""
+        cache = self.model.init_cache(self.model_config, rows, self.numerics)
+        if self.mesh is None:
+            return cache
+        from jax.sharding import NamedSharding, PartitionSpec
+        heads, tensor = cache["k"].shape[3], self.mesh.shape.get("tensor", 1)
+        spec = PartitionSpec(None, None, None, "tensor") if heads % tensor == 0 else PartitionSpec()
+        return jax.device_put(cache, NamedSharding(self.mesh, spec))
 
     def _loop_fn(self, pad: int, eot: int):
         """The decode loop compiled for this sampler and vocabulary (`_packed_loop`): graphdef,
@@ -576,7 +607,7 @@ class Sampler:
         eps = _Slots(envs, task_seeds, group_ids, max_len, old_logp=mode is not None, pad=self.pad, num_slots=slots,
                      open_ended=feed is not None)
         n, b = len(eps), len(eps.slot_ep)
-        cache = self.model.init_cache(self.model_config, b, self.numerics)
+        cache = self._new_cache(b)
         stats = RolloutStats(episodes=n, slots=b)
         reported = np.zeros(len(eps), bool)  # on_done called
         pool = concurrent.futures.ThreadPoolExecutor(self.env_workers) if self.env_workers else None
@@ -759,7 +790,7 @@ class Sampler:
             return cache
         if self._prefix_kv is None:
             width = _bucket(p, max_len)
-            row = self.model.init_cache(self.model_config, 1, self.numerics)
+            row = self._new_cache(1)
             tokens = np.full((1, width), self.pad, np.int32)
             tokens[0, :p] = prefix
             positions = np.where(np.arange(width) < p, np.arange(width), max_len).astype(np.int32)[None]

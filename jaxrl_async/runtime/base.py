@@ -112,8 +112,21 @@ def make_sampler(config, graphdef, workdir: str, warmup_rows: int) -> tuple[Samp
                                        config.seed, warmup_rows=warmup_rows)
     sampler = Sampler(graphdef, model_config, config_lib.numerics_from(config), config.sampler.temperature,
                       exact_route=route if route.sampler_side else None, scorer=scorer,
-                      prefix_cache=config.sampler.prefix_cache, env_workers=config.sampler.env_workers)
+                      prefix_cache=config.sampler.prefix_cache, env_workers=config.sampler.env_workers,
+                      mesh=sampler_mesh(config))
     return sampler, scorer
+
+
+def sampler_mesh(config):
+    """The sampler's decode mesh, `(1, 1, sampler.tensor)` over the first devices this process sees; None
+    for one device. Raises ValueError naming the field when the process sees fewer devices."""
+    t = config.sampler.tensor
+    if t == 1:
+        return None
+    from jaxrl_async.learner import mesh as mesh_lib
+    if t > len(jax.devices()):
+        raise ValueError(f"config.sampler.tensor = {t} devices, but this process sees {len(jax.devices())}")
+    return mesh_lib.make_mesh(data=1, fsdp=1, tensor=t)
 
 
 def old_logp_metrics(stats: RolloutStats) -> dict:

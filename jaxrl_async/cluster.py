@@ -279,7 +279,8 @@ class RLCluster:
                                                  model=config_lib.model_module(config), mesh=self.mesh,
                                                  state_sharding=self.state_sharding)
         self.route = ProximalRoute(config, self.graphdef, self.store, self.loss_config,
-                                   meta.get("staleness_window", []), self.mesh, missing=(VersionEvicted,))
+                                   meta.get("staleness_window", []), self.mesh, missing=(VersionEvicted,),
+                                   param_sharding=self.state_sharding.params)
         self.k_sample, self.k_update, self.k_eval = jax.random.split(jax.random.key(config.seed), 3)
         self._evaluator: Optional[Evaluator] = None
         self.nonfinite_in_a_row = 0

@@ -8,7 +8,7 @@ family's logical axes and the rules of `models/sharding.py`, and the rest is ari
 
 * learner, per device: params, gradients (float32, split like the params), the optimizer
   state (AdamW's two moments) and the EWMA weights when the proximal route keeps them;
-  the snapshot route's whole copy of one older version (its forwards replicate it); the
+  the snapshot route's copy of one older version (split like the params); the
   activations of one gradient step under the remat policy (`model.remat`): an estimate,
   see `activation_bytes`;
 * the parameter-version ring buffer's in-memory copies (`runtime.ring_capacity` versions,
@@ -163,8 +163,9 @@ def plan(config, vocab_size: int = 0, num_devices: int = 0) -> Plan:
         "ewma": param_bytes if ewma else 0,
         # The parameter-version ring buffer keeps its versions in memory too, split like the params.
         "version_cache": runtime_base.ring_capacity(config) * param_bytes,
-        # The snapshot route's forwards replicate one retained version on every learner device.
-        "snapshot_version": num_params * _F32 if route == Route.SNAPSHOT else 0,
+        # The snapshot route's forward places one retained version split like the params (read back from disk
+        # when the in-memory versions no longer hold it).
+        "snapshot_version": param_bytes if route == Route.SNAPSHOT else 0,
         "activations": activation_bytes(model_config, rows, model_config.max_len, sizes["tensor"], remat,
                                         getattr(model_config, "remat_policy", "nothing_saveable")),
     }

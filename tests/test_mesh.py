@@ -85,6 +85,19 @@ for n in (1, 4):
     old_lp, _, passes, _ = snapshot_logp(logprob_fn, by_version.__getitem__, tokens, versions_arr, mask,
                                                   row_multiple=n)
     snap[str(n)] = {"old": old_lp.ravel().tolist(), "devices": shardings, "passes": passes}
+# The same with each version split over (fsdp 2, tensor 2) as the learner's params are (route.mesh_logprob_fn).
+from jaxrl_async.learner.route import mesh_logprob_fn
+mesh = parallel.make_mesh(data=1, fsdp=2, tensor=2)
+from jaxrl_async.models.sharding import param_shardings
+split = param_shardings(M.param_axes(params), params, mesh)
+placed = []
+def split_logp(p, t):
+    placed.append(max(len(x.sharding.device_set) for x in jax.tree.leaves(p)))
+    placed.append(sorted({str(x.sharding.spec) for x in jax.tree.leaves(p)}))
+    return M.token_logprobs(graphdef, p, t)
+old_lp, _, passes, _ = snapshot_logp(mesh_logprob_fn(split_logp, mesh, split), by_version.__getitem__, tokens,
+                                     versions_arr, mask, row_multiple=4)
+snap["split"] = {"old": old_lp.ravel().tolist(), "passes": passes, "placed": placed}
 out["snapshot"] = snap
 # A checkpoint saved on one mesh restores on another: written split over (fsdp 2, tensor 2), restored
 # into a train state placed on (data 1, fsdp 4, tensor 1) and into one on a single device.
@@ -178,6 +191,10 @@ def test_snapshot_forwards_run_on_the_mesh(results):
     assert four["devices"] == [4, 4, 4]  # every version's rows split over the 4 devices
     np.testing.assert_allclose(four["old"], one["old"], rtol=1e-5, atol=1e-5)
     assert np.count_nonzero(one["old"]) > 0
+    split = results["snapshot"]["split"]  # each version split like the learner's params, not replicated
+    assert split["passes"] == 3
+    assert split["placed"][0] == 4 and any("tensor" in s for s in split["placed"][1])
+    np.testing.assert_allclose(split["old"], one["old"], rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_saved_on_one_mesh_restores_on_another(results):

@@ -71,6 +71,18 @@ def snapshot_logp(logprob_fn: Callable, get_params: Callable, tokens: np.ndarray
     return old, missing_rows, passes, rows_scored
 
 
+def mesh_logprob_fn(logprob_fn, mesh, param_sharding=None):
+    """`fn(params, tokens [B, T]) -> [B, T]` for `snapshot_logp` on the learner's mesh: the rows split
+    over (data, fsdp), the version's weights placed by `param_sharding` (the learner's params
+    shardings: split like the train state, so no device holds a whole extra copy; `device_put`
+    keeps a cached version already placed so), or replicated when it is None."""
+    def fn(params, tokens):
+        params = mesh_lib.replicate(params, mesh) if param_sharding is None else jax.device_put(params,
+                                                                                                 param_sharding)
+        return logprob_fn(params, mesh_lib.shard_rows(tokens, mesh))
+    return fn
+
+
 class ProximalRoute:
     """Fills `prox_logp` for a batch from the configured `proximal.source`, with its cost metrics.
 
@@ -92,12 +104,15 @@ class ProximalRoute:
                   "is/weight_mean", "mismatch/kl_k1")
 
     def __init__(self, config, graphdef, store, loss_config, window: list = (), mesh=None,
-                 missing: tuple = (KeyError,)):
+                 missing: tuple = (KeyError,), param_sharding=None):
         """store: the version ring buffer (`runtime.versions.VersionStore`; read by `snapshot`);
         window: the revised EWMA's staleness window, restored from a checkpoint;
-        missing: exceptions `store.get` raises for a version no longer retained."""
+        missing: exceptions `store.get` raises for a version no longer retained;
+        param_sharding: the learner's params shardings on `mesh` (the snapshot forwards place each
+        version so); None: replicated."""
         self.config = config
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(1)
+        self.param_sharding = param_sharding
         self.route = Route(config.proximal.source)
         self.anchor = config_lib.proximal_anchor(config)  # None: two-term loss
         self.graphdef = graphdef
@@ -166,10 +181,9 @@ class ProximalRoute:
     def _snapshot(self, batch: Batch, m: dict):
         """Exact pi_old from the ring buffer; episodes whose versions were evicted train nothing."""
         bytes_before = self.store.stats["bytes_read"]
-        # Each version's forward runs on the learner's mesh: its rows sharded, its weights replicated.
+        # Each version's forward runs on the learner's mesh: its rows sharded, its weights split like the learner's.
         prox, missing, passes, rows = snapshot_logp(
-            lambda p, t: self._logp(mesh_lib.replicate(p, self.mesh), mesh_lib.shard_rows(t, self.mesh)),
-            self.store.get, batch.tokens, batch.versions, batch.loss_mask, missing=self.missing,
+            mesh_logprob_fn(self._logp, self.mesh, self.param_sharding), self.store.get, batch.tokens, batch.versions, batch.loss_mask, missing=self.missing,
             row_multiple=self.mesh.devices.size)
         if missing.any() and self.config.proximal.on_evicted == "fail":
             raise RuntimeError(f"proximal.source='snapshot': {int(missing.sum())} episodes hold versions no "

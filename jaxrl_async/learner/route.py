@@ -183,8 +183,8 @@ class ProximalRoute:
         bytes_before = self.store.stats["bytes_read"]
         # Each version's forward runs on the learner's mesh: its rows sharded, its weights split like the learner's.
         prox, missing, passes, rows = snapshot_logp(
-            mesh_logprob_fn(self._logp, self.mesh, self.param_sharding), self.store.get, batch.tokens, batch.versions, batch.loss_mask, missing=self.missing,
-            row_multiple=self.mesh.devices.size)
+            mesh_logprob_fn(self._logp, self.mesh, self.param_sharding), self.store.get, batch.tokens,
+            batch.versions, batch.loss_mask, missing=self.missing, row_multiple=self.mesh.devices.size)
         if missing.any() and self.config.proximal.on_evicted == "fail":
             raise RuntimeError(f"proximal.source='snapshot': {int(missing.sum())} episodes hold versions no "
                                f"longer in the ring buffer (retained: {self.store.versions()}); raise "

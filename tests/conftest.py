@@ -67,3 +67,11 @@ def _comparable_metrics(rows):
 def comparable_metrics():
     """``comparable_metrics(rows)``: metrics rows without the per-run timing fields."""
     return _comparable_metrics
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests run first (the order is otherwise kept). `make test` hands whole
+    modules to its pytest-xdist workers in this order: the long ones start early, and the run
+    ends on short modules instead of one worker finishing a long module while the other idles."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.module.__name__ not in slow)  # a stable sort: False (slow) first

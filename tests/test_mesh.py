@@ -130,7 +130,7 @@ with tempfile.TemporaryDirectory() as d:
     c.close()
 out["checkpoint"] = ckpt
 # The sampler on its own tensor-parallel mesh (no fsdp): the same episodes as on one device. Heads 4 and
-# kv heads 2: tensor 2 splits the KV cache too, tensor 4 keeps it whole (4 does not divide 2 kv heads).
+# kv heads 2: tensor 2 splits the weights and the KV cache.
 from jaxrl_async.envs import make_env
 from jaxrl_async.envs.tokenizer import TOKENIZER
 from jaxrl_async.models import llama
@@ -140,7 +140,7 @@ lcfg = llama.LlamaConfig(vocab_size=TOKENIZER.vocab_size, hidden_size=32, interm
                          num_heads=4, num_kv_heads=2, head_dim_=8, qk_norm=True, max_len=64)
 lgraph, lparams = llama.init_model(lcfg, 0)
 samp = {}
-for t in (1, 2, 4):
+for t in (1, 2):
     mesh = None if t == 1 else parallel.make_mesh(data=1, fsdp=1, tensor=t)
     sampler = Sampler(lgraph, lcfg, Numerics("fp32"), mesh=mesh)
     sampler.update_params(lparams, 0)
@@ -206,10 +206,9 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(results):
         assert got["specs"] != got["saved_specs"], got
 
 
-@pytest.mark.parametrize("t", ["2", "4"])
-def test_tensor_parallel_sampler_gives_the_one_device_episodes(results, t):
-    one, many = results["sampler"]["1"], results["sampler"][t]
-    assert many["weight_devices"] == int(t) and any("tensor" in s for s in many["weight_specs"])
+def test_tensor_parallel_sampler_gives_the_one_device_episodes(results):
+    one, many = results["sampler"]["1"], results["sampler"]["2"]
+    assert many["weight_devices"] == 2 and any("tensor" in s for s in many["weight_specs"])
     assert many["tokens"] == one["tokens"]
     assert sum(len(x) for x in one["tokens"]) > 8 * 20  # episodes of several turns
     for a, b in zip(many["behav"], one["behav"]):

@@ -92,7 +92,12 @@ def main(argv):
     from absl import flags, logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    mesh_lib.initialize_distributed()  # several hosts: must come before any other JAX call
+    import jax
+
+    if mesh_lib.initialize_distributed() and jax.process_count() > 1:  # must come before any other JAX call
+        raise SystemExit(f"error: JAX_COORDINATOR_ADDRESS joins {jax.process_count()} processes, but the training "
+                         "loop (samplers, metrics, checkpoints) runs in one; the learner update itself runs on "
+                         "several (learner/mesh.py)")
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, resume=flags.FLAGS.resume)
     except ConfigError as e:  # configuration errors: one clear line naming the field, no traceback

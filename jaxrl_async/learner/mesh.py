@@ -14,11 +14,15 @@ partition that one program over the devices, so one code path serves 1 and N dev
   (`state_shardings`), so the train state one device holds is about 1/(fsdp x tensor) of
   the whole.
 
-Several hosts: when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES` and
-`JAX_PROCESS_ID`), `initialize_distributed` calls `jax.distributed.initialize` before any
-other JAX call, and the mesh spans every process's devices. Each host then feeds its
-share of the rows. This path is written for multi-host accelerators and cannot be run on
-a single CPU machine.
+Several processes (hosts): when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES`
+and `JAX_PROCESS_ID`), `initialize_distributed` calls `jax.distributed.initialize` before
+any other JAX call (on CPUs with gloo collectives), and `make_mesh` spans every process's
+devices. Every process runs the same program on the same host data (params, batch): the
+placements here (`jax.device_put` to a mesh sharding, `shard_rows`) copy to each process
+only the shards its own devices hold, so each feeds its share of the rows. An update on
+2 processes x 4 CPU devices equals one device (tests/test_multihost.py). The training
+loop (`train.py`: samplers, metrics and checkpoint files) is one process's and refuses
+several.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ def initialize_distributed() -> bool:
     """Joins a multi-process JAX job when its environment is set; returns whether it did."""
     if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return False
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        # CPU devices of several processes talk through gloo (the default has no cross-process collectives).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

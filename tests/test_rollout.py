@@ -395,7 +395,7 @@ def test_env_workers_overlap_env_steps_with_decoding_and_sample_the_same(setup):
         reported = []
         out[workers] = sampler.generate([_SlowEnv(0.05) for _ in range(n)], list(range(n)), [i // 2 for i in range(n)],
                                         jax.random.key(0), slots=6, episode_sampling=samp,
-                                        on_done=lambda i, t: reported.append(i))
+                                        on_done=lambda i, t, seen=reported: seen.append(i))
         assert sorted(reported) == list(range(n))  # every episode reported as it ended, the last ones too
     (a, sa), (b, sb) = out[0], out[4]
     assert sa.env_overlap_calls == 0 and sb.env_overlap_calls > 0

@@ -9,7 +9,9 @@
 4. `benchmarks.serve`: chat completions through the OpenAI-compatible server (HTTP) against the
    in-process sampler, requests/s and tokens/s at concurrency 1, 8 and 32 (needs the serve extra).
 5. `benchmarks.tau2`: τ2-bench's reward evaluation per episode and env step per turn, per domain,
-   and the shared-prefix KV cache's prefill speedup at 64 episodes (needs the tau2 extra).
+   the shared-prefix KV cache's prefill speedup at 64 episodes, and episodes/s with a slow
+   simulated user, env steps on the host against a worker pool, as fractions of the overlap
+   bound (needs the tau2 extra).
 
 The small setting (default) finishes in under 10 minutes on 2 CPU cores; `--full`
 (`make bench BENCH_ARGS=--full`) runs 100 RL steps per route and 50 end-to-end steps,
@@ -67,6 +69,8 @@ def main(argv):
         tau2.print_table(tau2.run())
         print()
         tau2.print_prefix(tau2.prefix_run())
+        print()
+        tau2.print_overlap(tau2.overlap_run())
 
 
 if __name__ == "__main__":

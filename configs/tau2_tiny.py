@@ -36,6 +36,8 @@ def get_config():
     c.model.head_dim = 32
     c.model.d_ff = 192
     c.model.max_len = 2048  # task.kwargs.max_context defaults to this
+    # Batches padded to the shortest of 256, 512, ..., 2048 tokens that holds their longest episode.
+    c.learner.length_buckets = 8
 
     c.rl.groups_per_step = 4
     c.rl.group_size = 4

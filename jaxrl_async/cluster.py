@@ -37,7 +37,7 @@ from jaxrl_async.learner.checkpoints import CheckpointMismatch, Checkpoints
 from jaxrl_async.learner.route import ProximalRoute
 from jaxrl_async.learner.warmstart import warmstart_params
 from jaxrl_async.rollout.evaluate import Evaluator, rollout_metrics
-from jaxrl_async.rollout.trajectory import Batch, Trajectory, collate
+from jaxrl_async.rollout.trajectory import Batch, Trajectory, bucket_length, collate
 from jaxrl_async.runtime import base as runtime_base
 from jaxrl_async.runtime import groups as groups_lib
 from jaxrl_async.runtime import handoff as handoff_lib
@@ -152,7 +152,8 @@ def _has_checkpoints(workdir: str) -> bool:
 
 
 def batch_from(trajs: list[Trajectory], config, max_len: int) -> Batch:
-    """The host batch of `trajs` with their per-token advantages (grouped by `group_id`).
+    """The host batch `[B, max_len]` of `trajs` with their per-token advantages (grouped by `group_id`).
+    (`max_len`: the padded length, `model.max_len` or its length bucket, `trajectory.bucket_length`.)
 
     Discarded episodes (`Trajectory.discarded`, e.g. a user-simulator failure) never reach the
     loss: their rows keep their place (the batch shape, hence the compiled update, is unchanged)
@@ -309,7 +310,9 @@ class RLCluster:
         v = int(self.state.version)
         trajs, info = self.runtime.next_groups(step, v)
         t_data = time.perf_counter()
-        host = batch_from(trajs, self.config, self.model_config.max_len)
+        length = bucket_length(max(t.length for t in trajs), self.model_config.max_len,
+                               self.config.learner.length_buckets)
+        host = batch_from(trajs, self.config, length)
         t_collate = time.perf_counter()
         batch, prox_metrics = self.route(self.state, host, v)  # the batch crosses to the device here, once
         t_route = time.perf_counter()
@@ -327,6 +330,7 @@ class RLCluster:
         metrics.update(prox_metrics)
         # Where the learner's own part of the step goes (the wait for data is the runtime's).
         metrics["perf/collate_s"] = t_collate - t_data  # padding and advantages, on the host
+        metrics["perf/batch_len"] = float(length)  # the batch's padded length T (`learner.length_buckets`)
         metrics["perf/route_s"] = t_route - t_collate  # proximal log-probs dispatched, batch to the device
         metrics["perf/update_s"] = t_update - t_route  # the update, until its new params are ready
         metrics["perf/publish_s"] = t_publish

@@ -130,6 +130,13 @@ def base_config() -> config_dict.ConfigDict:
     c.optim.num_minibatches = 2  # gradient steps per epoch over one RL batch
     c.optim.num_epochs = 1  # passes over each RL batch
 
+    c.learner = config_dict.ConfigDict()
+    # Length buckets of the learner's batch: 0 = every batch padded to model.max_len; N > 0 = padded to the
+    # shortest of N evenly spaced lengths (max_len/N, 2 max_len/N, ..., max_len) that holds its longest episode,
+    # so batches of short episodes train on fewer columns and the update compiles at most N times
+    # (rollout/trajectory.py `bucket_length`)
+    c.learner.length_buckets = 0
+
     c.warmstart = config_dict.ConfigDict()
     c.warmstart.enabled = True  # supervised warm start on noisy scripted demonstrations before RL
     c.warmstart.episodes = 4096  # demonstration episodes
@@ -317,6 +324,10 @@ def validate(config) -> None:
             given["sampler.env_workers"] < 0:
         raise ValueError(f"config.sampler.env_workers must be an integer >= 0 (0 = env steps on the host); "
                          f"got {given['sampler.env_workers']!r}")
+    nb = given["learner.length_buckets"]
+    if isinstance(nb, bool) or not isinstance(nb, int) or not 0 <= nb <= given["model.max_len"]:
+        raise ValueError(f"config.learner.length_buckets must be an integer in [0, model.max_len] (0 = no buckets: "
+                         f"every batch padded to model.max_len); got {nb!r}")
     if not isinstance(given["sampler.prefix_cache"], bool):
         raise ValueError(f"config.sampler.prefix_cache must be True or False; got {given['sampler.prefix_cache']!r}")
     if not isinstance(given["runtime.queue_fsync"], bool):

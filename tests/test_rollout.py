@@ -125,19 +125,56 @@ def test_collate_rejects_overlong_trajectories(setup):
         collate(trajs, 4)
 
 
-def test_episodes_never_exceed_the_context_when_a_forced_end_of_turn_lands_at_max_len():
-    # Prompt 5 tokens + two 2-token turns closed by the rollout (+ a 4-token observation):
-    # the last forced EOT falls at position max_len = 14 just as the env ends the episode.
+@pytest.fixture(scope="module")
+def short_context():
+    """A sampler whose context is 14 tokens (one compile for the tests below)."""
     cfg = model_lib.ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=32, n_layers=1, n_heads=4, d_ff=64,
                                 max_len=14)
     graphdef, params = model_lib.init_model(cfg, seed=0)
     sampler = Sampler(graphdef, cfg, model_lib.Numerics("fp32"))
     sampler.update_params(params, 0)
+    return sampler
+
+
+def test_episodes_never_exceed_the_context_when_a_forced_end_of_turn_lands_at_max_len(short_context):
+    # Prompt 5 tokens + two 2-token turns closed by the rollout (+ a 4-token observation):
+    # the last forced EOT falls at position max_len = 14 just as the env ends the episode.
+    sampler = short_context
     envs = [make_env("search", n=8, max_turns=2, max_turn_tokens=2) for _ in range(B)]
     trajs, _ = sampler.generate(envs, list(range(B)), list(range(B)), jax.random.key(14))
     assert max(t.length for t in trajs) == 14
     assert all(t.num_turns == 2 for t in trajs)
     collate(trajs, 14)  # fits the context
+
+
+class _Abandonable:
+    """The search env with an `abandon()` (as `Tau2Env` has): records whether the sampler called it."""
+
+    def __init__(self, **kwargs):
+        self.inner = make_env("search", n=8, **kwargs)
+        self.max_turn_tokens = self.inner.max_turn_tokens
+        self.ended_by_env = self.abandoned = False
+
+    def reset(self, seed):
+        return self.inner.reset(seed)
+
+    def step(self, action):
+        result = self.inner.step(action)
+        self.ended_by_env |= result.done
+        return result
+
+    def abandon(self):
+        self.abandoned = True
+
+
+def test_an_episode_cut_by_the_context_is_abandoned_in_its_env(short_context):
+    # Four 3-token turns do not fit in 14 tokens: episodes that the env has not ended run out of context.
+    envs = [_Abandonable(max_turns=4, max_turn_tokens=3) for _ in range(B)]
+    trajs, _ = short_context.generate(envs, list(range(B)), list(range(B)), jax.random.key(5))
+    cut = [not e.ended_by_env for e in envs]
+    assert any(cut)
+    assert [e.abandoned for e in envs] == cut
+    assert all(t.reward == 0.0 for t, c in zip(trajs, cut) if c)
 
 
 # The device-side decode loop: many decode steps per device call, known context fed in the
@@ -355,8 +392,11 @@ def test_env_workers_overlap_env_steps_with_decoding_and_sample_the_same(setup):
     for workers in (0, 4):
         sampler = Sampler(graphdef, cfg, model_lib.Numerics("fp32"), env_workers=workers)
         sampler.update_params(p0, 0)
+        reported = []
         out[workers] = sampler.generate([_SlowEnv(0.05) for _ in range(n)], list(range(n)), [i // 2 for i in range(n)],
-                                        jax.random.key(0), slots=6, episode_sampling=samp)
+                                        jax.random.key(0), slots=6, episode_sampling=samp,
+                                        on_done=lambda i, t, seen=reported: seen.append(i))
+        assert sorted(reported) == list(range(n))  # every episode reported as it ended, the last ones too
     (a, sa), (b, sb) = out[0], out[4]
     assert sa.env_overlap_calls == 0 and sb.env_overlap_calls > 0
     # Each episode's own key: the same tokens whenever its env answered; behav_logp is the learner's.

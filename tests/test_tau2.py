@@ -340,6 +340,8 @@ def test_tau2_tiny_trains_end_to_end_then_evaluates(tmp_path):
         rows = [json.loads(line) for line in f]
     step = next(r for r in rows if "rollout/turns_mean" in r)
     assert step["rollout/turns_mean"] >= 1 and 0.0 <= step["rollout/return_mean"] <= 1.0
+    # learner.length_buckets: episodes of ~1.4k tokens train in a batch shorter than the 2048-token context.
+    assert step["perf/batch_len"] < c.model.max_len and step["perf/batch_len"] % 256 == 0
 
     # 2 tasks x 2 trials = the same 4-episode batch shape.
     report = evaluate.evaluate(c, trials=2, out=str(tmp_path / "eval"), workdir=str(run),

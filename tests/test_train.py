@@ -33,6 +33,11 @@ def test_validation_names_the_field(tiny_config, tmp_path):
     c.model.max_len = 16
     with pytest.raises(ValueError, match="max_len"):
         train_and_evaluate(c, str(workdir))
+    for bad in (-1, True, 1 << 30):  # 1 << 30: more buckets than model.max_len
+        c = tiny_config()
+        c.learner.length_buckets = bad
+        with pytest.raises(ValueError, match=r"learner\.length_buckets"):
+            config_lib.validate(c)
     c = tiny_config()
     with c.unlocked():
         c.train.stepz = 3

@@ -639,6 +639,7 @@ class Sampler:
         while True:
             if pending:  # the env answers that arrived; wait for one when no slot can decode
                 self._collect(eps, pending, max_len, block=not eps.running().any())
+                self._report(eps, on_done, reported)  # the episodes those answers ended
             if feed is not None and ((eps.slot_ep < 0).any() or eps.done.all()):
                 new = feed()
                 if new:
@@ -708,10 +709,7 @@ class Sampler:
             # the other slots decode. (The pool was measured slower on a CPU for envs that answer in
             # microseconds: +38% decode steps, the slots rejoining a call later; it pays for slow envs.)
             self._answer(eps, np.flatnonzero(active & ~active_out).tolist(), max_len, pool, pending)
-            if on_done is not None:
-                for i in np.flatnonzero(eps.done & ~reported):
-                    reported[i] = True
-                    on_done(int(i), eps.to_trajectory(int(i)))
+            self._report(eps, on_done, reported)
             if mode == Route.DEDICATED:
                 ended = np.flatnonzero(eps.segment_ended).tolist()
                 if ended:
@@ -723,6 +721,14 @@ class Sampler:
         stats.decode_steps = step
         stats.episodes = len(eps)
         return [eps.to_trajectory(i) for i in range(len(eps))]
+
+    @staticmethod
+    def _report(eps: _Slots, on_done, reported: np.ndarray) -> None:
+        """Calls `on_done` for every episode that has ended and was not reported yet."""
+        if on_done is not None:
+            for i in np.flatnonzero(eps.done & ~reported):
+                reported[i] = True
+                on_done(int(i), eps.to_trajectory(int(i)))
 
     def _prefill(self, eps: _Slots, cache, stats: RolloutStats, min_tokens: int):
         """Writes every running slot's known context but its last token into the KV cache in one
@@ -876,7 +882,12 @@ class Sampler:
 
     @staticmethod
     def _finish(slots: _Slots, i: int) -> None:
-        """Ends an episode that ran out of context: a failure with reward 0."""
+        """Ends an episode that ran out of context: a failure with reward 0. An env with an
+        `abandon()` (a τ2 episode: tau2's orchestrator, its simulation record) is told the
+        episode ended without it; its answer is not the episode's reward."""
+        abandon = getattr(slots.envs[i], "abandon", None)
+        if abandon is not None:
+            abandon()
         slots.truncate(i)
         slots.done[i] = True
         slots.segment_ended[i] = True

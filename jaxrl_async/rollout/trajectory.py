@@ -83,6 +83,24 @@ class Batch:
         return tuple(self.tokens.shape)
 
 
+def bucket_length(longest: int, max_len: int, buckets: int) -> int:
+    """The padded length `T` of a batch whose longest episode has `longest` tokens.
+
+    buckets = 0: `max_len` (one shape for every batch). buckets = N > 0: the shortest of the N
+    lengths `ceil(k * max_len / N)`, k = 1..N, that is at least `longest`: a batch of short
+    episodes pays for fewer columns, and the learner's jitted functions see at most N lengths
+    (one compile each). Evenly spaced rather than powers of two: the padding a batch pays is at
+    most `max_len / N` columns whatever its length, where halvings would waste up to half of the
+    longest (costliest) batches.
+    """
+    if not 0 < longest <= max_len:
+        raise ValueError(f"the longest episode has {longest} tokens; expected 1..{max_len} (model.max_len)")
+    if buckets <= 0:
+        return max_len
+    k = -(-longest * buckets // max_len)  # the first k with k * max_len / N >= longest
+    return -(-k * max_len // buckets)
+
+
 def collate(trajs: Sequence[Trajectory], length: int) -> Batch:
     """Pads trajectories into a `Batch` of `[B, length]` arrays (`old_logp` set when every trajectory has it)."""
     b = len(trajs)

@@ -38,6 +38,8 @@ def paper_config(domain: str) -> config_dict.ConfigDict:
     c.model.checkpoint = config_dict.placeholder(str)  # required: --config.model.checkpoint=/path
     # The system prompt with the policy and tools is ~3-6k tokens; long episodes end at the context.
     c.model.max_len = 16384
+    # Batches padded to the shortest multiple of 2048 tokens that holds their longest episode (8 shapes at most).
+    c.learner.length_buckets = 8
     c.model.remat = True
     c.numerics.dtype = "bf16"
 

@@ -251,9 +251,24 @@ def test_tool_call_round_trip(family, request):
         prefix = fmt.call_prefix(TOOLS, "guess")
         assert call.startswith(prefix) and prefix.rstrip().endswith(":")
         assert fmt.call_prefix(TOOLS) == call[:call.index("guess")]
+        # A call with an empty name is content too: sent back, it would be a malformed request.
+        nameless = call.replace('"guess"', '""')
+        assert nameless != call and fmt.parse(nameless) == (nameless, [])
     finally:
         server.should_exit = True
         server.thread.join(timeout=10)
+
+
+def test_server_max_tokens_is_the_budget_of_requests_without_one():
+    from jaxrl_async.serve.protocol import parse_chat_request
+
+    fmt = ChatFormat(hf.load_tokenizer(ct.SHIPPED_TOKENIZER))
+    capped = ChatService(_ScriptedEngine(fmt.eot_id), fmt, max_len=4096, model_name="x", max_tokens=16)
+    open_ended = ChatService(_ScriptedEngine(fmt.eot_id), fmt, max_len=4096, model_name="x")
+    req = parse_chat_request({"model": "x", "messages": CHAT})
+    prompt, _, budget, _ = capped.prepare(req)
+    assert budget == 16 and open_ended.prepare(req)[2] == 4096 - len(prompt)
+    assert capped.prepare(parse_chat_request({"model": "x", "messages": CHAT, "max_tokens": 40}))[2] == 40
 
 
 def test_follows_the_newest_published_version(served, tmp_path):

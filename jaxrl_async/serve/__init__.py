@@ -21,7 +21,8 @@ tool call's `name` are ignored; `function.arguments` a JSON string), `tools` (fu
 tools), `tool_choice` ("auto", "none": no tools in the prompt and no parsing, "required" or
 `{"type": "function", "function": {"name": ...}}`: the turn starts with the template's own call
 prefix), `temperature` (0..2; 0 greedy), `top_p`, `max_tokens` / `max_completion_tokens`
-(default: the rest of the context), `seed`, `n` (1..16), `stop` (up to 4 strings).
+(default: the server's `--max_tokens`, else the rest of the context), `seed`, `n` (1..16), `stop`
+(up to 4 strings).
 
 Response: the OpenAI `chat.completion` object. `message.tool_calls[].function.arguments` is
 always a JSON string; text that does not parse as well-formed calls is returned as

@@ -21,7 +21,7 @@ def main(argv):
     try:
         service = build_service(f.config, workdir=f.workdir, handoff=f.handoff, model_name=f.model_name,
                                 max_slots=f.max_slots, max_queue=f.max_queue,
-                                warmup=[int(x) for x in f.warmup], producer_id=f.producer_id)
+                                warmup=[int(x) for x in f.warmup], producer_id=f.producer_id, max_tokens=f.max_tokens)
     except ValueError as e:  # configuration errors: one line naming the field or path
         raise SystemExit(f"error: {e}") from None
     import uvicorn
@@ -53,6 +53,8 @@ if __name__ == "__main__":
                                           "workdir's directory name).")
     flags.DEFINE_integer("max_slots", 32, "KV-cache slots: requests decoded together.")
     flags.DEFINE_integer("max_queue", 256, "Requests waiting before the server answers 429.")
+    flags.DEFINE_integer("max_tokens", 0, "Generated tokens of a request that sets no max_tokens (0: the rest of "
+                                          "the context).")
     flags.DEFINE_list("warmup", ["32"], "Prompt lengths (tokens) to compile the decode loop and prefill for, at "
                                         "every batch size, before serving (prompts are prefilled in power-of-two "
                                         "widths); empty: compile on first use.")

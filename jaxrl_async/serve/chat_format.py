@@ -75,8 +75,9 @@ class ChatFormat:
     def parse(self, text: str) -> tuple[Optional[str], list[tuple[str, dict]]]:
         """(content, calls) of an assistant turn's text (without the end-of-turn token).
 
-        Every call must parse with the family's parser, else the whole text is content and
-        there are no calls. ChatML allows several `<tool_call>` blocks in one turn (each parsed
+        Every call must parse with the family's parser and name a function (a non-empty name:
+        the API's own rule for a call sent back), else the whole text is content and there are
+        no calls. ChatML allows several `<tool_call>` blocks in one turn (each parsed
         alone) and text around them (returned as content; None when only whitespace).
         """
         if self.format == "chatml":
@@ -86,13 +87,13 @@ class ChatFormat:
             calls = []
             for block in blocks:
                 call, error = self.parser(f"<tool_call>{block}</tool_call>")
-                if error is not None:
+                if error is not None or not call[0]:
                     return text, []
                 calls.append(call)
             rest = _CALL_BLOCK.sub("", text).strip()
             return (rest or None), calls
         call, error = self.parser(text)
-        if error is not None:
+        if error is not None or not call[0]:
             return text, []
         return None, [call]
 

@@ -47,12 +47,16 @@ class ChatService:
 
     engine: the `Engine`; chat: the `ChatFormat` of the model's tokenizer; max_len: the
     model's context in tokens; model_name: the id `/v1/models` lists and responses name;
-    recorder: the agent proxy's `episodes.EpisodeRecorder` (default: groups of one, kept in memory).
+    recorder: the agent proxy's `episodes.EpisodeRecorder` (default: groups of one, kept in memory);
+    max_tokens: the generation budget of a request that sets none (0: the rest of the context;
+    a client that cannot pass `max_tokens`, such as tau2's user simulator, would otherwise let a
+    weak policy decode to the end of the context).
     """
 
     def __init__(self, engine: Engine, chat: ChatFormat, max_len: int, model_name: str,
-                 recorder: Optional[EpisodeRecorder] = None):
+                 recorder: Optional[EpisodeRecorder] = None, max_tokens: int = 0):
         self.engine, self.chat, self.max_len, self.model_name = engine, chat, int(max_len), model_name
+        self.max_tokens = int(max_tokens)
         self.recorder = recorder or EpisodeRecorder(chat)
         self._rng = np.random.default_rng()
 
@@ -85,7 +89,7 @@ class ChatService:
         if req.max_tokens is not None and req.max_tokens > room:
             raise bad("max_tokens", f"the prompt has {len(prompt)} tokens and max_tokens is {req.max_tokens}: more "
                                     f"than the model's context of {self.max_len}", code="context_length_exceeded")
-        return prompt, prefix, req.max_tokens or room, tools is not None
+        return prompt, prefix, req.max_tokens or min(room, self.max_tokens or room), tools is not None
 
     async def complete(self, req: ChatRequest, episode: Optional[str] = None) -> dict:
         prompt, prefix, max_tokens, with_tools = self.prepare(req, episode)
@@ -149,7 +153,8 @@ class ChatService:
 
 
 def build_service(config, workdir: str = "", handoff: str = "", model_name: str = "", max_slots: int = 32,
-                  max_queue: int = 256, warmup: Sequence[int] = (), producer_id: int = 0) -> ChatService:
+                  max_queue: int = 256, warmup: Sequence[int] = (), producer_id: int = 0,
+                  max_tokens: int = 0) -> ChatService:
     """The service of a run config: its model (`model.checkpoint`'s weights or a random init from
     `seed`), its chat tokenizer (`task.tokenizer` / the checkpoint's / the shipped one) and its
     inference numerics. With `workdir` the weights are the newest version the training run
@@ -159,11 +164,13 @@ def build_service(config, workdir: str = "", handoff: str = "", model_name: str 
     empty: compile on first use). When the run takes its groups from outside (`runtime.mode =
     'process'`, `runtime.num_samplers = 0`), the agent proxy's complete groups of
     `rl.group_size` episodes go into its queue (`runtime.producer.QueueProducer`, keys numbered
-    by `producer_id`)."""
+    by `producer_id`). max_tokens: the budget of requests that set none (0: the rest of the context)."""
     from jaxrl_async import config as config_lib
     from jaxrl_async.rollout.sampler import Sampler
     from jaxrl_async.runtime import base as runtime_base
 
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"--max_tokens must be an integer >= 0 (0: the rest of the context); got {max_tokens!r}")
     config_lib.validate(config)
     if config.task.format != "chat":
         raise ValueError(f"config.task.format must be 'chat' to serve chat completions; got {config.task.format!r}")
@@ -201,4 +208,4 @@ def build_service(config, workdir: str = "", handoff: str = "", model_name: str 
         producer = QueueProducer(workdir, config, producer_id)
         recorder = EpisodeRecorder(chat, config.rl.group_size, sink=lambda group, trajs: producer.put(trajs))
         recorder.producer = producer
-    return ChatService(engine, chat, model_config.max_len, name, recorder)
+    return ChatService(engine, chat, model_config.max_len, name, recorder, max_tokens)

@@ -19,7 +19,7 @@ from ml_collections import config_dict
 from jaxrl_async import envs
 from jaxrl_async.core.losses import LossConfig
 from jaxrl_async.core.proximal import Route
-from jaxrl_async.models import llama
+from jaxrl_async.models import families, llama
 from jaxrl_async.models import transformer as model_lib
 
 
@@ -207,7 +207,7 @@ CHOICES = {
     "proximal.on_evicted": ("drop", "fail"),
     "proximal.anchor": (None, "", Route.RECOMPUTE.value, Route.EWMA.value, Route.REVISED_EWMA.value),
     "runtime.mode": ("inline", "process", "ray"),
-    "model.family": ("transformer", "llama", "qwen2", "qwen3"),
+    "model.family": tuple(families.FAMILIES),
     "task.format": ("tokens", "chat"),
 }
 
@@ -399,13 +399,14 @@ def _validate_model_family(given: dict) -> None:
         v = given[f]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"config.{f} must be an integer >= 0 (0 = derived); got {v!r}")
-    if family == "transformer":
+    if not families.family(family).is_hf:
+        hf_families = " or ".join(repr(f) for f in families.HF_FAMILIES)
         if given["model.scan_layers"]:
-            raise ValueError("config.model.scan_layers needs an HF model.family ('llama', 'qwen2' or 'qwen3'); "
-                             "got model.family='transformer'")
+            raise ValueError(f"config.model.scan_layers needs an HF model.family ({hf_families}); "
+                             f"got model.family={family!r}")
         if ckpt:
             raise ValueError(f"config.model.checkpoint ({ckpt!r}) needs an HF model.family "
-                             f"('llama', 'qwen2' or 'qwen3'); got model.family='transformer'")
+                             f"({hf_families}); got model.family={family!r}")
         if given["model.d_model"] % given["model.n_heads"]:
             raise ValueError(f"config.model.d_model ({given['model.d_model']}) must be divisible by "
                              f"config.model.n_heads ({given['model.n_heads']})")
@@ -465,23 +466,16 @@ def proximal_anchor(config) -> Route | None:
     return Route(anchor) if anchor else None
 
 
-# The HF architecture of each `model.family` (models/llama.py implements all three).
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _TRANSFORMER_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "max_len")
 
 
 def model_module(config):
-    """The model module of a run config (by `model.family`) or of a model config (by its type).
-
-    `models.transformer` (the library's model) or `models.llama` (the HF families); both expose the same
-    functions (`init_model`, `token_logprobs`, `inference_params`, `init_cache`, `decode_step`,
-    `prefill`, `sample_token`), which the sampler, learner, proximal route and scorer call.
-    """
-    if isinstance(config, llama.LlamaConfig):
-        return llama
-    if isinstance(config, model_lib.ModelConfig):
-        return model_lib
-    return model_lib if config.model.family == "transformer" else llama
+    """The model module of a run config (by `model.family`) or of a model config (by its type), from
+    the family table (`models.families`): `models.transformer` or `models.llama`, both with the
+    functions of `families.FUNCTIONS`, which the sampler, learner, proximal route and scorer call."""
+    if isinstance(config, (llama.LlamaConfig, model_lib.ModelConfig)):
+        return families.of_model_config(config).module
+    return families.family(config.model.family).module
 
 
 def checkpoint_dir(config) -> str:
@@ -532,9 +526,10 @@ def model_config_from(config):
     """The model of `config.model`: a `transformer.ModelConfig` over the task's vocabulary, or a
     `llama.LlamaConfig` (HF families: from the sizes here, or from `model.checkpoint`'s config.json)."""
     m = config.model
-    if m.family == "transformer":
+    fam = families.family(m.family)
+    if not fam.is_hf:
         return model_lib.ModelConfig(vocab_size=vocab_size(config), **{k: m[k] for k in _TRANSFORMER_FIELDS})
-    arch = HF_ARCHITECTURES[m.family]
+    arch = fam.hf_architecture
     if m.checkpoint:
         from jaxrl_async.models import hf
         path = os.path.join(checkpoint_dir(config), "config.json")
@@ -550,7 +545,7 @@ def model_config_from(config):
     return llama.LlamaConfig(
         vocab_size=vocab_size(config), hidden_size=m.d_model, intermediate_size=m.d_ff, num_layers=m.n_layers,
         num_heads=m.n_heads, num_kv_heads=m.num_kv_heads or m.n_heads, head_dim_=m.head_dim or None,
-        tie_word_embeddings=m.tie_embeddings, qkv_bias=m.family == "qwen2", qk_norm=m.family == "qwen3",
+        tie_word_embeddings=m.tie_embeddings, qkv_bias=fam.qkv_bias, qk_norm=fam.qk_norm,
         max_len=m.max_len, remat=m.remat, remat_policy=m.remat_policy, scan_layers=m.scan_layers, architecture=arch)
 
 

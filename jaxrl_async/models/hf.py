@@ -30,14 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrl_async.models import llama
+from jaxrl_async.models import families, llama
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-_MODEL_TYPE = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
+SUPPORTED_ARCHITECTURES = families.HF_ARCHITECTURES  # the HF rows of the family table
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _DEFAULT_MAX_LEN = 4096
 
@@ -78,6 +73,7 @@ def config_from_hf(hf: dict, max_len: int | None = None, source: str = "config.j
             f"(supported: one of {list(SUPPORTED_ARCHITECTURES)})"
         )
     arch = archs[0]
+    family = families.by_architecture(arch, source)
 
     def need(field):
         if field not in hf or hf[field] is None:
@@ -117,7 +113,7 @@ def config_from_hf(hf: dict, max_len: int | None = None, source: str = "config.j
         raise CheckpointError(f"{source}: field 'partial_rotary_factor' != 1 is not supported")
 
     attention_bias = bool(hf.get("attention_bias", False))
-    if arch == "Qwen2ForCausalLM":
+    if family.qkv_bias:  # Qwen2: q/k/v biases always, none on the output projection
         qkv_bias, o_bias = True, False
     else:
         qkv_bias = o_bias = attention_bias
@@ -137,7 +133,7 @@ def config_from_hf(hf: dict, max_len: int | None = None, source: str = "config.j
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False,
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=family.qk_norm,
         max_len=int(max_len) if max_len is not None else min(max_pos, _DEFAULT_MAX_LEN),
         architecture=arch,
     )
@@ -154,7 +150,7 @@ def config_to_hf(config: llama.LlamaConfig, base: dict | None = None) -> dict:
     arch = config.architecture
     hf.update(
         architectures=[arch],
-        model_type=_MODEL_TYPE[arch],
+        model_type=families.by_architecture(arch).name,  # HF's model_type is the family's name
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,

@@ -89,24 +89,19 @@ def _model_config_fields(model_config) -> dict:
     return dataclasses.asdict(model_config)
 
 
-def _model_family(model_config) -> str:
-    """"llama" for an HF-family config (`models.llama.LlamaConfig`, or its fields), else "transformer"."""
-    fields = _model_config_fields(model_config)
-    return "llama" if "hidden_size" in fields else "transformer"
+def _family_name(model_config) -> str:
+    """The `model.family` of a model config or its fields (`models.families`)."""
+    from jaxrl_async.models import families
+
+    return families.of_model_config(_model_config_fields(model_config)).name
 
 
 def _build_model_config(spec: dict):
-    """The model config and its module from the spec's fields (JSON round trip undone)."""
-    fields = dict(spec["model_config"])
-    if spec.get("family", "transformer") == "llama":
-        from jaxrl_async.models import llama
+    """The model config and its module from the spec's family and fields (JSON round trip undone)."""
+    from jaxrl_async.models import families
 
-        if fields.get("rope_scaling") is not None:
-            fields["rope_scaling"] = tuple((k, v) for k, v in fields["rope_scaling"])
-        return llama.LlamaConfig(**fields), llama
-    from jaxrl_async.models import transformer
-
-    return transformer.ModelConfig(**fields), transformer
+    fam = families.family(spec["family"])
+    return fam.config_from_fields(spec["model_config"]), fam.module
 
 
 class LogProbScorer:
@@ -164,7 +159,7 @@ class LogProbScorer:
             "versions_dir": os.path.abspath(versions_dir),
             "ring_capacity": int(ring_capacity),
             "model_config": _model_config_fields(model_config),
-            "family": _model_family(model_config),
+            "family": _family_name(model_config),
             "seed": int(seed),
             "warmup_rows": int(warmup_rows),
             "max_len": int(_model_config_fields(model_config)["max_len"]),

@@ -153,6 +153,18 @@ def test_malformed_turns_get_error_text_and_cost_a_turn(chatml):
     assert res.done and res.reward == 0.0 and res.info["termination"] == "agent_error"
 
 
+def test_an_evaluation_that_raises_scores_zero_and_the_episode_ends(chatml):
+    # tau2's evaluator raises ValueError on this task when the agent never created the task it asserts on.
+    env = Tau2Env(chatml, domain="mock", user="scripted", task_ids=["create_task_1_with_env_assertions"],
+                  max_turns=3, max_context=1 << 30)
+    env.reset(0)
+    res = _say(env, "Hello, how can I help?")
+    while not res.done:
+        res = _say(env, "Goodbye.")
+    assert res.reward == 0.0 and env.evaluator_errors == 1 and "ValueError" in env.evaluator_error
+    assert env.simulation.reward_info.info["evaluator_error"] == env.evaluator_error
+
+
 def test_parse_turn_think_rule():
     text = '<think>\nI should call it.\n</think>\n\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
     assert chat.parse_turn(text, "chatml") == ("call", ("f", {"a": 1}, None))

@@ -32,7 +32,10 @@ turns (recorded as tau2's ``max_steps``). The reward is tau2's
 ``termination`` (tau2's reason), ``error`` (a ``chat.MALFORMED`` key or ``None``),
 ``user_error`` (the user simulator failed: the episode is discarded, reward 0, counted in
 ``user_errors``; it is no verdict on the agent), ``latency_s`` (wall time in tau2 this step),
-``turn``. ``simulation`` holds the finished episode as tau2's ``SimulationRun``.
+``turn``. ``simulation`` holds the finished episode as tau2's ``SimulationRun``. An evaluation
+that raises (tau2's evaluator on mock, for an env assertion about an object the agent never
+made) scores 0, as ``tau2 run --skip-failed-samples`` does, and is counted in
+``evaluator_errors``, its message in ``evaluator_error`` and in the reward info.
 
 Sizes: τ2 observations (tool results, user turns) have no useful bound, so
 ``max_episode_tokens`` is the ``max_context`` given (set it to ``model.max_len``); the sampler
@@ -107,6 +110,8 @@ class Tau2Env:
         self.max_context, self.max_steps, self.max_errors = int(max_context), int(max_steps), int(max_errors)
         self.name = f"tau2_{domain}"
         self.user_errors = 0
+        self.evaluator_errors = 0  # episodes whose evaluation raised (scored 0; `evaluator_error` says why)
+        self.evaluator_error = ""
         self._turn = 0
         self._done = True
         self._seed = None
@@ -349,9 +354,16 @@ class Tau2Env:
             end_time=lib.get_now(),
             duration=time.perf_counter() - self._t0, termination_reason=orch.termination_reason.value,
             messages=messages, seed=self._seed)
-        sim.reward_info = lib.evaluate_simulation(simulation=sim, task=self.task,
-                                                  evaluation_type=lib.EvaluationType.ALL,
-                                                  solo_mode=self.solo, domain=self.domain)
+        try:
+            sim.reward_info = lib.evaluate_simulation(simulation=sim, task=self.task,
+                                                      evaluation_type=lib.EvaluationType.ALL,
+                                                      solo_mode=self.solo, domain=self.domain)
+        except Exception as e:  # noqa: BLE001 - tau2's evaluator and the domain's env assertions raise many kinds
+            # Scored 0, as `tau2 run --skip-failed-samples` scores it, instead of ending the whole run. Seen on
+            # mock: an env assertion on a task the agent never created raises ValueError instead of failing.
+            self.evaluator_errors += 1
+            self.evaluator_error = f"{type(e).__name__}: {e}"
+            sim.reward_info = lib.simulation.RewardInfo(reward=0.0, info={"evaluator_error": self.evaluator_error})
         self.simulation = sim
         return float(sim.reward_info.reward), orch.termination_reason.value
 

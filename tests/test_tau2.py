@@ -75,6 +75,27 @@ def test_gold_check_subset(chatml, domain, user, n, tmp_path):
         assert results.reevaluate(loaded, domain, env.solo) == res.rewards
 
 
+@pytest.mark.slow
+def test_evaluation_in_a_process_pool_scores_as_in_process(chatml):
+    # Two retail tasks (their evaluator rebuilds and hashes the database) played by the gold agent, plus a
+    # failing ending, evaluated here and in a spawned worker: the same reward info, field for field.
+    infos = {}
+    for procs in (0, 1):
+        env = Tau2Env(chatml, domain="retail", user="scripted", eval_processes=procs, **BIG)
+        ids = [t.id for t in env.tasks[:2]]
+        res = gold.check(env, ids)
+        env.reset(0)
+        ended = _say(env, "Goodbye.###STOP###")
+        while not ended.done:
+            ended = _say(env, "Goodbye.")
+        sims = res.simulations + [env.simulation]
+        infos[procs] = ([s.reward_info.model_dump() for s in sims], res.rewards + [ended.reward])
+    assert infos[1] == infos[0]
+    assert infos[0][1][:2] == [1.0, 1.0] and infos[0][1][2] == 0.0
+    with pytest.raises(ValueError, match="task.kwargs.eval_processes must be an integer >= 0"):
+        Tau2Env(chatml, domain="mock", eval_processes=-1)
+
+
 @pytest.mark.parametrize("family", ["chatml", "llama3"])
 @pytest.mark.parametrize("domain,user", [("mock", "scripted"), ("telecom", "solo")])
 def test_token_stream_is_the_template_render(chatml, llama, family, domain, user):

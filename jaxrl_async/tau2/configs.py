@@ -49,6 +49,10 @@ def paper_config(domain: str) -> config_dict.ConfigDict:
     c.optim.num_minibatches = 8
     c.warmstart.enabled = False  # the checkpoint already calls tools in its own format
     c.sampler.slots = 32  # continuous batching: long episodes do not hold the others
+    # A slot waiting on the user simulator (a network call) or the evaluator leaves the decode batch; the
+    # evaluator (0.6-2 s of Python a retail or airline episode) runs in worker processes, off the GIL.
+    c.sampler.env_workers = 32
+    c.task.kwargs.eval_processes = 4
 
     c.train.steps = 200
     c.train.eval_every = 20

@@ -44,6 +44,9 @@ ends an episode that outgrows the model's context as a failure (reward 0).
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -67,10 +70,11 @@ class Tau2Env:
                  max_context: int = 32768, max_steps: int = 100, max_errors: int = 10,
                  user_model: str = "", user_api_base: str = "", user_api_key: str = "EMPTY",
                  user_timeout_s: float = 60.0, user_retries: int = 2, user_deadline_s: float = 600.0,
-                 user_temperature: float = 0.0, task_ids: Sequence[str] | None = None):
+                 user_temperature: float = 0.0, task_ids: Sequence[str] | None = None, eval_processes: int = 0):
         """tokenizer: an ``HFTokenizer`` or a directory (default: the shipped ChatML one). The
         other arguments are ``task.kwargs`` (``user_*``: the ``openai`` user; ``task_ids``: a
-        subset of the split's tasks, in the given order)."""
+        subset of the split's tasks, in the given order; ``eval_processes``: N > 0 runs tau2's
+        evaluator in a pool of N processes shared by the envs of this process, see ``_evaluate``)."""
         if tokenizer is None or isinstance(tokenizer, str):
             from jaxrl_async.envs.chat_tokenizer import SHIPPED_TOKENIZER
             from jaxrl_async.models.hf import load_tokenizer
@@ -78,6 +82,10 @@ class Tau2Env:
             tokenizer = load_tokenizer(tokenizer or SHIPPED_TOKENIZER)
         if user not in USERS:
             raise ValueError(f"task.kwargs.user must be one of {USERS}; got {user!r}")
+        if isinstance(eval_processes, bool) or not isinstance(eval_processes, int) or eval_processes < 0:
+            raise ValueError(f"task.kwargs.eval_processes must be an integer >= 0 (0 = evaluate in this process); "
+                             f"got {eval_processes!r}")
+        self.eval_processes = eval_processes
         for field, v in (("max_turns", max_turns), ("max_turn_tokens", max_turn_tokens),
                          ("max_context", max_context), ("max_steps", max_steps), ("max_errors", max_errors)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -355,9 +363,7 @@ class Tau2Env:
             duration=time.perf_counter() - self._t0, termination_reason=orch.termination_reason.value,
             messages=messages, seed=self._seed)
         try:
-            sim.reward_info = lib.evaluate_simulation(simulation=sim, task=self.task,
-                                                      evaluation_type=lib.EvaluationType.ALL,
-                                                      solo_mode=self.solo, domain=self.domain)
+            sim.reward_info = self._evaluate(sim)
         except Exception as e:  # noqa: BLE001 - tau2's evaluator and the domain's env assertions raise many kinds
             # Scored 0, as `tau2 run --skip-failed-samples` scores it, instead of ending the whole run. Seen on
             # mock: an env assertion on a task the agent never created raises ValueError instead of failing.
@@ -366,6 +372,20 @@ class Tau2Env:
             sim.reward_info = lib.simulation.RewardInfo(reward=0.0, info={"evaluator_error": self.evaluator_error})
         self.simulation = sim
         return float(sim.reward_info.reward), orch.termination_reason.value
+
+    def _evaluate(self, sim):
+        """tau2's ``evaluate_simulation(..., EvaluationType.ALL)`` of ``sim``: here, or with
+        ``eval_processes`` in a worker process. A retail or airline evaluation is 0.6-2 s of
+        Python (it rebuilds and hashes the database); in a thread it holds the GIL and stalls
+        the sampler's host loop, in a worker process the calling env thread only waits. The
+        simulation and the task cross as tau2's own JSON (what its results files hold)."""
+        lib = self.lib
+        if not self.eval_processes:
+            return lib.evaluate_simulation(simulation=sim, task=self.task, evaluation_type=lib.EvaluationType.ALL,
+                                           solo_mode=self.solo, domain=self.domain)
+        future = _eval_pool(self.eval_processes).submit(_evaluate_json, sim.model_dump_json(),
+                                                        self.task.model_dump_json(), self.domain, self.solo)
+        return lib.simulation.RewardInfo.model_validate_json(future.result())
 
     # ---- scripted agent -------------------------------------------------------------------
     def expert_action(self, rng: np.random.Generator, noise: float) -> list[int]:
@@ -382,3 +402,26 @@ class Tau2Env:
             i = text.rindex("}")
             text = text[:i] + text[i + 1:]
         return self.encode(text)
+
+
+_EVAL_POOLS: dict = {}
+_EVAL_POOLS_LOCK = threading.Lock()
+
+
+def _eval_pool(n: int) -> concurrent.futures.ProcessPoolExecutor:
+    """The process pool of `n` evaluator workers (spawned: no forked JAX state), one per size and process."""
+    with _EVAL_POOLS_LOCK:
+        pool = _EVAL_POOLS.get(n)
+        if pool is None:
+            pool = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+            _EVAL_POOLS[n] = pool
+        return pool
+
+
+def _evaluate_json(sim_json: str, task_json: str, domain: str, solo: bool) -> str:
+    """In an evaluator worker: tau2's evaluation of a simulation and task given as JSON; its RewardInfo as JSON."""
+    lib = lib_module.load()
+    sim = lib.simulation.SimulationRun.model_validate_json(sim_json)
+    task = lib.tasks.Task.model_validate_json(task_json)
+    return lib.evaluate_simulation(simulation=sim, task=task, evaluation_type=lib.EvaluationType.ALL,
+                                   solo_mode=solo, domain=domain).model_dump_json()

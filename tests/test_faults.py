@@ -202,6 +202,7 @@ def test_stopped_sampler_is_killed_restarted_and_logged(tmp_path, tiny_config, c
     c.train.checkpoint_every = 4
     workdir = str(tmp_path)
     stopped = []
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
 
     def stopper():
         deadline = time.monotonic() + 180
@@ -213,8 +214,11 @@ def test_stopped_sampler_is_killed_restarted_and_logged(tmp_path, tiny_config, c
             if len(rows) >= 2:
                 break
             time.sleep(0.2)
-        kids = [p for p in psutil.Process().children(recursive=True)
-                if p.pid != _tracker_pid() and p.status() != "zombie"]
+        # The sampler is a spawned child of this process started by this run: not the resource
+        # tracker, nor a process an earlier test in this worker left behind.
+        kids = [p for p in psutil.Process().children(recursive=False)
+                if p.pid not in before and p.pid != _tracker_pid() and p.status() != "zombie"
+                and "spawn_main" in " ".join(p.cmdline())]
         if kids:
             os.kill(kids[0].pid, signal.SIGSTOP)
             stopped.append(kids[0].pid)

@@ -387,6 +387,7 @@ def _scorer_main(req_fd: int, rep_fd: int, spec: dict) -> None:
 
     def params_of(version: int):
         deadline = None
+        retried = False
         while True:
             try:
                 params = store.get(version)
@@ -395,9 +396,16 @@ def _scorer_main(req_fd: int, rep_fd: int, spec: dict) -> None:
                 if version in held:  # evicted on disk since we loaded it: our copy is still exact
                     held.move_to_end(version)
                     return held[version]
-                latest = store.latest_version()
-                if isinstance(e, VersionCorrupt) or (latest is not None and version <= latest):
+                if isinstance(e, VersionCorrupt):
                     raise
+                latest = store.latest_version()
+                if latest is not None and version <= latest:
+                    # The write may have landed between `get` and `latest_version`: read once more
+                    # before calling it evicted.
+                    if retried:
+                        raise
+                    retried = True
+                    continue
                 # Newer than the newest on disk: the sampler took it from the learner's shared-memory
                 # slot, and the learner's background write has not landed yet. Wait for it.
                 if deadline is None:

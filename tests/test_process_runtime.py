@@ -47,13 +47,18 @@ def _consumed(workdir):
     return TrajectoryQueue(queue_dir(workdir), 1).consumed_keys()
 
 
-def _alive_children():
-    """Live child processes, less multiprocessing's resource tracker (it lives as long as this process)."""
+def _alive_children(before=()):
+    """Live child processes, less multiprocessing's resource tracker (it lives as long as this process)
+    and those in `before` (started by an earlier test in this worker, not by the run under test)."""
     from multiprocessing import resource_tracker
 
     tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
     return [p for p in psutil.Process().children(recursive=True)
-            if p.pid != tracker and p.is_running() and p.status() != "zombie"]
+            if p.pid != tracker and p.pid not in before and p.is_running() and p.status() != "zombie"]
+
+
+def _children_now():
+    return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 def test_slow_learner_respects_the_staleness_bound_and_leaves_no_children(tmp_path, monkeypatch, process_config):
@@ -71,6 +76,7 @@ def test_slow_learner_respects_the_staleness_bound_and_leaves_no_children(tmp_pa
     monkeypatch.setattr(learner_lib, "make_rl_update", slow_update)
     c = process_config(steps=8, bound=1, samplers=2)
     workdir = str(tmp_path)
+    before = _children_now()
     summary = train_and_evaluate(c, workdir, progress=False)
     assert summary["steps"] == 8
     rows = _training_rows(workdir)
@@ -84,20 +90,21 @@ def test_slow_learner_respects_the_staleness_bound_and_leaves_no_children(tmp_pa
     dropped = rows[-1]["queue/dropped_stale_total"]
     assert len(_consumed(workdir)) == 8 * g + dropped
     assert rows[-1]["queue/taken_total"] == 8 * g + dropped
-    assert not _alive_children()
+    assert not _alive_children(before)
 
 
 def test_sampler_sigkill_is_restarted_with_exact_accounting(tmp_path, process_config):
     c = process_config(steps=8, bound=2, samplers=2)
     workdir = str(tmp_path)
     killed = []
+    before = _children_now()
 
     def killer():
         deadline = time.monotonic() + 120
         # Wait until the learner has consumed a couple of batches, then kill a sampler mid-generation.
         while time.monotonic() < deadline and len(_safe_rows(workdir)) < 2:
             time.sleep(0.2)
-        kids = _alive_children()
+        kids = _alive_children(before)
         if kids:
             os.kill(kids[0].pid, signal.SIGKILL)
             killed.append(kids[0].pid)
@@ -117,7 +124,7 @@ def test_sampler_sigkill_is_restarted_with_exact_accounting(tmp_path, process_co
     assert rows[-1]["queue/taken_total"] == len(consumed) == 8 * g + dropped
     assert all(r["mask/valid_tokens"] > 0 for r in rows)
     assert max(r["staleness/max"] for r in rows) <= 2
-    assert not _alive_children()
+    assert not _alive_children(before)
 
 
 def _safe_rows(workdir):

@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 pytest.importorskip("tau2")
@@ -17,6 +18,7 @@ pytest.importorskip("tau2")
 from jaxrl_async.envs import chat_tokenizer as ct  # noqa: E402
 from jaxrl_async.models import hf  # noqa: E402
 from jaxrl_async.tau2 import chat, gold, results  # noqa: E402
+from jaxrl_async.tau2 import env as tau2_env_lib  # noqa: E402
 from jaxrl_async.tau2.env import Tau2Env  # noqa: E402
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -92,6 +94,9 @@ def test_evaluation_in_a_process_pool_scores_as_in_process(chatml):
         infos[procs] = ([s.reward_info.model_dump() for s in sims], res.rewards + [ended.reward])
     assert infos[1] == infos[0]
     assert infos[0][1][:2] == [1.0, 1.0] and infos[0][1][2] == 0.0
+    pids = [p.pid for p in tau2_env_lib._EVAL_POOLS[1]._processes.values()]
+    tau2_env_lib.shutdown_eval_pools()  # its worker would outlive the test (and confuse child-process checks)
+    assert pids and not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
     with pytest.raises(ValueError, match="task.kwargs.eval_processes must be an integer >= 0"):
         Tau2Env(chatml, domain="mock", eval_processes=-1)
 

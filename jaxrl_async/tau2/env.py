@@ -44,6 +44,7 @@ ends an episode that outgrows the model's context as a failure (reward 0).
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import multiprocessing
 import threading
@@ -416,6 +417,19 @@ def _eval_pool(n: int) -> concurrent.futures.ProcessPoolExecutor:
             pool = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
             _EVAL_POOLS[n] = pool
         return pool
+
+
+def shutdown_eval_pools() -> None:
+    """Stops the evaluator worker processes of every `eval_processes` pool this process started (a
+    later evaluation starts a new pool). They otherwise live as long as this process."""
+    with _EVAL_POOLS_LOCK:
+        pools = list(_EVAL_POOLS.values())
+        _EVAL_POOLS.clear()
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(shutdown_eval_pools)
 
 
 def _evaluate_json(sim_json: str, task_json: str, domain: str, solo: bool) -> str:

@@ -4,12 +4,13 @@
 
 The server (`python -m jaxrl_async.serve --workdir=WORKDIR`) runs beside a process-mode training
 run with no sampler processes (`runtime.num_samplers = 0`; docs/serve.md has the three
-commands). The agent plays the chat form of `search_easy` with the `openai` client: each
-episode's calls go to `/v1/episodes/{id}/...`, the task (`envs.chat.ChatEnv`) executes the tool
-calls, and the agent reports the reward. The proxy keeps each call's token ids, log-probs and
-versions and queues every group of `rl.group_size` episodes (one task instance: `--group_size`
-must equal the run's) for the learner, whose new versions the server then serves. The agent
-prints its success rate and the policy versions it met every `--report_every` episodes.
+commands). The agent plays the chat form of `search_easy` (`--n`, `--max_turns`: the config's)
+with the `openai` client: each episode's calls go to `/v1/episodes/{id}/...`, the task
+(`envs.chat.ChatEnv`) executes the tool calls, and the agent reports the reward. The proxy keeps
+each call's token ids, log-probs and versions and queues every group of `rl.group_size` episodes
+(one task instance: `--group_size` must equal the run's) for the learner, whose new versions the
+server then serves. The agent prints its success rate and the policy versions it met every
+`--report_every` episodes.
 """
 
 import concurrent.futures
@@ -29,12 +30,15 @@ flags.DEFINE_integer("group_size", 8, "Episodes per task instance: the run's rl.
 flags.DEFINE_integer("concurrency", 8, "Episodes played at once.")
 flags.DEFINE_integer("report_every", 64, "Episodes per printed success rate.")
 flags.DEFINE_integer("seed", 1000, "Task seeds start here (the run evaluates its own held-out seeds).")
+flags.DEFINE_integer("n", 4, "The hidden number is in [0, n): the run's task.kwargs.n.")
+flags.DEFINE_integer("max_turns", 3, "Turns per episode: the run's task.kwargs.max_turns.")
 
 
 def play(base: str, i: int) -> tuple[bool, int]:
     """Episode `i` (task instance `i // group_size`); returns (success, newest version served)."""
     f = flags.FLAGS
-    env = make_chat_env("search_easy", system_prompt="Call one tool per turn.", max_turn_tokens=24)
+    env = make_chat_env("search_easy", system_prompt="Call one tool per turn.", max_turn_tokens=24, n=f.n,
+                        max_turns=f.max_turns)
     env.reset(f.seed + i // f.group_size)
     messages, success, version = list(env.messages), False, -1
     client = openai.OpenAI(base_url=f"{base}/episodes/ep{i}", api_key="dummy_key", timeout=600)

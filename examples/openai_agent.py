@@ -1,6 +1,6 @@
 """An agent written against the OpenAI API that trains a policy through the agent proxy.
 
-    python examples/openai_agent.py --base_url=http://127.0.0.1:8000/v1 --episodes=2048 --group_size=8
+    python examples/openai_agent.py --base_url=http://127.0.0.1:8000/v1 --episodes=4800 --group_size=8
 
 The server (`python -m jaxrl_async.serve --workdir=WORKDIR`) runs beside a process-mode training
 run with no sampler processes (`runtime.num_samplers = 0`; docs/serve.md has the three

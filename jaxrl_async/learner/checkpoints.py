@@ -111,11 +111,8 @@ class Checkpoints:
         self.manager = self._open()
 
     def _open(self):
-        # Synchronous saves: `save` waits for every checkpoint anyway, and Orbax's async path (background
-        # threads that wait on a signalling contract for the item directories) once hung a save for its
-        # 300 s timeout in a test process that had run many checkpoint managers before.
-        return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep, create=True, enable_async_checkpointing=False))
+        return ocp.CheckpointManager(self.directory,
+                                     options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()

@@ -104,15 +104,16 @@ def warmstart_params(config, graphdef, params, model_config, workdir: str, log) 
     if not cache:
         return run_warmstart(config, graphdef, params, model_config, workdir, log)
     path = os.path.abspath(os.path.join(cache, warmstart_key(config, model_config.max_len)))
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())  # synchronous: the save is waited for
+    checkpointer = ocp.StandardCheckpointer()
     if os.path.exists(os.path.join(path, "metrics.json")):
         log(f"warm start: cached in {path}")
-        restored = checkpointer.restore(os.path.join(path, "params"), args=ocp.args.StandardRestore(params))
+        restored = checkpointer.restore(os.path.join(path, "params"), params)
         with open(os.path.join(path, "metrics.json")) as f:
             return restored, json.load(f)
     out, metrics = run_warmstart(config, graphdef, params, model_config, workdir, log)
     os.makedirs(path, exist_ok=True)
-    checkpointer.save(os.path.join(path, "params"), args=ocp.args.StandardSave(out), force=True)
+    checkpointer.save(os.path.join(path, "params"), out, force=True)
+    checkpointer.wait_until_finished()
     with open(os.path.join(path, "metrics.json"), "w") as f:  # written last: marks the entry complete
         json.dump(metrics, f)
     return out, metrics

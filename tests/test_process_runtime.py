@@ -187,8 +187,11 @@ def test_learner_sigkill_then_resume_and_ctrl_c_shutdown(tmp_path):
     steps = [row["step"] for row in _training_rows(workdir)]
     assert steps == list(range(12))
 
-    # Ctrl-C mid-run: everything shuts down, no orphans, and the checkpoint still restores.
-    proc = subprocess.Popen(_cli(workdir, 40), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C mid-run: everything shuts down, no orphans, and the checkpoint still restores. The child gets
+    # SIGINT's default action back first: an ignored SIGINT is inherited across exec (and Python then never
+    # raises KeyboardInterrupt), and a library an earlier test in this worker ran may have left it ignored.
+    proc = subprocess.Popen(_cli(workdir, 40), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(_safe_rows(workdir)) < 15:
         time.sleep(0.2)
